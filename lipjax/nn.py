@@ -1,0 +1,433 @@
+"""Flax linen layers that describe a network lipjax can bound.
+
+Every layer here is an ordinary Flax module (``model.apply(variables, x)`` gives
+logits), and additionally implements a small *layer protocol* that the pure
+bound functions in :mod:`lipjax.bounds` read. The protocol has three roles:
+
+* :class:`LinearLayer` -- an affine map ``z = W h + b``. Subclasses implement
+  :meth:`LinearLayer.linear` (the map without bias, batched over the leading
+  axis) and :meth:`LinearLayer.bias`. Everything else has a sound default that
+  only needs :meth:`linear`: the adjoint comes from ``jax.linear_transpose``,
+  and tighter exact rules (absolute-value map, row norms, global norm) can be
+  overridden when known.
+* :class:`Activation` -- an elementwise (or pairwise, for MaxMin) 1-Lipschitz
+  monotone nonlinearity with an interval rule and an activation-status rule.
+* :class:`Reshape` -- a shape change (``Flatten``) that the bounds pass through.
+
+All arrays are channels-last: images ``(B, H, W, C)``, features ``(B, F)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = Any
+
+
+# --------------------------------------------------------------------------
+# Protocol base classes
+# --------------------------------------------------------------------------
+
+
+class LinearLayer(nn.Module):
+  """Base class of affine layers ``z = W h + b`` (the protocol's linear role).
+
+  Subclasses must implement :meth:`linear` and :meth:`bias`; the other methods
+  have sound generic defaults (returning ``None`` means "use the generic
+  rule" in :mod:`lipjax.bounds`).
+  """
+
+  def linear(self, params: Params, h: Array) -> Array:
+    """Applies ``W`` (no bias) to a batch ``h`` of shape ``(B, *in_shape)``."""
+    raise NotImplementedError
+
+  def bias(self, params: Params) -> Optional[Array]:
+    """Returns ``b`` broadcastable to ``(*out_shape,)`` or ``None``."""
+    return None
+
+  def abs_linear(self, params: Params, h: Array) -> Optional[Array]:
+    """Applies ``|W|`` (elementwise absolute value) to ``h``, or ``None``.
+
+    Used for interval propagation. ``None`` selects the generic (looser but
+    sound) rule ``|W| w <= row_norms * ||w||_2``.
+    """
+    del params, h
+    return None
+
+  def row_norms(self, params: Params, in_shape: Tuple[int, ...]) -> Optional[Array]:
+    """Upper bounds on the l2 norm of every row of ``W`` (shape ``out_shape``).
+
+    ``None`` selects the generic rule (every row norm <= the global norm).
+    """
+    del params, in_shape
+    return None
+
+  def global_norm(self, params: Params, in_shape: Tuple[int, ...]) -> Optional[Array]:
+    """A deterministic upper bound on ``||W||_2`` for inputs of ``in_shape``.
+
+    ``None`` selects the generic rule (exact SVD of the explicit Jacobian for
+    small layers, else Lanczos with a stated failure probability).
+    """
+    del params, in_shape
+    return None
+
+  def explicit_matrix(self, params: Params) -> Optional[Array]:
+    """The explicit ``(out, in)`` matrix when it is cheap (dense layers)."""
+    del params
+    return None
+
+
+class Activation(nn.Module):
+  """Base class of 1-Lipschitz, monotone activations (the protocol's role).
+
+  Subclasses implement :meth:`activate`, :meth:`interval` and
+  :meth:`varying`.
+  """
+
+  def activate(self, params: Params, z: Array) -> Array:
+    """Applies the activation to a batch ``z`` of shape ``(B, *shape)``."""
+    raise NotImplementedError
+
+  def interval(self, params: Params, lb: Array, ub: Array) -> Tuple[Array, Array]:
+    """Maps a box ``[lb, ub]`` of pre-activations to a box of outputs."""
+    raise NotImplementedError
+
+  def varying(self, params: Params, lb: Array, ub: Array) -> Tuple[Array, Array]:
+    """Activation-status masks for a pre-activation box.
+
+    Returns:
+      ``(row_mask, col_mask)`` float arrays of 0/1. ``row_mask`` has the shape
+      of the pre-activation and is 0 only where *no* output depends on that
+      pre-activation anywhere in the box (sound to delete that row of the
+      preceding linear layer). ``col_mask`` has the shape of the output and
+      is 0 where the output is constant on the box (sound to delete that
+      column of the next linear layer).
+    """
+    raise NotImplementedError
+
+
+class Reshape(nn.Module):
+  """Base class of pure shape changes the bounds pass through."""
+
+  def reshape(self, x: Array) -> Array:
+    raise NotImplementedError
+
+  def __call__(self, x: Array) -> Array:
+    return self.reshape(x)
+
+
+# --------------------------------------------------------------------------
+# Linear layers
+# --------------------------------------------------------------------------
+
+
+def _torch_like_uniform(fan_in_axes=(-2,)):
+  del fan_in_axes
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class Dense(LinearLayer):
+  """Fully connected layer. Input ``(B, F_in)``, output ``(B, features)``.
+
+  Attributes:
+    features: number of outputs.
+    use_bias: whether to add a bias.
+    kernel_init: initialiser of the ``(F_in, features)`` kernel.
+  """
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = _torch_like_uniform()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    if h.ndim != 2:
+      raise ValueError(
+          f"Dense expects (batch, features) inputs, got shape {h.shape}; "
+          "add lipjax.nn.Flatten() before it.")
+    kernel = self.param("kernel", self.kernel_init, (h.shape[-1], self.features))
+    z = h @ kernel
+    if self.use_bias:
+      z = z + self.param("bias", self.bias_init, (self.features,))
+    return z
+
+  def linear(self, params, h):
+    return h @ params["kernel"]
+
+  def bias(self, params):
+    return params.get("bias") if self.use_bias else None
+
+  def abs_linear(self, params, h):
+    return h @ jnp.abs(params["kernel"])
+
+  def row_norms(self, params, in_shape):
+    del in_shape
+    return jnp.sqrt(jnp.sum(jnp.square(params["kernel"]), axis=0))
+
+  def global_norm(self, params, in_shape):
+    del in_shape
+    from lipjax.bounds import norms  # local import: nn must not need bounds.
+    return norms.dense_global_norm(params["kernel"])
+
+  def explicit_matrix(self, params):
+    return params["kernel"].T
+
+
+def conv_init(kernel_size: int, features: int) -> Callable:
+  """The paper's conv init: ``N(0, 2 / (k^2 * C_out))``."""
+  std = float(np.sqrt(2.0 / (kernel_size * kernel_size * features)))
+  return nn.initializers.normal(stddev=std)
+
+
+class Conv(LinearLayer):
+  """2-D convolution, NHWC, square kernel, symmetric zero padding.
+
+  Input ``(B, H, W, C_in)``; output ``(B, H', W', features)`` with
+  ``H' = (H + 2 * padding - kernel_size) // stride + 1``.
+
+  Attributes:
+    features: output channels.
+    kernel_size: side of the square kernel.
+    stride: stride in both spatial directions.
+    padding: zero padding on every side.
+    use_bias: whether to add a per-channel bias.
+  """
+
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int = 1
+  use_bias: bool = True
+  kernel_init: Optional[Callable] = None
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    if h.ndim != 4:
+      raise ValueError(f"Conv expects (batch, H, W, C) inputs, got shape {h.shape}")
+    init = self.kernel_init or conv_init(self.kernel_size, self.features)
+    k = self.kernel_size
+    kernel = self.param("kernel", init, (k, k, h.shape[-1], self.features))
+    z = self._conv(h, kernel)
+    if self.use_bias:
+      z = z + self.param("bias", self.bias_init, (self.features,))
+    return z
+
+  def _conv(self, h, kernel):
+    p = self.padding
+    return jax.lax.conv_general_dilated(
+        h, kernel, window_strides=(self.stride, self.stride),
+        padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def linear(self, params, h):
+    return self._conv(h, params["kernel"])
+
+  def bias(self, params):
+    return params.get("bias") if self.use_bias else None
+
+  def abs_linear(self, params, h):
+    return self._conv(h, jnp.abs(params["kernel"]))
+
+  def row_norms(self, params, in_shape):
+    # The whole filter of output channel k bounds every row of channel k
+    # (border rows see only part of it).
+    out_shape = jax.eval_shape(
+        lambda x: self._conv(x, params["kernel"]),
+        jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32)).shape[1:]
+    norms = jnp.sqrt(jnp.sum(jnp.square(params["kernel"]), axis=(0, 1, 2)))
+    return jnp.broadcast_to(norms, out_shape)
+
+  def global_norm(self, params, in_shape):
+    from lipjax.bounds import norms
+    return norms.conv_global_norm(
+        params["kernel"], in_shape[:2], stride=self.stride, padding=self.padding)
+
+
+class AvgPool(LinearLayer):
+  """Average pooling as a linear layer (no parameters).
+
+  Only :meth:`linear` is implemented: every other rule of the protocol comes
+  from lipjax's generic, sound defaults (adjoint by ``jax.linear_transpose``).
+  """
+
+  window: int = 2
+  stride: int = 2
+
+  def __call__(self, h):
+    return self.linear({}, h)
+
+  def linear(self, params, h):
+    del params
+    s = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, self.window, self.window, 1),
+                              (1, self.stride, self.stride, 1), "VALID")
+    return s / (self.window * self.window)
+
+
+class Flatten(Reshape):
+  """Flattens ``(B, ...)`` to ``(B, prod(...))``."""
+
+  def reshape(self, x):
+    return x.reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------
+
+
+def _as_float(mask):
+  return mask.astype(jnp.float32)
+
+
+class ReLU(Activation):
+  """``max(z, 0)``; constant where the pre-activation box has ``ub <= 0``."""
+
+  def __call__(self, z):
+    return jax.nn.relu(z)
+
+  def activate(self, params, z):
+    return jax.nn.relu(z)
+
+  def interval(self, params, lb, ub):
+    return jax.nn.relu(lb), jax.nn.relu(ub)
+
+  def varying(self, params, lb, ub):
+    m = _as_float(ub > 0)
+    return m, m
+
+
+class ClippedReLU(Activation):
+  """``min(max(z, 0), theta)`` with a learnable per-neuron ``theta``.
+
+  ``theta`` has the shape of one example's activation (shared across the
+  batch). Constant on a box where ``ub <= 0`` (always 0) or ``lb >= theta``
+  (always theta). Keep ``theta >= 0`` during training (see
+  :func:`lipjax.training.project_thresholds`).
+
+  Attributes:
+    theta_init: initial threshold value.
+  """
+
+  theta_init: float = 1.0
+
+  @nn.compact
+  def __call__(self, z):
+    theta = self.param("theta", nn.initializers.constant(self.theta_init), z.shape[1:])
+    return self.activate({"theta": theta}, z)
+
+  def activate(self, params, z):
+    return jnp.minimum(jax.nn.relu(z), params["theta"])
+
+  def interval(self, params, lb, ub):
+    return self.activate(params, lb), self.activate(params, ub)
+
+  def varying(self, params, lb, ub):
+    m = _as_float((ub > 0) & (lb < params["theta"]))
+    return m, m
+
+
+class ClippedMaxMin(Activation):
+  """Clipped MaxMin over channel halves with learnable per-position bounds.
+
+  Splits the last axis into halves ``a, b`` and returns
+  ``concat(min(max(a, b), M), max(min(a, b), m))``. ``M`` and ``m`` have the
+  shape of one half (per position). A max-half output is constant on a box
+  when its lower bound reaches ``M``; a min-half output when its upper bound
+  is at most ``m``. Pre-activation pair ``(a_k, b_k)`` is deleted from the
+  preceding layer's rows only when *both* of its outputs are constant.
+
+  Attributes:
+    upper_init: initial ``M`` (``m`` starts at ``-upper_init``).
+  """
+
+  upper_init: float = 1.0
+
+  @nn.compact
+  def __call__(self, z):
+    if z.shape[-1] % 2:
+      raise ValueError(f"ClippedMaxMin needs an even channel count, got {z.shape}")
+    half = z.shape[1:-1] + (z.shape[-1] // 2,)
+    upper = self.param("upper", nn.initializers.constant(self.upper_init), half)
+    lower = self.param("lower", nn.initializers.constant(-self.upper_init), half)
+    return self.activate({"upper": upper, "lower": lower}, z)
+
+  @staticmethod
+  def _split(z):
+    c = z.shape[-1] // 2
+    return z[..., :c], z[..., c:]
+
+  def activate(self, params, z):
+    a, b = self._split(z)
+    hi = jnp.minimum(jnp.maximum(a, b), params["upper"])
+    lo = jnp.maximum(jnp.minimum(a, b), params["lower"])
+    return jnp.concatenate([hi, lo], axis=-1)
+
+  def interval(self, params, lb, ub):
+    la, lb_ = self._split(lb)
+    ua, ub_ = self._split(ub)
+    hi_l = jnp.minimum(jnp.maximum(la, lb_), params["upper"])
+    hi_u = jnp.minimum(jnp.maximum(ua, ub_), params["upper"])
+    lo_l = jnp.maximum(jnp.minimum(la, lb_), params["lower"])
+    lo_u = jnp.maximum(jnp.minimum(ua, ub_), params["lower"])
+    return (jnp.concatenate([hi_l, lo_l], axis=-1),
+            jnp.concatenate([hi_u, lo_u], axis=-1))
+
+  def varying(self, params, lb, ub):
+    la, lb_ = self._split(lb)
+    ua, ub_ = self._split(ub)
+    hi_var = jnp.maximum(la, lb_) < params["upper"]
+    lo_var = jnp.minimum(ua, ub_) > params["lower"]
+    col = jnp.concatenate([hi_var, lo_var], axis=-1)
+    pair = hi_var | lo_var
+    row = jnp.concatenate([pair, pair], axis=-1)
+    return _as_float(row), _as_float(col)
+
+
+class Identity(Activation):
+  """No activation; every neuron varies (used between consecutive linears)."""
+
+  def __call__(self, z):
+    return z
+
+  def activate(self, params, z):
+    return z
+
+  def interval(self, params, lb, ub):
+    return lb, ub
+
+  def varying(self, params, lb, ub):
+    m = jnp.ones_like(lb)
+    return m, m
+
+
+# --------------------------------------------------------------------------
+# Container
+# --------------------------------------------------------------------------
+
+
+class Sequential(nn.Module):
+  """A chain of protocol layers. ``apply(variables, x)`` returns logits.
+
+  Attributes:
+    layers: the layers, applied in order. Parameters of layer ``i`` live
+      under ``variables["params"][f"layers_{i}"]``.
+    input_shape: optional ``(H, W, C)`` or ``(F,)`` of one example; used by
+      the global bound (conv norms depend on the spatial size) and to check
+      inputs.
+  """
+
+  layers: Sequence[nn.Module]
+  input_shape: Optional[Tuple[int, ...]] = None
+
+  def __call__(self, x: Array) -> Array:
+    for layer in self.layers:
+      x = layer(x)
+    return x
