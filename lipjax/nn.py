@@ -300,7 +300,7 @@ class ReLU(Activation):
     return jax.nn.relu(lb), jax.nn.relu(ub)
 
   def varying(self, params, lb, ub):
-    m = _as_float(ub > 0)
+    m = _as_float(~(ub <= 0))   # NaN bounds count as varying
     return m, m
 
 
@@ -330,7 +330,7 @@ class ClippedReLU(Activation):
     return self.activate(params, lb), self.activate(params, ub)
 
   def varying(self, params, lb, ub):
-    m = _as_float((ub > 0) & (lb < params["theta"]))
+    m = _as_float(~((ub <= 0) | (lb >= params["theta"])))   # NaN -> varying
     return m, m
 
 
@@ -383,8 +383,8 @@ class ClippedMaxMin(Activation):
   def varying(self, params, lb, ub):
     la, lb_ = self._split(lb)
     ua, ub_ = self._split(ub)
-    hi_var = jnp.maximum(la, lb_) < params["upper"]
-    lo_var = jnp.minimum(ua, ub_) > params["lower"]
+    hi_var = ~(jnp.maximum(la, lb_) >= params["upper"])   # NaN -> varying
+    lo_var = ~(jnp.minimum(ua, ub_) <= params["lower"])
     col = jnp.concatenate([hi_var, lo_var], axis=-1)
     pair = hi_var | lo_var
     row = jnp.concatenate([pair, pair], axis=-1)

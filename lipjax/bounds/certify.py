@@ -66,16 +66,20 @@ class Certificate:
 
 
 def check_labels(y, batch: int, num_classes: int) -> Array:
-  y = jnp.asarray(y)
+  if not isinstance(y, jax.core.Tracer):
+    y = np.asarray(y)
+  else:
+    y = jnp.asarray(y)
   if y.shape != (batch,):
     raise ValueError(f"y must have shape ({batch},), got {y.shape}")
-  if not jnp.issubdtype(y.dtype, jnp.integer):
+  if not np.issubdtype(y.dtype, np.integer):
     raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
   if not isinstance(y, jax.core.Tracer):
-    if bool(jnp.any((y < 0) | (y >= num_classes))):
+    yh = np.asarray(y)
+    if np.any((yh < 0) | (yh >= num_classes)):
       raise ValueError(f"labels must be in [0, {num_classes}), got range "
-                       f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
-  return y.astype(jnp.int32)
+                       f"[{int(yh.min())}, {int(yh.max())}]")
+  return jnp.asarray(y, jnp.int32)
 
 
 def _pair_terms(mat, col, labels):

@@ -113,6 +113,16 @@ def check_inputs(model, x, eps) -> Tuple[Array, Array]:
   """Validates ``x`` and ``eps``; returns ``(x, eps)`` with ``eps`` of shape ``(B,)``."""
   if not isinstance(model, network.lnn.Sequential):
     network.trace(model, {}, ())   # raises the descriptive error
+  if _concrete(x):
+    x_host = np.asarray(x)
+    if x_host.dtype.kind == "f" and not np.all(np.isfinite(x_host)):
+      raise ValueError("x contains NaN or inf")
+  if _concrete(eps):
+    e_host = np.asarray(eps, dtype=np.float64)
+    if not np.all(np.isfinite(e_host)):
+      raise ValueError("eps must be finite")
+    if np.any(e_host < 0):
+      raise ValueError(f"eps must be >= 0, got min {float(np.min(e_host))}")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
@@ -129,13 +139,6 @@ def check_inputs(model, x, eps) -> Tuple[Array, Array]:
     eps = jnp.broadcast_to(eps, (x.shape[0],))
   if eps.shape != (x.shape[0],):
     raise ValueError(f"eps must be a scalar or have shape ({x.shape[0]},), got {eps.shape}")
-  if _concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-    raise ValueError("x contains NaN or inf")
-  if _concrete(eps):
-    if not bool(jnp.all(jnp.isfinite(eps))):
-      raise ValueError("eps must be finite")
-    if bool(jnp.any(eps < 0)):
-      raise ValueError(f"eps must be >= 0, got min {float(jnp.min(eps))}")
   return x.astype(jnp.float32), eps
 
 
@@ -165,6 +168,22 @@ def _global_norm(stage: network.Stage, key, delta) -> Array:
   upper, _ = power.lanczos_norm_bound(stage.linear, key, shape, jnp.ones(shape),
                                       _GENERIC_GLOBAL_STEPS, delta)
   return upper[0]
+
+
+def _global_norms(stages, keys, delta, differentiable=True):
+  """Per-stage global norms, computed one after another.
+
+  XLA's CPU runtime may run independent LAPACK calls (the SVDs) concurrently,
+  which has been seen to deadlock; an optimisation barrier chains them.
+  """
+  out, token = [], jnp.zeros((), jnp.float32)
+  for st, k in zip(stages, keys):
+    params = st.params if differentiable else jax.lax.stop_gradient(st.params)
+    token, params = jax.lax.optimization_barrier((token, params))
+    g = _global_norm(dataclasses.replace(st, params=params), k, delta)
+    out.append(g)
+    token = g
+  return out
 
 
 def _row_norms(stage: network.Stage, gnorm: Array) -> Array:
@@ -284,9 +303,9 @@ def _local_core(model, variables, x, eps, key, state, *, mode, iterations,
     n_prob += sum(_uses_lanczos(st, dense) for st in stages)
   delta = failure_probability / max(n_prob, 1)
 
-  gnorms = [_global_norm(st, keys[2 * i], delta) for i, st in enumerate(stages)]
-  if mode == "estimate":
-    gnorms = [jax.lax.stop_gradient(g) for g in gnorms]
+  # Estimate mode uses the global norms only for the masks: no gradient (and
+  # no SVD derivative, which needs the full singular vectors).
+  gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode == "sound"))
   rnorms = [_row_norms(st, g) for st, g in zip(stages, gnorms)]
   local = {}
 
@@ -329,6 +348,12 @@ def _local_core(model, variables, x, eps, key, state, *, mode, iterations,
     col_prev = lb.col_mask
 
   bound = jnp.prod(jnp.stack(layer_norms), axis=0)
+  # NaN anywhere (parameters, boxes) must never look like a finite bound.
+  finite = jnp.all(jnp.isfinite(layers[-1].center), axis=1)
+  for lb_ in layers:
+    finite &= jnp.all(jnp.isfinite(lb_.lower.reshape(b, -1)), axis=1)
+    finite &= jnp.all(jnp.isfinite(lb_.upper.reshape(b, -1)), axis=1)
+  bound = jnp.where(finite, bound, jnp.nan)
   estimate = jnp.prod(jnp.stack(estimates), axis=0)
   if mode == "sound":
     fail = jnp.full((b,), failure_probability if n_prob else 0.0, jnp.float32)
@@ -376,6 +401,5 @@ def _global_core(model, shape, failure_probability, variables, key):
   stages = network.trace(model, variables, shape)
   n_prob = max(sum(_needs_probabilistic_global(st) for st in stages), 1)
   keys = jax.random.split(key, len(stages))
-  gn = tuple(_global_norm(st, k, failure_probability / n_prob)
-             for st, k in zip(stages, keys))
+  gn = tuple(_global_norms(stages, keys, failure_probability / n_prob))
   return jnp.prod(jnp.stack(gn)), gn

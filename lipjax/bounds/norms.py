@@ -81,6 +81,9 @@ def _host_masked_dense_norm(matrix, rows, cols):
   out = np.empty(rows.shape[0], np.float64)
   for b in range(rows.shape[0]):
     mb = m[rows[b] > 0][:, cols[b] > 0]
+    if not np.all(np.isfinite(mb)):
+      out[b] = np.nan
+      continue
     if mb.size == 0:
       out[b] = 0.0
       continue

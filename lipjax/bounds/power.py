@@ -31,7 +31,10 @@ _TINY = 1e-30
 
 
 def _batch_norm(x: Array) -> Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
+  """Per-example l2 norm with a finite (zero) gradient at 0."""
+  sq = jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
 def _bcast(s: Array, like: Array) -> Array:

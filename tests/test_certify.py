@@ -1,0 +1,461 @@
+"""Certificates against an independent L2 PGD attack, and input validation.
+
+Truth: our own projected-gradient attack (margin loss, several random starts,
+projection onto the l2 ball) run at the certified radius. A certified point
+that the attack flips would be a soundness bug. Models: briefly trained tiny
+networks (so that a real fraction certifies) and random ones.
+"""
+
+import functools
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lipjax
+from lipjax import nn as lnn
+
+import _bounds_util as U
+
+CLASSES = 3
+N_TEST = 48
+
+
+# ---------------------------------------------------------------------------
+# Synthetic data and training
+# ---------------------------------------------------------------------------
+
+
+def clusters(key, n, shape, sep=3.0, noise=0.15):
+  """``n`` points of ``CLASSES`` Gaussian clusters whose means are ``sep``
+  apart (pairwise distance ``sep`` for orthogonal-ish means)."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  d = int(np.prod(shape))
+  means = jax.random.normal(k1, (CLASSES, d))
+  means = sep * means / jnp.linalg.norm(means, axis=1, keepdims=True) / np.sqrt(2)
+  y = jax.random.randint(k2, (n,), 0, CLASSES)
+  x = 0.5 + means[y] + noise * jax.random.normal(k3, (n, d))
+  return x.reshape((n,) + tuple(shape)), y
+
+
+def train(model, x, y, steps=60, lr=1e-2):
+  v = model.init(jax.random.PRNGKey(0), x[:1])
+  opt = optax.adam(lr)
+  state = opt.init(v)
+
+  @jax.jit
+  def step(v, state):
+    def loss(v):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y).mean()
+    l, g = jax.value_and_grad(loss)(v)
+    updates, state = opt.update(g, state, v)
+    return optax.apply_updates(v, updates), state, l
+
+  for _ in range(steps):
+    v, state, l = step(v, state)
+  return v, float(l)
+
+
+def _mlp():
+  return lnn.Sequential((lnn.Dense(16), lnn.ReLU(), lnn.Dense(16), lnn.ClippedReLU(1.0),
+                         lnn.Dense(CLASSES)), input_shape=(8,))
+
+
+def _conv():
+  return lnn.Sequential((lnn.Conv(4, 3, 1, 1), lnn.ClippedReLU(1.0), lnn.Conv(4, 4, 2, 1),
+                         lnn.ReLU(), lnn.Flatten(), lnn.Dense(CLASSES)),
+                        input_shape=(6, 6, 1))
+
+
+class Trained:
+
+  def __init__(self, name, model, eps):
+    self.name, self.model, self.eps = name, model, eps
+    x, y = clusters(jax.random.PRNGKey(1), 256 + N_TEST, model.input_shape)
+    self.variables, self.loss = train(model, x[:256], y[:256])
+    self.x, self.y = x[256:], y[256:]
+    self.attack = make_attack(model)
+
+
+def make_attack(model):
+  return jax.jit(functools.partial(pgd_attack, model))
+
+
+def pgd_attack(model, variables, x, y, eps, key, steps=60, restarts=4):
+  """L2 PGD on the margin ``max_{i != y} z_i - z_y``; ``eps`` is ``(B,)``.
+
+  Returns the most adversarial point found per example (over the restarts:
+  one from ``x`` itself, the others from uniform points of the ball).
+  """
+  starts = U.sample_ball(key, x, eps, restarts - 1, uniform_radius=True)
+  starts = jnp.concatenate([x[None], starts])
+  onehot = jax.nn.one_hot(y, CLASSES)
+
+  def margin(xp):
+    z = model.apply(variables, xp)
+    zy = jnp.sum(z * onehot, -1)
+    zo = jnp.max(jnp.where(onehot > 0, -jnp.inf, z), -1)
+    return zo - zy
+
+  def one(x0):
+    return U.pgd_maximise(margin, x, eps, x0, steps)[1]
+
+  adv = jax.vmap(one)(starts)                               # (R, B, ...)
+  m = jax.vmap(margin)(adv)                                 # (R, B)
+  best = jnp.argmax(m, 0)
+  return jnp.take_along_axis(adv, best.reshape((1, -1) + (1,) * (x.ndim - 1)), 0)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(name):
+  if name == "mlp":
+    return Trained("mlp", _mlp(), 0.7)
+  return Trained("conv", _conv(), 0.5)
+
+
+@pytest.fixture(scope="module", params=["mlp", "conv"])
+def trained(request):
+  return _trained(request.param)
+
+
+@pytest.fixture(scope="module")
+def random_conv():
+  model = U.conv_model("clipped_maxmin")
+  v = U.init_random(model, jax.random.PRNGKey(9))
+  x = jax.random.uniform(jax.random.PRNGKey(10), (16, 6, 6, 2))
+  y = jnp.argmax(model.apply(v, x), -1)   # labels = predictions: some certify
+  return model, v, x, y, make_attack(model)
+
+
+def _check_consistency(model, v, x, y, eps, cert):
+  eps_b = np.broadcast_to(np.asarray(eps, np.float32), (x.shape[0],))
+  pred = np.asarray(cert.predicted)
+  certified = np.asarray(cert.certified)
+  assert cert.certified.dtype == jnp.bool_
+  np.testing.assert_array_equal(pred, np.argmax(np.asarray(model.apply(v, x)), -1))
+  assert np.all(pred[certified] == np.asarray(y)[certified])
+  np.testing.assert_array_equal(np.asarray(cert.radius), np.where(certified, eps_b, 0.0))
+  rr = np.asarray(cert.robust_radius)
+  assert np.all(rr >= 0) and np.all(rr <= eps_b)
+  assert np.all(rr[certified] == eps_b[certified])
+  margin = np.asarray(cert.margin)
+  np.testing.assert_array_equal(certified, (margin > 0) & (pred == np.asarray(y)))
+
+
+def _flipped(model, v, x_adv, labels):
+  return np.asarray(jnp.argmax(model.apply(v, x_adv), -1)) != np.asarray(labels)
+
+
+# ---------------------------------------------------------------------------
+# Soundness against PGD
+# ---------------------------------------------------------------------------
+
+
+def test_trained_models_certify_some_and_pgd_flips_none_of_them(trained):
+  t = trained
+  model, v, x, y, eps = t.model, t.variables, t.x, t.y, t.eps
+  acc = float(jnp.mean(jnp.argmax(model.apply(v, x), -1) == y))
+  assert acc >= 0.9, (t.name, acc, t.loss)
+  cert = lipjax.certify(model, v, x, y, eps)
+  _check_consistency(model, v, x, y, eps, cert)
+  certified = np.asarray(cert.certified)
+  assert certified.sum() >= 3, (t.name, certified.mean())
+  eps_b = jnp.full((x.shape[0],), eps)
+  adv = t.attack(v, x, y, eps_b, jax.random.PRNGKey(0))
+  d = np.linalg.norm(np.asarray(adv - x).reshape(x.shape[0], -1), axis=1)
+  assert np.all(d <= eps * (1 + 1e-5))
+  flipped = _flipped(model, v, adv, y)
+  assert not np.any(flipped & certified), (t.name, np.where(flipped & certified))
+  # The attack is real: on a ball 3x larger it flips many points.
+  big = t.attack(v, x, y, 3 * eps_b, jax.random.PRNGKey(1))
+  assert _flipped(model, v, big, y).mean() >= 0.25
+
+
+def test_robust_radius_survives_pgd(trained):
+  # robust_radius is a certified radius for the *prediction*, valid for every
+  # point: PGD inside it must not change the prediction.
+  t = trained
+  model, v, x = t.model, t.variables, t.x
+  cert = lipjax.certify(model, v, x, t.y, t.eps)
+  pred = cert.predicted
+  rr = np.asarray(cert.robust_radius)
+  assert np.any((rr > 0) & (rr < t.eps)) or np.all(rr > 0)
+  adv = t.attack(v, x, pred, jnp.asarray(rr), jax.random.PRNGKey(2))
+  assert not np.any(_flipped(model, v, adv, pred) & (rr > 0))
+
+
+def test_global_certificate_implies_local(trained):
+  t = trained
+  model, v, x, y = t.model, t.variables, t.x, t.y
+  for eps in (0.5 * t.eps, t.eps):
+    loc = lipjax.certify(model, v, x, y, eps)
+    glo = lipjax.certify(model, v, x, y, eps, bound="global")
+    _check_consistency(model, v, x, y, eps, glo)
+    lg, gl = np.asarray(loc.certified), np.asarray(glo.certified)
+    assert np.all(lg[gl]), "a point certified globally is not certified locally"
+    assert np.all(np.asarray(loc.margin)[gl] >= np.asarray(glo.margin)[gl] - 1e-5)
+    g = float(lipjax.global_lipschitz_bound(model, v))
+    np.testing.assert_allclose(np.asarray(glo.lipschitz), g, rtol=1e-5)
+    assert np.all(np.asarray(loc.lipschitz) <= g * (1 + 1e-5))
+    np.testing.assert_array_equal(np.asarray(glo.failure_probability), 0.0)
+  # Local is strictly stronger here (the point of the method).
+  assert lg.sum() > gl.sum()
+
+
+@pytest.mark.parametrize("bound", ["local", "global"])
+def test_linear_model_certificate_is_exact(bound):
+  # For a linear classifier the certificate is exact: the prediction p is
+  # robust at eps iff eps < min_i (z_p - z_i) / ||w_p - w_i||. So the result
+  # is known in closed form and PGD (exact here) must flip every other point.
+  model = lnn.Sequential((lnn.Dense(CLASSES),), input_shape=(8,))
+  v = U.init_random(model, jax.random.PRNGKey(17))
+  x = jax.random.uniform(jax.random.PRNGKey(18), (32, 8))
+  z = np.asarray(model.apply(v, x), np.float64)
+  w = np.asarray(v["params"]["layers_0"]["kernel"], np.float64).T   # (C, in)
+  p = z.argmax(1)
+  ratios = np.full((32, CLASSES), np.inf)
+  for i in range(CLASSES):
+    num = z[np.arange(32), p] - z[:, i]
+    den = np.linalg.norm(w[p] - w[i], axis=1)
+    ratios[:, i] = np.where(p == i, np.inf, num / np.where(p == i, 1.0, den))
+  exact = ratios.min(1)
+  eps = float(np.median(exact))
+  cert = lipjax.certify(model, v, x, jnp.asarray(p), eps, bound=bound)
+  certified = np.asarray(cert.certified)
+  clear = np.abs(exact - eps) > 1e-3 * eps
+  np.testing.assert_array_equal(certified[clear], (exact > eps)[clear])
+  np.testing.assert_allclose(np.asarray(cert.robust_radius), np.minimum(exact, eps),
+                             rtol=1e-3)
+  adv = make_attack(model)(v, x, jnp.asarray(p), jnp.full((32,), eps),
+                           jax.random.PRNGKey(5))
+  flipped = _flipped(model, v, adv, p)
+  assert not np.any(flipped & certified)
+  np.testing.assert_array_equal(flipped[clear], (exact < eps)[clear])
+
+
+def test_random_model_certificates_survive_pgd(random_conv):
+  model, v, x, y, attack = random_conv
+  for eps in (0.02, 0.1):
+    cert = lipjax.certify(model, v, x, y, eps)
+    _check_consistency(model, v, x, y, eps, cert)
+    certified = np.asarray(cert.certified)
+    adv = attack(v, x, y, jnp.full((x.shape[0],), eps), jax.random.PRNGKey(3))
+    assert not np.any(_flipped(model, v, adv, y) & certified)
+    fp = np.asarray(cert.failure_probability)
+    assert np.all((fp > 0) & (fp <= 1e-9 * (1 + 1e-6)))   # conv layers: Lanczos
+  cert = lipjax.certify(model, v, x, y, 0.02)
+  assert np.asarray(cert.certified).sum() >= 2
+
+
+def test_per_example_eps(random_conv):
+  model, v, x, y, attack = random_conv
+  eps = jnp.linspace(0.0, 0.2, x.shape[0])
+  cert = lipjax.certify(model, v, x, y, eps)
+  _check_consistency(model, v, x, y, eps, cert)
+  assert bool(cert.certified[0])        # eps = 0 and y = prediction
+  adv = attack(v, x, y, eps, jax.random.PRNGKey(4))
+  assert not np.any(_flipped(model, v, adv, y) & np.asarray(cert.certified))
+
+
+def test_wrong_labels_are_never_certified(random_conv):
+  model, v, x, y, _ = random_conv
+  wrong = (y + 1) % CLASSES
+  cert = lipjax.certify(model, v, x, wrong, 0.0)
+  assert not np.any(np.asarray(cert.certified))
+  np.testing.assert_array_equal(np.asarray(cert.radius), 0.0)
+  # robust_radius is about the prediction: unaffected by the label.
+  right = lipjax.certify(model, v, x, y, 0.0)
+  np.testing.assert_array_equal(np.asarray(cert.robust_radius),
+                                np.asarray(right.robust_radius))
+
+
+# ---------------------------------------------------------------------------
+# Batching and jit
+# ---------------------------------------------------------------------------
+
+
+def test_batching_and_jit_do_not_change_results():
+  # A dense-only model: its bounds are deterministic, so results must match
+  # exactly across chunkings (conv layers draw per-chunk Lanczos starts).
+  t = _trained("mlp")
+  model, v, x, y = t.model, t.variables, t.x[:20], t.y[:20]
+  whole = lipjax.certify(model, v, x, y, t.eps, batch_size=None)
+  chunked = lipjax.certify(model, v, x, y, t.eps, batch_size=7)
+  plain = lipjax.certify(model, v, x, y, t.eps, jit=False)
+  for other in (chunked, plain):
+    np.testing.assert_array_equal(np.asarray(other.certified), np.asarray(whole.certified))
+    np.testing.assert_array_equal(np.asarray(other.predicted), np.asarray(whole.predicted))
+    np.testing.assert_allclose(np.asarray(other.margin), np.asarray(whole.margin),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(other.robust_radius),
+                               np.asarray(whole.robust_radius), rtol=1e-5, atol=1e-7)
+  assert chunked.certified.shape == (20,)
+
+
+# ---------------------------------------------------------------------------
+# NaN parameters
+# ---------------------------------------------------------------------------
+
+
+NAN_EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def nan_case():
+  model = _mlp()
+  v = U.init_random(model, jax.random.PRNGKey(12))
+  x, _ = clusters(jax.random.PRNGKey(13), 8, (8,))
+  y = jnp.argmax(model.apply(v, x), -1)
+  lb = lipjax.local_lipschitz_bound(model, v, x, NAN_EPS)
+  # A column of the last layer that varies for example 0 (a NaN in a column
+  # deleted by the mask would be multiplied away in the masked norm).
+  last_col = int(np.argmax(np.asarray(lb.layers[1].col_mask[0])))
+  assert float(lb.layers[1].col_mask[0, last_col]) == 1.0
+  return model, v, x, y, last_col
+
+
+@pytest.mark.parametrize("which", ["first_kernel", "theta", "last_kernel", "last_bias"])
+@pytest.mark.parametrize("bound", ["local", "global"])
+def test_nan_parameter_certifies_nothing(nan_case, which, bound):
+  model, v, x, y, last_col = nan_case
+  layer, name, index = {
+      "first_kernel": ("layers_0", "kernel", (0, 0)),
+      "theta": ("layers_3", "theta", (2,)),
+      "last_kernel": ("layers_4", "kernel", (last_col, 1)),
+      "last_bias": ("layers_4", "bias", (0,)),
+  }[which]
+  ok = lipjax.certify(model, v, x, y, NAN_EPS, bound=bound)
+  assert np.any(np.asarray(ok.certified))
+  bad = U.set_param(v, layer, name, index, jnp.nan)
+  error = None
+  try:
+    cert = lipjax.certify(model, bad, x, y, NAN_EPS, bound=bound)
+  except Exception as e:   # pylint: disable=broad-except
+    error = e
+  if error is not None:    # a clear error is acceptable, an opaque one is not
+    head = str(error).lower().split("traceback")[0]
+    assert "nan" in head or "finite" in head, (
+        f"unclear error for a NaN parameter: {type(error).__name__}: {str(error)[:200]}")
+    return
+  assert not np.any(np.asarray(cert.certified))
+  np.testing.assert_array_equal(np.asarray(cert.radius), 0.0)
+  np.testing.assert_array_equal(np.asarray(cert.robust_radius), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+  model = _mlp()
+  v = U.init_random(model, jax.random.PRNGKey(14))
+  x, y = clusters(jax.random.PRNGKey(15), 4, (8,))
+  return model, v, x, y
+
+
+@pytest.mark.parametrize("eps,match", [(-0.1, ">= 0"), (float("nan"), "finite"),
+                                       (float("inf"), "finite"),
+                                       (np.array([0.1, -0.1, 0.1, 0.1]), ">= 0"),
+                                       (np.array([0.1, 0.1]), "shape")])
+def test_bad_eps_raises(small, eps, match):
+  model, v, x, y = small
+  with pytest.raises(ValueError, match=match):
+    lipjax.certify(model, v, x, y, eps)
+  with pytest.raises(ValueError, match=match):
+    lipjax.local_lipschitz_bound(model, v, x, eps)
+
+
+def test_bad_x_raises(small):
+  model, v, x, y = small
+  with pytest.raises(ValueError, match="NaN or inf"):
+    lipjax.certify(model, v, x.at[1, 3].set(jnp.nan), y, 0.1)
+  with pytest.raises(ValueError, match="NaN or inf"):
+    lipjax.local_lipschitz_bound(model, v, x.at[0, 0].set(jnp.inf), 0.1)
+  with pytest.raises(ValueError, match="shape"):
+    lipjax.certify(model, v, x[0], y[:1], 0.1)                    # missing batch axis
+  with pytest.raises(ValueError, match="shape"):
+    lipjax.certify(model, v, x[:, :5], y, 0.1)                     # wrong features
+  with pytest.raises(ValueError, match="shape"):
+    lipjax.certify(model, v, x.reshape(4, 2, 4), y, 0.1)           # wrong rank
+  with pytest.raises(ValueError, match="empty"):
+    lipjax.certify(model, v, x[:0], y[:0], 0.1)
+  with pytest.raises(TypeError, match="floating"):
+    lipjax.certify(model, v, (x * 10).astype(jnp.int32), y, 0.1)
+
+
+def test_bad_x_shape_for_conv_model_raises():
+  model = U.conv_model("relu")
+  v = U.init_random(model, jax.random.PRNGKey(16))
+  y = jnp.zeros((2,), jnp.int32)
+  for bad in (jnp.zeros((2, 6, 6)), jnp.zeros((2, 6, 6, 3)), jnp.zeros((2, 7, 6, 2)),
+              jnp.zeros((2, 72))):
+    with pytest.raises(ValueError, match="shape"):
+      lipjax.certify(model, v, bad, y, 0.1)
+    with pytest.raises(ValueError, match="shape"):
+      lipjax.local_lipschitz_bound(model, v, bad, 0.1)
+
+
+def test_bad_labels_raise(small):
+  model, v, x, y = small
+  with pytest.raises(ValueError, match=r"\[0, 3\)"):
+    lipjax.certify(model, v, x, y.at[0].set(CLASSES), 0.1)
+  with pytest.raises(ValueError, match=r"\[0, 3\)"):
+    lipjax.certify(model, v, x, y.at[2].set(-1), 0.1)
+  with pytest.raises(ValueError, match="shape"):
+    lipjax.certify(model, v, x, y[:3], 0.1)
+  with pytest.raises(ValueError, match="shape"):
+    lipjax.certify(model, v, x, y[:, None], 0.1)
+  with pytest.raises(TypeError, match="integer"):
+    lipjax.certify(model, v, x, y.astype(jnp.float32), 0.1)
+  with pytest.raises(ValueError, match=r"\[0, 3\)"):
+    lipjax.certify(model, v, x, y.at[0].set(CLASSES), 0.1, bound="global")
+
+
+def test_bad_options_raise(small):
+  model, v, x, y = small
+  with pytest.raises(ValueError, match="bound"):
+    lipjax.certify(model, v, x, y, 0.1, bound="lipschitz")
+  with pytest.raises(ValueError, match="sound"):
+    lipjax.certify(model, v, x, y, 0.1, mode="estimate")
+  with pytest.raises(ValueError, match="mode"):
+    lipjax.local_lipschitz_bound(model, v, x, 0.1, mode="upper")
+
+
+def test_unsupported_flax_layer_is_named():
+  model = lnn.Sequential((lnn.Dense(6), lnn.ReLU(), fnn.Dense(5), lnn.ReLU(),
+                          lnn.Dense(CLASSES)), input_shape=(8,))
+  x = jnp.zeros((2, 8))
+  v = model.init(jax.random.PRNGKey(0), x)
+  y = jnp.zeros((2,), jnp.int32)
+  calls = (lambda: lipjax.certify(model, v, x, y, 0.1),
+           lambda: lipjax.certify(model, v, x, y, 0.1, bound="global"),
+           lambda: lipjax.local_lipschitz_bound(model, v, x, 0.1),
+           lambda: lipjax.global_lipschitz_bound(model, v))
+  for call in calls:
+    with pytest.raises(lipjax.UnsupportedModelError) as info:
+      call()
+    msg = str(info.value)
+    assert "layers_2" in msg and "flax.linen" in msg and "Dense" in msg, msg
+
+
+def test_unsupported_activation_and_model_kinds():
+  x = jnp.zeros((2, 8))
+  y = jnp.zeros((2,), jnp.int32)
+  tanh_model = lnn.Sequential((lnn.Dense(6), fnn.tanh, lnn.Dense(CLASSES)),
+                              input_shape=(8,))
+  v = tanh_model.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(lipjax.UnsupportedModelError, match="layers_1"):
+    lipjax.certify(tanh_model, v, x, y, 0.1)
+  plain = fnn.Dense(CLASSES)
+  pv = plain.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(lipjax.UnsupportedModelError, match="Sequential"):
+    lipjax.certify(plain, pv, x, y, 0.1)
+  ends_with_activation = lnn.Sequential((lnn.Dense(6), lnn.ReLU()), input_shape=(8,))
+  ev = ends_with_activation.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(lipjax.UnsupportedModelError, match="linear"):
+    lipjax.certify(ends_with_activation, ev, x, y, 0.1)

@@ -1,0 +1,262 @@
+"""Spectral-norm bounds against explicit matrices and numpy's SVD.
+
+Truth is always the largest singular value (float64 ``numpy.linalg.svd``) of
+the explicit matrix of the operator, built from ``jax.jacfwd`` of a plain
+``lax.conv_general_dilated`` (or the masked matrix itself).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lipjax import bounds
+from lipjax.bounds import power
+
+# Measured on the configurations below (random Gaussian kernels, 6x6 / 7x7 /
+# 6x7 inputs, the seeds used here): conv_global_norm / exact lies in
+# [1.0001, 1.51]. The circulant embedding is loosest when the kernel covers
+# most of a tiny image: 1.51 for 6x6, k=4, stride 1, no padding (3x3
+# outputs); 1.22 for 6x7, k=4, stride 2, no padding (2x3 outputs). With at
+# least 4 outputs per side the worst ratio is 1.17, and on 16x16 inputs it is
+# 1.034. The lower end is exactly the 1 + ROUNDING_SLACK factor (stride =
+# kernel: the circulant is block diagonal and exact). Tolerances leave ~7-30%
+# headroom over the measured worst case.
+TINY_OUTPUT_LOOSENESS = 1.6      # fewer than 4 outputs along a side
+SMALL_IMAGE_LOOSENESS = 1.25     # 6x6 / 7x7 inputs, >= 4 outputs per side
+LARGE_IMAGE_LOOSENESS = 1.08     # 16x16 inputs
+
+
+def conv(kernel, x, stride, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def explicit_conv_matrix(kernel, spatial, stride, padding):
+  """``(out, in)`` float64 matrix of the conv on one example, from jacfwd."""
+  cin = kernel.shape[2]
+  x0 = jnp.zeros(tuple(spatial) + (cin,), jnp.float32)
+  jac = jax.jacfwd(lambda x: conv(kernel, x[None], stride, padding)[0])(x0)
+  n_out = int(np.prod(jac.shape[:3]))
+  return np.asarray(jac, np.float64).reshape(n_out, -1)
+
+
+def top_sv(m):
+  return float(np.linalg.svd(np.asarray(m, np.float64), compute_uv=False)[0])
+
+
+# ---------------------------------------------------------------------------
+# conv_global_norm
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride,padding,ksize",
+                         list(itertools.product((1, 2), (0, 1, 2), (2, 3, 4))))
+def test_conv_global_norm_is_an_upper_bound_and_not_too_loose(stride, padding, ksize):
+  rng = np.random.default_rng(100 * stride + 10 * padding + ksize)
+  for spatial, cin, cout in (((6, 6), 2, 3), ((7, 7), 3, 2), ((6, 7), 2, 4)):
+    kernel = jnp.asarray(rng.normal(size=(ksize, ksize, cin, cout)), jnp.float32)
+    exact = top_sv(explicit_conv_matrix(kernel, spatial, stride, padding))
+    bound = float(bounds.conv_global_norm(kernel, spatial, stride, padding))
+    assert bound >= exact * (1 + 1e-6), (spatial, bound, exact)
+    out_side = (min(spatial) + 2 * padding - ksize) // stride + 1
+    slack = SMALL_IMAGE_LOOSENESS if out_side >= 4 else TINY_OUTPUT_LOOSENESS
+    assert bound <= slack * exact, (spatial, bound / exact)
+
+
+@pytest.mark.parametrize("stride,padding,ksize", [(1, 1, 3), (2, 1, 4), (2, 0, 4),
+                                                  (1, 0, 4), (3, 1, 3)])
+def test_conv_global_norm_is_tight_on_larger_images(stride, padding, ksize):
+  rng = np.random.default_rng(7 + ksize)
+  kernel = jnp.asarray(rng.normal(size=(ksize, ksize, 2, 3)), jnp.float32)
+  exact = top_sv(explicit_conv_matrix(kernel, (16, 16), stride, padding))
+  bound = float(bounds.conv_global_norm(kernel, (16, 16), stride, padding))
+  assert exact * (1 + 1e-6) <= bound <= LARGE_IMAGE_LOOSENESS * exact
+
+
+def test_conv_global_norm_exact_for_non_overlapping_stride():
+  # stride == kernel size: the conv is a block-diagonal map whose norm is the
+  # norm of the (k*k*cin, cout) kernel matrix; the bound must be that exactly
+  # (times the documented rounding slack).
+  rng = np.random.default_rng(3)
+  kernel = jnp.asarray(rng.normal(size=(2, 2, 3, 4)), jnp.float32)
+  exact = top_sv(np.asarray(kernel).reshape(-1, 4))
+  bound = float(bounds.conv_global_norm(kernel, (6, 6), 2, 0))
+  np.testing.assert_allclose(bound, exact * (1 + bounds.ROUNDING_SLACK), rtol=2e-6)
+
+
+def test_conv_global_norm_with_large_kernel_on_tiny_image():
+  # The polyphase kernel is larger than the periodic grid unless it is padded.
+  rng = np.random.default_rng(4)
+  kernel = jnp.asarray(rng.normal(size=(5, 5, 1, 2)), jnp.float32)
+  for stride, padding in ((1, 0), (2, 0), (2, 2), (3, 1)):
+    exact = top_sv(explicit_conv_matrix(kernel, (5, 5), stride, padding))
+    bound = float(bounds.conv_global_norm(kernel, (5, 5), stride, padding))
+    assert bound >= exact * (1 + 1e-6), (stride, padding)
+
+
+# ---------------------------------------------------------------------------
+# Dense norms
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 9), (1, 6), (12, 12)])
+def test_dense_global_norm_matches_svd(shape):
+  rng = np.random.default_rng(shape[0] * 31 + shape[1])
+  w = rng.normal(size=shape).astype(np.float32)
+  exact = top_sv(w)
+  got = float(bounds.dense_global_norm(jnp.asarray(w)))
+  assert got >= exact
+  assert got <= exact * (1 + 1e-3)
+
+
+def _masked_matrices():
+  rng = np.random.default_rng(11)
+  w = rng.normal(size=(7, 9)).astype(np.float32)
+  rows = (rng.random((6, 7)) < 0.6).astype(np.float32)
+  cols = (rng.random((6, 9)) < 0.6).astype(np.float32)
+  rows[0], cols[0] = 1, 1          # unmasked
+  rows[1] = 0                      # nothing left
+  cols[2] = 0
+  rows[3] = 0
+  rows[3, 4] = 1                   # a single row
+  return w, rows, cols
+
+
+def test_masked_dense_norm_matches_svd_of_masked_matrix():
+  w, rows, cols = _masked_matrices()
+  got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
+                                            jnp.asarray(cols)))
+  assert got.shape == (rows.shape[0],)
+  for b in range(rows.shape[0]):
+    exact = top_sv(rows[b][:, None] * w * cols[b][None, :])
+    assert got[b] >= exact, b
+    assert got[b] <= exact * (1 + 1e-3) + 1e-30, b
+  assert got[1] == 0 and got[2] == 0
+  np.testing.assert_allclose(got[3], np.linalg.norm(w[4] * cols[3]), rtol=2e-4)
+
+
+def test_masked_dense_norm_under_jit_and_vmap():
+  w, rows, cols = _masked_matrices()
+  eager = bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows), jnp.asarray(cols))
+  jitted = jax.jit(bounds.masked_dense_norm)(jnp.asarray(w), jnp.asarray(rows),
+                                             jnp.asarray(cols))
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Lanczos and the power method on a masked convolution
+# ---------------------------------------------------------------------------
+
+
+B = 3
+IN_SHAPE = (6, 6, 2)
+STRIDE, PAD = 2, 1
+
+
+@pytest.fixture(scope="module")
+def masked_conv():
+  return make_masked_conv()
+
+
+def make_masked_conv():
+  """A batch of masked strided convs ``u -> rows * conv(cols * u)`` and the
+  exact norm of each (explicit Jacobian of the masked operator)."""
+  rng = np.random.default_rng(5)
+  kernel = jnp.asarray(rng.normal(size=(4, 4, 2, 3)), jnp.float32)
+  out_shape = conv(kernel, jnp.zeros((1,) + IN_SHAPE), STRIDE, PAD).shape[1:]
+  cols = (rng.random((B,) + IN_SHAPE) < 0.7).astype(np.float32)
+  rows = (rng.random((B,) + out_shape) < 0.6).astype(np.float32)
+  rows[0], cols[0] = 1, 1
+  cols, rows = jnp.asarray(cols), jnp.asarray(rows)
+
+  def op(u):
+    return rows * conv(kernel, cols * u, STRIDE, PAD)
+
+  exact = []
+  for b in range(B):
+    single = lambda u, b=b: rows[b] * conv(kernel, (cols[b] * u)[None], STRIDE, PAD)[0]
+    jac = jax.jacfwd(single)(jnp.zeros(IN_SHAPE))
+    exact.append(top_sv(np.asarray(jac).reshape(-1, int(np.prod(IN_SHAPE)))))
+  return op, cols, np.array(exact)
+
+
+def test_lanczos_upper_bound_holds_and_estimate_is_below(masked_conv):
+  op, cols, exact = masked_conv
+  for seed in range(3):
+    upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(seed),
+                                           (B,) + IN_SHAPE, cols, 60, 1e-9)
+    upper, est = np.asarray(upper), np.asarray(est)
+    assert np.all(upper >= exact), (upper, exact)
+    assert np.all(est <= exact * (1 + 1e-4)), (est, exact)
+    # 60 steps on a <= 72-dimensional space: the Ritz value is converged and
+    # the stated slack 1 / sqrt(1 - e) is small.
+    np.testing.assert_allclose(est, exact, rtol=1e-4)
+    assert np.all(upper <= exact * 1.05), upper / exact
+
+
+def test_lanczos_without_enough_steps_gives_no_bound(masked_conv):
+  op, cols, exact = masked_conv
+  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (B,) + IN_SHAPE,
+                                         cols, 2, 1e-9)
+  assert np.all(np.asarray(est) <= exact * (1 + 1e-4))
+  assert np.all(np.isinf(np.asarray(upper)) | (np.asarray(upper) >= exact))
+
+
+def test_lanczos_all_masked_is_zero(masked_conv):
+  op, cols, _ = masked_conv
+  zero = jnp.zeros_like(cols)
+  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), cols.shape, zero,
+                                         20, 1e-9)
+  np.testing.assert_array_equal(np.asarray(est), 0.0)
+  assert np.all(np.asarray(upper) == 0) or np.all(np.isinf(np.asarray(upper)))
+
+
+def test_power_iteration_is_below_and_monotone(masked_conv):
+  op, cols, exact = masked_conv
+  u0 = jax.random.normal(jax.random.PRNGKey(1), cols.shape) * cols
+  prev = np.zeros(B)
+  for iters in (0, 1, 3, 10):
+    sigma, u = bounds.power_iteration(op, u0, iters)
+    sigma = np.asarray(sigma)
+    assert np.all(sigma <= exact * (1 + 1e-5)), (iters, sigma, exact)
+    assert np.all(sigma >= prev * (1 - 1e-5)), (iters, sigma, prev)
+    prev = sigma
+    assert u.shape == u0.shape
+
+
+def test_power_iteration_converges(masked_conv):
+  op, cols, exact = masked_conv
+  u0 = jax.random.normal(jax.random.PRNGKey(2), cols.shape) * cols
+  sigma20, _ = bounds.power_iteration(op, u0, 20)
+  sigma, u = bounds.power_iteration(op, u0, 300)
+  np.testing.assert_allclose(np.asarray(sigma), exact, rtol=1e-4)
+  # Closer to the truth than after 20 iterations (here 20 are 2% off on one
+  # example, so this is not vacuous).
+  assert np.all(exact - np.asarray(sigma) <= exact - np.asarray(sigma20) + 1e-6 * exact)
+  # Warm start from the converged vectors: already converged after 1 step.
+  sigma1, _ = bounds.power_iteration(op, u, 1)
+  np.testing.assert_allclose(np.asarray(sigma1), exact, rtol=1e-3)
+
+
+def test_power_iteration_tolerance_stops_early_but_stays_below(masked_conv):
+  op, cols, exact = masked_conv
+  u0 = jax.random.normal(jax.random.PRNGKey(3), cols.shape) * cols
+  sigma, _ = bounds.power_iteration(op, u0, 30, tol=1e-3)
+  assert np.all(np.asarray(sigma) <= exact * (1 + 1e-5))
+  assert np.all(np.asarray(sigma) >= 0.5 * exact)
+
+
+def test_tridiagonal_top_matches_eigvalsh():
+  rng = np.random.default_rng(9)
+  diag = rng.normal(size=(4, 7)).astype(np.float32)
+  off = rng.normal(size=(4, 6)).astype(np.float32)
+  got = np.asarray(power.tridiagonal_top(jnp.asarray(diag), jnp.asarray(off)))
+  for b in range(4):
+    t = np.diag(diag[b].astype(np.float64)) + np.diag(off[b], 1) + np.diag(off[b], -1)
+    top = np.linalg.eigvalsh(t)[-1]
+    assert got[b] >= top - 1e-6 * abs(top)
+    np.testing.assert_allclose(got[b], top, rtol=1e-5, atol=1e-6)
