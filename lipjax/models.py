@@ -17,6 +17,9 @@ ACTIVATIONS = ("relu", "clipped_relu", "clipped_maxmin")
 
 # (features, kernel, stride, padding) per conv; then dense widths (last excluded).
 _ARCHS = {
+    # A small network for CPU demos and tests (not in the paper).
+    "2c2f": dict(convs=[(16, 4, 2, 1), (32, 4, 2, 1)], dense=[100],
+                 input_shape=(28, 28, 1)),
     "4c3f": dict(convs=[(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)],
                  dense=[512, 512], input_shape=(28, 28, 1)),
     "6c2f": dict(convs=[(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1),
@@ -49,7 +52,8 @@ def get(name: str,
   """Builds a zoo model.
 
   Args:
-    name: ``"4c3f"``, ``"6c2f"`` or ``"8c2f"`` (case-insensitive).
+    name: ``"4c3f"``, ``"6c2f"`` or ``"8c2f"`` (case-insensitive), or the
+      small CPU demo network ``"2c2f"``.
     num_classes: width of the last layer.
     activation: ``"relu"``, ``"clipped_relu"`` or ``"clipped_maxmin"``.
     init: initial clipping threshold (theta for clipped ReLU, ``M = -m`` for
@@ -57,7 +61,8 @@ def get(name: str,
       layer. Defaults: 1.0 for clipped ReLU; for clipped MaxMin the paper's
       0.1 ... 0.3 ramp over conv layers and 1.2 for dense layers.
     input_shape: shape of one example; defaults to MNIST 28x28x1 for 4C3F,
-      CIFAR-10 32x32x3 for 6C2F and TinyImageNet 64x64x3 for 8C2F.
+      CIFAR-10 32x32x3 for 6C2F and TinyImageNet 64x64x3 for 8C2F (MNIST for
+      2C2F).
 
   Returns:
     A :class:`lipjax.nn.Sequential` whose ``apply`` returns ``(B, num_classes)``.
