@@ -127,8 +127,8 @@ class Reshape(nn.Module):
 # --------------------------------------------------------------------------
 
 
-def _torch_like_uniform(fan_in_axes=(-2,)):
-  del fan_in_axes
+def _torch_like_uniform():
+  """PyTorch's default linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 

@@ -158,20 +158,19 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
       diff = jnp.zeros((b, num_classes, 1)) + (jnp.sqrt(2.0) * sl)[:, None, None]
     return _margins(logits, labels, diff, scale, ibp if mat is not None else None)
 
-  gap, pn, margin, other = for_labels(y)
+  _, _, margin, _ = for_labels(y)
   finite = (jnp.all(jnp.isfinite(logits), axis=1) & jnp.isfinite(margin)
             & jnp.isfinite(scale) & finite_extra)
   certified = (predicted == y) & (margin > 0) & finite
   radius = jnp.where(certified, eps, 0.0)
 
-  gap_p, pn_p, margin_p, other_p = for_labels(predicted)
+  gap_p, pn_p, margin_p, other_p = for_labels(predicted)   # for robust_radius
   denom = pn_p * inner[:, None] * (1.0 + norms.ROUNDING_SLACK)
   ratio = jnp.where(other_p, gap_p / jnp.maximum(denom, 1e-30), jnp.inf)
   ratio = jnp.where(other_p & (denom <= 0), jnp.where(gap_p > 0, jnp.inf, 0.0), ratio)
   rr = jnp.clip(jnp.min(ratio, axis=1) * (1.0 - _REL_TOL), 0.0, eps)
   rr = jnp.where(margin_p > 0, eps, rr)
   rr = jnp.where(finite & jnp.isfinite(rr), rr, 0.0)
-  del gap, pn, other
   return Certificate(predicted=predicted, certified=certified, radius=radius,
                      robust_radius=rr, margin=jnp.where(finite, margin, -jnp.inf),
                      lipschitz=lip, failure_probability=fail)

@@ -1,0 +1,97 @@
+"""Training pieces against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lipjax
+from lipjax import nn as lnn
+from lipjax import training
+
+
+def _model():
+  return lnn.Sequential((lnn.Dense(6), lnn.ClippedReLU(theta_init=0.05), lnn.Dense(3)),
+                        input_shape=(4,))
+
+
+def test_project_thresholds_keeps_theta_nonnegative_and_leaves_others():
+  m = _model()
+  v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+  opt = optax.chain(optax.sgd(10.0), training.project_thresholds())
+  params = v["params"]
+  state = opt.init(params)
+  # Gradient that pushes theta strongly negative and the kernel anywhere.
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = opt.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert float(jnp.min(new["layers_1"]["theta"])) == 0.0
+  np.testing.assert_allclose(new["layers_0"]["kernel"], params["layers_0"]["kernel"] - 10.0,
+                             rtol=1e-6)
+
+
+def test_gloro_loss_matches_manual_formula():
+  logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]])
+  deltas = jnp.array([[0.0, 1.0, 2.5], [0.7, 0.0, 0.4]])
+  y = jnp.array([0, 1])
+  got = training.gloro_loss(logits, deltas, y)
+  manual = []
+  for b in range(2):
+    z = np.asarray(logits[b], np.float64)
+    d = np.asarray(deltas[b], np.float64)
+    bot = max(z[i] + d[i] for i in range(3) if i != int(y[b]))
+    aug = np.append(z, bot)
+    manual.append(np.log(np.sum(np.exp(aug))) - aug[int(y[b])])
+  np.testing.assert_allclose(got, np.mean(manual), rtol=1e-5)
+
+
+def test_bcp_loss_interpolates_clean_and_robust():
+  logits = jnp.array([[1.0, 0.0, -0.5]])
+  deltas = jnp.array([[0.0, 0.8, 0.3]])
+  y = jnp.array([0])
+  ce = lambda z: float(optax.softmax_cross_entropy_with_integer_labels(z, y)[0])
+  np.testing.assert_allclose(training.bcp_loss(logits, deltas, y, 1.0), ce(logits), rtol=1e-6)
+  np.testing.assert_allclose(training.bcp_loss(logits, deltas, y, 0.0), ce(logits + deltas),
+                             rtol=1e-6)
+
+
+def test_worst_case_deltas_global_matches_explicit_product():
+  m = _model()
+  v = m.init(jax.random.PRNGKey(1), jnp.zeros((1, 4)))
+  x = jax.random.uniform(jax.random.PRNGKey(2), (5, 4))
+  y = jnp.array([0, 1, 2, 0, 1])
+  _, deltas, _ = training.worst_case_deltas(m, v, x, y, 0.3, bound="global", iterations=200)
+  w1 = np.asarray(v["params"]["layers_0"]["kernel"], np.float64)
+  w2 = np.asarray(v["params"]["layers_2"]["kernel"], np.float64).T   # (C, h)
+  s1 = np.linalg.svd(w1, compute_uv=False)[0]
+  for b in range(5):
+    for i in range(3):
+      want = 0.3 * s1 * np.linalg.norm(w2[i] - w2[int(y[b])])
+      np.testing.assert_allclose(deltas[b, i], want, rtol=1e-3, atol=1e-7)
+
+
+def test_local_deltas_never_exceed_global_deltas_by_much():
+  # The estimate-mode local Delta uses masked norms, which are <= the global ones.
+  m = _model()
+  v = m.init(jax.random.PRNGKey(3), jnp.zeros((1, 4)))
+  x = jax.random.uniform(jax.random.PRNGKey(4), (8, 4))
+  y = jnp.arange(8) % 3
+  _, dl, _ = training.worst_case_deltas(m, v, x, y, 0.2, bound="local", iterations=50)
+  _, dg, _ = training.worst_case_deltas(m, v, x, y, 0.2, bound="global", iterations=200)
+  assert bool(jnp.all(dl <= dg * (1 + 1e-3) + 1e-6))
+
+
+def test_train_step_lowers_the_loss_and_keeps_theta_nonnegative():
+  m = _model()
+  v = m.init(jax.random.PRNGKey(5), jnp.zeros((1, 4)))
+  opt = optax.chain(optax.adam(3e-2), training.project_thresholds())
+  step = training.make_train_step(m, opt, loss="gloro", bound="local", iterations=3)
+  state = training.create_train_state(v["params"], opt)
+  x = jax.random.uniform(jax.random.PRNGKey(6), (64, 4))
+  y = (x[:, 0] > 0.5).astype(jnp.int32)
+  losses = []
+  for i in range(40):
+    state, metrics = step(state, x, y, 0.05, 0.0, jax.random.PRNGKey(i))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+  assert float(jnp.min(state.params["layers_1"]["theta"])) >= 0.0
