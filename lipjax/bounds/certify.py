@@ -66,23 +66,19 @@ class Certificate:
 
 
 def check_labels(y, batch: int, num_classes: int) -> Array:
-  if not isinstance(y, jax.core.Tracer):
-    y = np.asarray(y)
-  else:
-    y = jnp.asarray(y)
+  concrete = not isinstance(y, jax.core.Tracer)
+  y = np.asarray(y) if concrete else y
   if y.shape != (batch,):
     raise ValueError(f"y must have shape ({batch},), got {y.shape}")
   if not np.issubdtype(y.dtype, np.integer):
     raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
-  if not isinstance(y, jax.core.Tracer):
-    yh = np.asarray(y)
-    if np.any((yh < 0) | (yh >= num_classes)):
-      raise ValueError(f"labels must be in [0, {num_classes}), got range "
-                       f"[{int(yh.min())}, {int(yh.max())}]")
+  if concrete and np.any((y < 0) | (y >= num_classes)):
+    raise ValueError(f"labels must be in [0, {num_classes}), got range "
+                     f"[{int(y.min())}, {int(y.max())}]")
   return jnp.asarray(y, jnp.int32)
 
 
-def _pair_terms(mat, col, labels):
+def pair_terms(mat, col, labels):
   """``(B, C, h)`` rows ``w_i - w_label``, column-masked."""
   diff = mat[None, :, :] - mat[labels][:, None, :]
   return diff * col[:, None, :]
@@ -152,7 +148,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
 
   def for_labels(labels):
     if mat is not None:
-      diff = _pair_terms(mat, col, labels)
+      diff = pair_terms(mat, col, labels)
     else:   # generic last layer: ||(e_i - e_y)^T W D|| <= sqrt(2) s_L
       sl = lip / jnp.maximum(inner, 1e-30)
       diff = jnp.zeros((b, num_classes, 1)) + (jnp.sqrt(2.0) * sl)[:, None, None]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lipjax.bounds import lipschitz, network, power
+from lipjax.bounds.certify import pair_terms
 
 Array = jax.Array
 
@@ -55,7 +56,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     col = jnp.ones((b, mat.shape[1]))
   else:
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-  diff = (mat[None, :, :] - mat[y][:, None, :]) * col[:, None, :]
+  diff = pair_terms(mat, col, y)
   # sqrt with a safe gradient at 0 (the y-th row is exactly zero).
   sq = jnp.sum(jnp.square(diff), axis=-1)
   pn = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
