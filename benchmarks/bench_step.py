@@ -51,11 +51,11 @@ def bench_model(name, batch, repeats, iterations, timing=True):
   rows = []
 
   def run(label, **kw):
-    step = training.make_train_step(model, opt, **kw)
-    holder = [training.create_train_state(variables["params"], opt)]
+    step = training.make_train_step(model, opt, eps_schedule=eps, kappa_schedule=0.0, **kw)
+    holder = [training.create_train_state(variables["params"], opt, rng=0)]
 
     def once():
-      holder[0], m = step(holder[0], x, y, eps, 0.0, jax.random.PRNGKey(0))
+      holder[0], m = step(holder[0], x, y)
       jax.block_until_ready(m)
 
     rows.append((label, _time(once, repeats)))

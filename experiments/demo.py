@@ -41,9 +41,10 @@ flags.DEFINE_integer("seed", 0, "random seed")
 def train(model, ds, bound: str):
   variables = model.init(jax.random.PRNGKey(FLAGS.seed), ds.images[:1])
   opt = optax.chain(optax.adam(FLAGS.lr), training.project_thresholds())
-  state = training.create_train_state(variables["params"], opt)
-  step = training.make_train_step(model, opt, loss="gloro", bound=bound)
-  key = jax.random.PRNGKey(FLAGS.seed + 1)
+  state = training.create_train_state(variables["params"], opt, rng=FLAGS.seed + 1)
+  # eps ramped per step over the first half (one "epoch" per step here).
+  eps = training.eps_schedule(FLAGS.eps_train, 1, 0, max(FLAGS.steps // 2, 1))
+  step = training.make_train_step(model, opt, loss="gloro", bound=bound, eps_schedule=eps)
   it, epoch, t0 = None, 0, time.time()
   for i in range(FLAGS.steps):
     batch = next(it, None) if it is not None else None
@@ -51,13 +52,11 @@ def train(model, ds, bound: str):
       it = data.batches(ds, FLAGS.batch_size, seed=FLAGS.seed, epoch=epoch)
       epoch += 1
       batch = next(it)
-    ramp = min(1.0, (i + 1) / max(FLAGS.steps // 2, 1))
-    state, metrics = step(state, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]),
-                          FLAGS.eps_train * ramp, 0.0, jax.random.fold_in(key, i))
+    state, metrics = step(state, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]))
     if (i + 1) % 50 == 0 or i + 1 == FLAGS.steps:
       m = jax.device_get(metrics)
       print(f"  [{bound}] step {i + 1}/{FLAGS.steps}  loss {m['loss']:.3f}  "
-            f"acc {m['accuracy']:.3f}  eps {FLAGS.eps_train * ramp:.3f}  "
+            f"acc {m['accuracy']:.3f}  eps {m['eps']:.3f}  "
             f"{time.time() - t0:.0f}s", flush=True)
   return {"params": state.params}
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import lipjax
 from lipjax import nn as lnn
@@ -81,17 +82,98 @@ def test_local_deltas_never_exceed_global_deltas_by_much():
   assert bool(jnp.all(dl <= dg * (1 + 1e-3) + 1e-6))
 
 
+def _data(n=64, seed=6):
+  x = jax.random.uniform(jax.random.PRNGKey(seed), (n, 4))
+  return x, (x[:, 0] > 0.5).astype(jnp.int32)
+
+
 def test_train_step_lowers_the_loss_and_keeps_theta_nonnegative():
   m = _model()
   v = m.init(jax.random.PRNGKey(5), jnp.zeros((1, 4)))
   opt = optax.chain(optax.adam(3e-2), training.project_thresholds())
-  step = training.make_train_step(m, opt, loss="gloro", bound="local", iterations=3)
-  state = training.create_train_state(v["params"], opt)
-  x = jax.random.uniform(jax.random.PRNGKey(6), (64, 4))
-  y = (x[:, 0] > 0.5).astype(jnp.int32)
+  step = training.make_train_step(m, opt, loss="gloro", bound="local", iterations=3,
+                                  eps_schedule=0.05)
+  state = training.create_train_state(v["params"], opt, rng=0)
+  x, y = _data()
   losses = []
-  for i in range(40):
-    state, metrics = step(state, x, y, 0.05, 0.0, jax.random.PRNGKey(i))
+  for _ in range(40):
+    state, metrics = step(state, x, y)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0]
   assert float(jnp.min(state.params["layers_1"]["theta"])) >= 0.0
+
+
+def test_step_follows_schedules_and_resumes_exactly():
+  m = _model()
+  v = m.init(jax.random.PRNGKey(7), jnp.zeros((1, 4)))
+  opt = optax.adam(1e-2)
+  eps = training.eps_schedule(0.2, 2, warmup_epochs=1, rampup_epochs=2)
+  kappa = training.kappa_schedule(2, warmup_epochs=1, rampup_epochs=2)
+  step = training.make_train_step(m, opt, loss="bcp", bound="global", iterations=3,
+                                  eps_schedule=eps, kappa_schedule=kappa)
+  state = training.create_train_state(v["params"], opt, rng=jax.random.PRNGKey(3))
+  x, y = _data(16)
+  want_eps = [0.0, 0.0, 0.05, 0.1, 0.15, 0.2]     # hand: 2 clean steps, then (s-1)/4 * 0.2
+  want_kappa = [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+  rngs = [np.asarray(state.rng)]
+  saved = None
+  for i in range(6):
+    state, metrics = step(state, x, y)
+    assert set(metrics) == {"loss", "accuracy", "eps", "kappa", "vra_estimate"}
+    np.testing.assert_allclose(float(metrics["eps"]), want_eps[i], rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["kappa"]), want_kappa[i], rtol=1e-6)
+    rngs.append(np.asarray(state.rng))
+    if i == 2:
+      saved = jax.device_get(state)          # host copy, e.g. what a checkpoint holds
+  assert int(state.step) == 6
+  # rng: split once per step, keeping the first half.
+  np.testing.assert_array_equal(rngs[1], np.asarray(jax.random.split(rngs[0])[0]))
+  assert len({r.tobytes() for r in rngs}) == len(rngs)
+  # Resume from the host copy of step 3: continues bit for bit.
+  resumed = jax.tree_util.tree_map(jnp.asarray, saved)
+  for i in range(3, 6):
+    resumed, metrics = step(resumed, x, y)
+    np.testing.assert_allclose(float(metrics["eps"]), want_eps[i], rtol=1e-6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.params, state.params)
+  np.testing.assert_array_equal(resumed.rng, state.rng)
+
+
+def test_step_keeps_theta_nonnegative_even_if_the_optimizer_does_not():
+  m = _model()
+  v = m.init(jax.random.PRNGKey(8), jnp.zeros((1, 4)))
+  opt = optax.sgd(200.0)                       # no projection in the chain
+  eps = training.eps_schedule(0.3, 10, warmup_epochs=1, rampup_epochs=1)  # clean warm-up
+  step = training.make_train_step(m, opt, loss="gloro", bound="local", iterations=2,
+                                  eps_schedule=eps)
+  state = training.create_train_state(v["params"], opt, rng=1)
+  x, y = _data(32)
+  for _ in range(3):
+    state, metrics = step(state, x, y)
+    assert float(metrics["eps"]) == 0.0
+    theta = np.asarray(state.params["layers_1"]["theta"])
+    assert theta.min() >= 0.0
+  assert theta.min() == 0.0                    # some threshold was pushed below 0
+
+
+def test_step_and_helpers_reject_bad_input():
+  m = _model()
+  v = m.init(jax.random.PRNGKey(9), jnp.zeros((1, 4)))
+  opt = optax.adam(1e-3)
+  with pytest.raises(ValueError, match="loss"):
+    training.make_train_step(m, opt, loss="hinge", eps_schedule=0.1)
+  with pytest.raises(ValueError, match="eps_schedule"):
+    training.make_train_step(m, opt, loss="gloro")
+  with pytest.raises(ValueError, match="kappa_schedule"):
+    training.make_train_step(m, opt, loss="bcp", eps_schedule=0.1)
+  step = training.make_train_step(m, opt, loss="ce")
+  state = training.create_train_state(v["params"], opt, rng=0)
+  x, y = _data(8)
+  with pytest.raises(ValueError, match="labels"):
+    step(state, x, y[:5])
+  with pytest.raises(ValueError, match="not divisible by 2 devices"):
+    training.shard_batch(np.zeros((7, 4)), 2)
+  np.testing.assert_array_equal(training.shard_batch(np.arange(6), 3),
+                                np.arange(6).reshape(3, 2))
+  p_step = training.make_parallel_train_step(m, opt, loss="ce")
+  with pytest.raises(ValueError, match="local devices"):
+    p_step(training.replicate(state), x.reshape(8, 1, 4), y.reshape(8, 1))
