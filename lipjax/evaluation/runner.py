@@ -1,0 +1,387 @@
+"""Evaluation of a trained network: clean, PGD and certified accuracy, radii, tightness.
+
+:func:`evaluate` runs everything batch by batch (so a 10,000-image test set
+needs only one batch of device memory at a time) and returns a plain dict of
+numbers (summary and per-example arrays) that :mod:`lipjax.evaluation.report`
+turns into Markdown and JSON and :mod:`lipjax.evaluation.plots` into figures.
+
+Several radii in one run:
+
+* global bound: the SPEC section 6 robust radius
+  ``min_i (z_y - z_i) / (||w_y - w_i|| prod_l ||W_l||)`` holds for every
+  radius at once (the global bound has no masks), so one certificate call at
+  ``radius_cap`` answers every ``eps`` of the list;
+* local bound: the masks hold only inside ``B(x, eps)``, so every ``eps`` needs
+  its own bound computation.
+
+A point certified at ``eps`` is certified at every smaller radius (the balls
+are nested); ``certified`` applies that, ``certified_direct`` keeps each
+radius's own certificate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipjax.bounds import certify as certify_fn
+from lipjax.bounds import lipschitz, network
+from lipjax.evaluation import pgd, tightness
+
+BOUNDS = ("local", "global")
+
+# Radius test for the global bound: strictly above eps with a relative margin
+# that covers the certificate's own float32 tolerances.
+_RADIUS_REL_MARGIN = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """Options of :func:`evaluate`.
+
+  Attributes:
+    bounds: subset of ``("local", "global")``.
+    pgd_steps, pgd_restarts, pgd_step_scale, pgd_step_size, pgd_loss: PGD
+      settings (step ``pgd_step_scale * eps`` unless ``pgd_step_size`` is set).
+    batch_size: examples per compiled call.
+    radius_cap: largest radius the global robust radius is computed up to;
+      default ``2 * max(eps)``.
+    tightness_examples: how many of the first examples get the tightness
+      report (0 disables it).
+    tightness_eps: radius of the tightness report (default: the largest eps).
+    tightness_steps, tightness_iterations: gradient-ascent steps and power
+      iterations of the Jacobian-norm search.
+    cross_check: attack every certified point again with fresh random starts.
+    certify_options: extra keyword arguments of :func:`lipjax.certify`.
+    seed: PRNG seed of the attacks and the Lanczos start vectors.
+    progress: show tqdm progress bars.
+  """
+
+  bounds: Sequence[str] = BOUNDS
+  pgd_steps: int = 100
+  pgd_restarts: int = 1
+  pgd_step_scale: float = 0.25
+  pgd_step_size: Optional[float] = None
+  pgd_loss: str = "margin"
+  batch_size: int = 256
+  radius_cap: Optional[float] = None
+  tightness_examples: int = 1000
+  tightness_eps: Optional[float] = None
+  tightness_steps: int = 10
+  tightness_iterations: int = 5
+  cross_check: bool = False
+  certify_options: Optional[dict] = None
+  seed: int = 0
+  progress: bool = True
+
+
+def check_eps_list(eps_list) -> List[float]:
+  """Validates a list of radii: non-empty, finite, > 0; returns it sorted."""
+  eps = [float(e) for e in eps_list]
+  if not eps:
+    raise ValueError("the eps list is empty")
+  bad = [e for e in eps if not np.isfinite(e) or e <= 0]
+  if bad:
+    raise ValueError(f"every eps must be finite and > 0, got {bad[0]}")
+  return sorted(set(eps))
+
+
+def _progress(iterable, enabled, **kwargs):
+  if not enabled:
+    return iterable
+  from tqdm.auto import tqdm   # pylint: disable=import-outside-toplevel
+  return tqdm(iterable, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _apply_jit(model):
+  return jax.jit(model.apply)
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+  if a.shape[0] == size:
+    return a
+  reps = np.repeat(a[-1:], size - a.shape[0], axis=0)
+  return np.concatenate([a, reps], axis=0)
+
+
+def describe_guarantee(model, variables, input_shape, bound: str) -> Dict[str, object]:
+  """Which per-layer norms are exact, deterministic bounds or probabilistic.
+
+  Returns:
+    ``{"layers": [{"layer", "kind", "norm"}...], "deterministic": bool}``
+    following the rules of :func:`lipjax.local_lipschitz_bound` (sound mode,
+    ``dense="exact"``) and :func:`lipjax.global_lipschitz_bound`.
+  """
+  stages = network.trace(model, variables, tuple(input_shape))
+  rows, deterministic = [], True
+  for st in stages:
+    explicit = st.layer.explicit_matrix(st.params) is not None
+    own_global = type(st.layer).global_norm is not network.lnn.LinearLayer.global_norm
+    if bound == "global":
+      if explicit:
+        how = "exact (SVD)"
+      elif own_global:
+        how = "deterministic upper bound (layer's own global norm, e.g. circulant FFT)"
+      elif lipschitz._needs_probabilistic_global(st):   # pylint: disable=protected-access
+        how = "probabilistic (Lanczos upper bound)"
+        deterministic = False
+      else:
+        how = "exact (SVD of the explicit Jacobian)"
+    else:
+      if explicit:
+        how = "exact (masked matrix, float64 eigensolver)"
+      else:
+        how = "probabilistic (Lanczos upper bound, capped by the global norm)"
+        deterministic = False
+    rows.append({"layer": st.name, "norm": how})
+  return {"layers": rows, "deterministic": deterministic}
+
+
+def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = EvalOptions(),
+             ) -> Dict[str, object]:
+  """Clean / PGD / certified accuracy at every ``eps``, radii and tightness.
+
+  Args:
+    model: a :class:`lipjax.nn.Sequential`.
+    variables: its variables ``{"params": ...}``.
+    images: ``(N, *input_shape)`` float32 in ``[0, 1]`` (host numpy is fine).
+    labels: ``(N,)`` integer labels.
+    eps_list: radii ``> 0``.
+    options: :class:`EvalOptions`.
+
+  Returns:
+    A dict with ``"eps"``, ``"summary"`` (accuracies per bound and eps,
+    radius and tightness quantiles, guarantees, timing), ``"per_example"``
+    (lists of length N) and ``"violations"`` (cross-check failures; empty
+    when every certified point survived the attacks).
+  """
+  eps_list = check_eps_list(eps_list)
+  bounds = tuple(options.bounds)
+  if not bounds or any(b not in BOUNDS for b in bounds):
+    raise ValueError(f"bounds must be a non-empty subset of {BOUNDS}, got {bounds}")
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels, np.int32)
+  n = images.shape[0]
+  if n == 0:
+    raise ValueError("no examples to evaluate")
+  if labels.shape != (n,):
+    raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+  input_shape = tuple(images.shape[1:])
+  stages = network.trace(model, variables, input_shape)
+  num_classes = stages[-1].out_shape[0]
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must be in [0, {num_classes})")
+  bs = max(1, min(int(options.batch_size), n))
+  cap = float(options.radius_cap or 2.0 * max(eps_list))
+  if cap < max(eps_list):
+    raise ValueError(f"radius_cap {cap} is below the largest eps {max(eps_list)}")
+  cert_opts = dict(options.certify_options or {})
+  key = jax.random.PRNGKey(options.seed)
+  apply = _apply_jit(model)
+  k_eps = len(eps_list)
+  timing = {"clean": 0.0, "pgd": 0.0, "local": 0.0, "global": 0.0, "tightness": 0.0,
+            "cross_check": 0.0}
+
+  predicted = np.zeros(n, np.int32)
+  pgd_success = np.zeros((k_eps, n), bool)
+  pgd_norm = np.zeros((k_eps, n), np.float64)
+  cert = {b: np.zeros((k_eps, n), bool) for b in bounds}
+  rr = {b: np.zeros((k_eps, n), np.float32) for b in bounds}
+  lip = {b: np.zeros((k_eps, n), np.float32) for b in bounds}
+  fail = {b: np.zeros((k_eps, n), np.float32) for b in bounds}
+  global_rr = np.zeros(n, np.float32)
+
+  num_batches = -(-n // bs)
+  for bi in _progress(range(num_batches), options.progress, desc="certify", unit="batch"):
+    lo, hi = bi * bs, min((bi + 1) * bs, n)
+    m = hi - lo
+    xb = jnp.asarray(_pad(images[lo:hi], bs))
+    yb = jnp.asarray(_pad(labels[lo:hi], bs))
+    bkey = jax.random.fold_in(key, bi)
+
+    t0 = time.perf_counter()
+    pred = np.asarray(jnp.argmax(apply(variables, xb), axis=-1))[:m]
+    predicted[lo:hi] = pred
+    timing["clean"] += time.perf_counter() - t0
+
+    for k, e in enumerate(eps_list):
+      t0 = time.perf_counter()
+      res = pgd.pgd_attack(model.apply, variables, xb, yb, e, steps=options.pgd_steps,
+                           restarts=options.pgd_restarts, step_size=options.pgd_step_size,
+                           step_scale=options.pgd_step_scale, loss=options.pgd_loss,
+                           key=jax.random.fold_in(bkey, 1000 + k))
+      pgd_success[k, lo:hi] = np.asarray(res.success)[:m]
+      pgd_norm[k, lo:hi] = pgd.perturbation_norm(xb, res.x_adv)[:m]
+      timing["pgd"] += time.perf_counter() - t0
+
+    if "global" in bounds:
+      t0 = time.perf_counter()
+      c = certify_fn(model, variables, xb, yb, cap, bound="global", batch_size=bs,
+                              key=jax.random.fold_in(bkey, 2))
+      r = np.asarray(c.robust_radius)[:m]
+      ok = np.asarray(c.predicted)[:m] == labels[lo:hi]
+      global_rr[lo:hi] = np.where(ok, r, 0.0)
+      for k, e in enumerate(eps_list):
+        cert["global"][k, lo:hi] = ok & (r > e * (1.0 + _RADIUS_REL_MARGIN))
+        rr["global"][k, lo:hi] = np.where(ok, np.minimum(r, e), 0.0)
+        lip["global"][k, lo:hi] = np.asarray(c.lipschitz)[:m]
+        fail["global"][k, lo:hi] = np.asarray(c.failure_probability)[:m]
+      timing["global"] += time.perf_counter() - t0
+
+    if "local" in bounds:
+      t0 = time.perf_counter()
+      for k, e in enumerate(eps_list):
+        c = certify_fn(model, variables, xb, yb, e, bound="local", batch_size=bs,
+                                key=jax.random.fold_in(bkey, 10 + k), **cert_opts)
+        ok = np.asarray(c.predicted)[:m] == labels[lo:hi]
+        cert["local"][k, lo:hi] = np.asarray(c.certified)[:m]
+        rr["local"][k, lo:hi] = np.where(ok, np.asarray(c.robust_radius)[:m], 0.0)
+        lip["local"][k, lo:hi] = np.asarray(c.lipschitz)[:m]
+        fail["local"][k, lo:hi] = np.asarray(c.failure_probability)[:m]
+      timing["local"] += time.perf_counter() - t0
+
+  correct = predicted == labels
+  pgd_robust = correct[None, :] & ~pgd_success
+
+  # Nested balls: certified at a larger eps implies certified at a smaller one.
+  cert_nested = {}
+  for b in bounds:
+    c = cert[b].copy()
+    for k in range(k_eps - 2, -1, -1):
+      c[k] |= c[k + 1]
+    cert_nested[b] = c
+
+  # Certified radius per example (for the label; 0 where misclassified).
+  radius = {}
+  if "global" in bounds:
+    radius["global"] = global_rr
+  if "local" in bounds:
+    radius["local"] = np.max(np.where(cert_nested["local"], np.asarray(eps_list)[:, None],
+                                      rr["local"]), axis=0)
+
+  violations = []
+  for b in bounds:
+    for k, e in enumerate(eps_list):
+      for i in np.nonzero(cert_nested[b][k] & pgd_success[k])[0]:
+        if pgd_norm[k, i] <= e:
+          violations.append({"index": int(i), "eps": e, "bound": b, "attack": "pgd",
+                             "perturbation_norm": float(pgd_norm[k, i])})
+
+  if options.cross_check:
+    t0 = time.perf_counter()
+    for k, e in enumerate(eps_list):
+      idx = np.nonzero(np.any([cert_nested[b][k] for b in bounds], axis=0))[0]
+      for start in _progress(range(0, len(idx), bs), options.progress,
+                             desc=f"cross-check eps={e:g}", unit="batch"):
+        sel = idx[start:start + bs]
+        xb = jnp.asarray(_pad(images[sel], bs))
+        yb = jnp.asarray(_pad(labels[sel], bs))
+        res = pgd.pgd_attack(model.apply, variables, xb, yb, e, steps=options.pgd_steps,
+                             restarts=options.pgd_restarts,
+                             step_size=options.pgd_step_size,
+                             step_scale=options.pgd_step_scale, loss=options.pgd_loss,
+                             key=jax.random.fold_in(key, 7_000_000 + 1000 * k + start))
+        succ = np.asarray(res.success)[:len(sel)]
+        norms = pgd.perturbation_norm(xb, res.x_adv)[:len(sel)]
+        for j in np.nonzero(succ & (norms <= e))[0]:
+          for b in bounds:
+            if cert_nested[b][k, sel[j]]:
+              violations.append({"index": int(sel[j]), "eps": e, "bound": b,
+                                 "attack": "cross_check", "perturbation_norm": float(norms[j])})
+    timing["cross_check"] = time.perf_counter() - t0
+
+  # Tightness at one radius on the first examples.
+  tight = None
+  nt = min(int(options.tightness_examples), n)
+  if nt > 0:
+    t0 = time.perf_counter()
+    te = float(options.tightness_eps or max(eps_list))
+    local_b, global_b, emp = [], [], []
+    gbound = float(lipschitz.global_lipschitz_bound(model, variables,
+                                                    input_shape=input_shape))
+    for start in _progress(range(0, nt, bs), options.progress, desc="tightness",
+                           unit="batch"):
+      stop = min(start + bs, nt)
+      xb = jnp.asarray(_pad(images[start:stop], bs))
+      tk = jax.random.fold_in(key, 9_000_000 + start)
+      lb = lipschitz.local_lipschitz_bound(model, variables, xb, te, key=tk, **cert_opts)
+      js = tightness.jacobian_norm_lower_bound(
+          model, variables, xb, te, steps=options.tightness_steps,
+          iterations=options.tightness_iterations, key=jax.random.fold_in(tk, 1))
+      local_b.append(np.asarray(lb.bound)[:stop - start])
+      emp.append(np.asarray(js.lower_bound)[:stop - start])
+    local_b = np.concatenate(local_b).astype(np.float64)
+    emp = np.concatenate(emp).astype(np.float64)
+    tight = {
+        "eps": te, "examples": nt, "global_bound": gbound,
+        "local_bound": local_b, "empirical_lower_bound": emp,
+        "local_over_global": local_b / gbound,
+        "local_over_empirical": local_b / np.maximum(emp, 1e-30),
+        "global_over_empirical": gbound / np.maximum(emp, 1e-30),
+    }
+    timing["tightness"] = time.perf_counter() - t0
+
+  # ---- summary ----
+  acc = lambda a: float(np.mean(a))
+  summary = {
+      "num_examples": int(n),
+      "clean_accuracy": acc(correct),
+      "pgd": {"steps": options.pgd_steps, "restarts": options.pgd_restarts,
+              "step": (f"{options.pgd_step_size:g}" if options.pgd_step_size
+                       else f"{options.pgd_step_scale:g} * eps"),
+              "loss": options.pgd_loss,
+              "accuracy": [acc(pgd_robust[k]) for k in range(k_eps)]},
+      "certified": {}, "radius": {}, "guarantee": {}, "timing_s": timing,
+  }
+  for b in bounds:
+    fmax = float(np.max(fail[b])) if n else 0.0
+    ncert = int(np.sum(cert_nested[b][0]))
+    summary["certified"][b] = {
+        "accuracy": [acc(cert_nested[b][k]) for k in range(k_eps)],
+        "accuracy_direct": [acc(cert[b][k]) for k in range(k_eps)],
+        "lipschitz_median": [float(np.median(lip[b][k])) for k in range(k_eps)],
+    }
+    radius_q = tightness.quantiles(radius[b])
+    radius_q["fraction_nonzero"] = float(np.mean(radius[b] > 0))
+    radius_q["cap"] = cap if b == "global" else max(eps_list)
+    summary["radius"][b] = radius_q
+    g = describe_guarantee(model, variables, input_shape, b)
+    g["failure_probability_per_example"] = fmax
+    g["union_bound_all_certificates"] = min(1.0, fmax * ncert)
+    summary["guarantee"][b] = g
+  summary["violations"] = len(violations)
+  if tight is not None:
+    summary["tightness"] = {
+        "eps": tight["eps"], "examples": tight["examples"],
+        "global_bound": tight["global_bound"],
+        "local_over_global": tightness.quantiles(tight["local_over_global"]),
+        "local_over_empirical": tightness.quantiles(tight["local_over_empirical"]),
+        "global_over_empirical": tightness.quantiles(tight["global_over_empirical"]),
+    }
+  total = sum(timing.values())
+  timing["total"] = total
+  timing["per_1000_examples"] = 1000.0 * total / n
+
+  per_example = {
+      "label": labels.tolist(), "predicted": predicted.tolist(),
+      "pgd_success": {f"{e:g}": pgd_success[k].tolist() for k, e in enumerate(eps_list)},
+  }
+  for b in bounds:
+    per_example[f"certified_{b}"] = {f"{e:g}": cert_nested[b][k].tolist()
+                                     for k, e in enumerate(eps_list)}
+    per_example[f"lipschitz_{b}"] = {f"{e:g}": lip[b][k].astype(float).tolist()
+                                     for k, e in enumerate(eps_list)}
+    per_example[f"radius_{b}"] = radius[b].astype(float).tolist()
+  if tight is not None:
+    for name in ("local_bound", "empirical_lower_bound", "local_over_global",
+                 "local_over_empirical"):
+      per_example[f"tightness_{name}"] = tight[name].tolist()
+  return {"eps": eps_list, "bounds": list(bounds), "summary": summary,
+          "per_example": per_example, "violations": violations}
