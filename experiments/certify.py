@@ -1,0 +1,219 @@
+r"""Evaluates a trained run: clean, PGD and certified accuracy, radii, tightness, plots.
+
+Run::
+
+  python -m experiments.certify --workdir=runs/mnist_4c3f
+  python -m experiments.certify --workdir=runs/demo --eps=0.5,1.0,1.58 --num_examples=1000 \
+      --cross_check
+
+Reads ``workdir/config.json`` and a checkpoint (``--checkpoint=best|latest|STEP``),
+evaluates ``--split`` of the config's data set and writes to ``--output_dir``
+(default ``workdir/eval``): ``report.md`` (SPEC section 8 table, radii,
+tightness, guarantees), ``report.json`` (every number, also per example) and
+PNG plots. The exit code is 0 on success, 1 for bad input (one line on
+stderr) and 2 when ``--cross_check`` finds a certified point that PGD breaks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "training run directory (config.json, checkpoints/)")
+flags.DEFINE_string("checkpoint", "best", "best | latest | a step number")
+flags.DEFINE_string("split", None, "data split (default: the config's test_split, else 'test')")
+flags.DEFINE_integer("num_examples", 0, "> 0: evaluate only the first N examples of the split")
+flags.DEFINE_string("eps", None, "comma-separated l2 radii (default: the config's eps_test)")
+flags.DEFINE_integer("pgd_steps", 100, "PGD steps per restart")
+flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts")
+flags.DEFINE_float("pgd_step_size", None, "PGD l2 step length (default eps / 4)")
+flags.DEFINE_enum("pgd_loss", "margin", ["margin", "ce"], "PGD objective")
+flags.DEFINE_integer("batch_size", 256, "examples per compiled call")
+flags.DEFINE_list("bounds", ["local", "global"], "bounds to certify with: local, global")
+flags.DEFINE_bool("cross_check", False,
+                  "attack every certified point again with PGD; exit 2 on any violation")
+flags.DEFINE_integer("tightness_examples", 1000, "examples in the tightness report (0: off)")
+flags.DEFINE_integer("tightness_steps", 10, "gradient-ascent steps of the Jacobian search")
+flags.DEFINE_float("failure_probability", 1e-9,
+                   "per-example failure probability of the Lanczos (local) bounds")
+flags.DEFINE_string("output_dir", None, "output directory (default workdir/eval)")
+flags.DEFINE_string("data_dir", None, "data directory (default: the config's data_dir)")
+flags.DEFINE_integer("seed", 0, "PRNG seed of the attacks and Lanczos start vectors")
+flags.DEFINE_bool("progress", True, "tqdm progress bars")
+
+
+class InputError(Exception):
+  """Bad user input, reported as one line without a traceback."""
+
+
+def parse_eps(text):
+  """Parses ``"0.5,1.58"`` into a sorted list of positive radii."""
+  if text is None or not str(text).strip():
+    raise InputError("--eps is empty: give one or more radii, e.g. --eps=0.5,1.58")
+  try:
+    values = [float(t) for t in str(text).split(",") if t.strip()]
+  except ValueError:
+    raise InputError(f"--eps must be comma-separated numbers, got {text!r}") from None
+  if not values:
+    raise InputError("--eps is empty: give one or more radii, e.g. --eps=0.5,1.58")
+  bad = [v for v in values if not np.isfinite(v) or v <= 0]
+  if bad:
+    raise InputError(f"--eps values must be finite and > 0, got {bad[0]:g}")
+  return sorted(set(values))
+
+
+def parse_checkpoint(text):
+  text = str(text).strip()
+  if text in ("best", "latest"):
+    return text
+  try:
+    step = int(text)
+  except ValueError:
+    raise InputError(f"--checkpoint must be best, latest or a step number, got {text!r}") \
+        from None
+  if step < 0:
+    raise InputError(f"--checkpoint step must be >= 0, got {step}")
+  return step
+
+
+def build_model(config):
+  """The zoo model a run's config describes (input shape from its data set)."""
+  import lipjax   # pylint: disable=import-outside-toplevel
+  from lipjax import data   # pylint: disable=import-outside-toplevel
+  for field in ("model", "activation", "num_classes", "dataset"):
+    if field not in config:
+      raise InputError(f"config.json has no field {field!r}")
+  try:
+    shape = data.info(config["dataset"]).image_shape
+    return lipjax.models.get(config["model"], num_classes=int(config["num_classes"]),
+                             activation=config["activation"], input_shape=shape)
+  except (ValueError, KeyError) as e:
+    raise InputError(f"config.json does not describe a model: {e}") from None
+
+
+def check_variables(model, variables):
+  """Raises InputError unless ``variables`` fit ``model`` (structure and shapes)."""
+  shape = tuple(model.input_shape)
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
+  want_p = want["params"]
+  have_p = variables.get("params", {})
+  w_leaves = jax.tree_util.tree_leaves_with_path(want_p)
+  h_leaves = dict((jax.tree_util.keystr(p), np.shape(v))
+                  for p, v in jax.tree_util.tree_leaves_with_path(have_p))
+  for path, leaf in w_leaves:
+    k = jax.tree_util.keystr(path)
+    if k not in h_leaves:
+      raise InputError(f"checkpoint does not match the config's model: parameter {k} is "
+                       "missing")
+    if tuple(h_leaves[k]) != tuple(leaf.shape):
+      raise InputError(f"checkpoint does not match the config's model: parameter {k} has "
+                       f"shape {tuple(h_leaves[k])}, the model expects {tuple(leaf.shape)}")
+  extra = set(h_leaves) - {jax.tree_util.keystr(p) for p, _ in w_leaves}
+  if extra:
+    raise InputError(f"checkpoint does not match the config's model: unexpected parameter "
+                     f"{sorted(extra)[0]}")
+
+
+def run(argv_flags) -> int:
+  """Runs the evaluation; returns the exit code."""
+  # pylint: disable=import-outside-toplevel
+  from lipjax import data
+  from lipjax.evaluation import EvalOptions, evaluate, plots, report
+  from lipjax.training import checkpoints
+
+  f = argv_flags
+  if not f.workdir:
+    raise InputError("--workdir is required")
+  if not os.path.isdir(f.workdir):
+    raise InputError(f"workdir {f.workdir!r} does not exist or is not a directory")
+  which = parse_checkpoint(f.checkpoint)
+  if f.num_examples < 0:
+    raise InputError(f"--num_examples must be >= 0, got {f.num_examples}")
+  if f.batch_size < 1:
+    raise InputError(f"--batch_size must be >= 1, got {f.batch_size}")
+  if f.pgd_steps < 0 or f.pgd_restarts < 1:
+    raise InputError("--pgd_steps must be >= 0 and --pgd_restarts >= 1")
+  if f.pgd_step_size is not None and not f.pgd_step_size > 0:
+    raise InputError(f"--pgd_step_size must be > 0, got {f.pgd_step_size}")
+  bounds = tuple(b.strip() for b in f.bounds if b.strip())
+  if not bounds or any(b not in ("local", "global") for b in bounds):
+    raise InputError(f"--bounds must be a subset of local,global, got {','.join(f.bounds)}")
+  if not 0 < f.failure_probability < 1:
+    raise InputError(f"--failure_probability must be in (0, 1), got {f.failure_probability}")
+
+  config = checkpoints.load_config(f.workdir)
+  if f.eps is None:
+    if "eps_test" not in config:
+      raise InputError("config.json has no eps_test; pass --eps")
+    eps = parse_eps(str(config["eps_test"]))
+  else:
+    eps = parse_eps(f.eps)
+  model = build_model(config)
+  variables, step = checkpoints.restore_variables(f.workdir, which=which)
+  check_variables(model, variables)
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+
+  split = f.split or config.get("test_split") or "test"
+  if f.num_examples:
+    if "[" in split:
+      raise InputError("--num_examples cannot be combined with a sliced --split")
+    split = f"{split}[:{f.num_examples}]"
+  data_dir = f.data_dir or config.get("data_dir") or None
+  ds = data.load(config["dataset"], split, data_dir=data_dir)
+  if ds.num_classes != int(config["num_classes"]):
+    raise InputError(f"data set {config['dataset']} has {ds.num_classes} classes, the "
+                     f"config says {config['num_classes']}")
+
+  out_dir = f.output_dir or os.path.join(f.workdir, "eval")
+  options = EvalOptions(
+      bounds=bounds, pgd_steps=f.pgd_steps, pgd_restarts=f.pgd_restarts,
+      pgd_step_size=f.pgd_step_size, pgd_loss=f.pgd_loss, batch_size=f.batch_size,
+      tightness_examples=f.tightness_examples, tightness_steps=f.tightness_steps,
+      cross_check=f.cross_check,
+      certify_options={"failure_probability": f.failure_probability},
+      seed=f.seed, progress=f.progress)
+  t0 = time.time()
+  results = evaluate(model, variables, ds.images, ds.labels, eps, options)
+  title = f"{config['dataset']} {config['model']} ({config['activation']}), step {step}"
+  run_info = {"workdir": os.path.abspath(f.workdir), "checkpoint_step": step,
+              "checkpoint": str(which), "split": split, "config": config,
+              "wall_s": time.time() - t0, "device": str(jax.devices()[0].platform)}
+  paths = report.write(results, out_dir, title=title, extra=run_info)
+  metrics_path = os.path.join(f.workdir, "metrics.jsonl")
+  paths.update(plots.write_all(results, out_dir, metrics_path=metrics_path))
+
+  print(report.to_markdown(results, title))
+  print("wrote " + ", ".join(paths.values()))
+  if results["violations"]:
+    first = results["violations"][0]
+    print(f"SOUNDNESS VIOLATION: {len(results['violations'])} certified point(s) broken by "
+          f"PGD (first: example {first['index']}, eps {first['eps']:g}, {first['bound']} "
+          f"bound, perturbation norm {first['perturbation_norm']:.6g})", file=sys.stderr)
+    return 2
+  return 0
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"certify: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(1)
+  # pylint: disable=import-outside-toplevel
+  from lipjax.data import DataError
+  from lipjax.training.checkpoints import CheckpointError
+  try:
+    code = run(FLAGS)
+  except (InputError, CheckpointError, DataError) as e:
+    print(f"certify: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,309 @@
+"""Evaluation: PGD against closed-form attacks, Jacobian-norm lower bounds, the
+multi-eps report of a briefly trained model, the certify command and its errors."""
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lipjax
+from lipjax import data, training
+from lipjax import nn as lnn
+from lipjax.evaluation import (EvalOptions, evaluate, jacobian_norm_lower_bound, pgd_attack,
+                               perturbation_norm, power_norm, report)
+from lipjax.training import checkpoints
+
+from experiments import certify as certify_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------
+# PGD on linear classifiers: the minimal l2 perturbation is known exactly.
+# ---------------------------------------------------------------------------
+
+
+def _linear_apply(variables, x):
+  return x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
+
+
+def _linear_problem(seed=0, d=20, c=4, b=8):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(d, c)).astype(np.float32)
+  bias = rng.normal(size=(c,)).astype(np.float32) * 0.1
+  x = (0.5 + 0.02 * rng.normal(size=(b, d))).astype(np.float32)   # far from 0 and 1
+  z = x @ w + bias
+  y = np.argmax(z, axis=1).astype(np.int32)
+  # Distance to the decision boundary against class i: (z_y - z_i) / ||w_y - w_i||.
+  dist = np.full(b, np.inf)
+  for i in range(c):
+    gap = z[np.arange(b), y] - z[:, i]
+    nrm = np.linalg.norm(w[:, y].T - w[:, i][None, :], axis=1)
+    dist = np.where(i != y, np.minimum(dist, gap / np.maximum(nrm, 1e-12)), dist)
+  return {"w": jnp.asarray(w), "b": jnp.asarray(bias)}, x, y, dist
+
+
+def test_pgd_finds_known_adversarial_and_stays_in_ball_and_box():
+  v, x, y, dist = _linear_problem()
+  assert np.all(dist < 0.4)   # every point is flippable well inside [0, 1]
+  eps = dist * 1.05
+  res = pgd_attack(_linear_apply, v, x, y, eps, steps=50, restarts=2)
+  assert np.all(np.asarray(res.success))
+  xa = np.asarray(res.x_adv)
+  assert np.all(perturbation_norm(x, xa) <= eps * (1 + 1e-5))
+  assert xa.min() >= 0.0 and xa.max() <= 1.0
+  pred = np.argmax(np.asarray(_linear_apply(v, jnp.asarray(xa))), axis=1)
+  assert np.all(pred != y)
+
+
+def test_pgd_cannot_succeed_below_the_minimal_perturbation():
+  v, x, y, dist = _linear_problem(seed=1)
+  res = pgd_attack(_linear_apply, v, x, y, dist * 0.95, steps=50, restarts=2, loss="ce")
+  assert not np.any(np.asarray(res.success))
+  assert np.all(np.asarray(res.margin) > 0)
+
+
+def test_pgd_respects_the_box_when_the_ball_leaves_it():
+  v, x, y, _ = _linear_problem(seed=2)
+  x = np.clip(x + 0.45 * np.sign(np.random.default_rng(0).normal(size=x.shape)), 0, 1)
+  x = x.astype(np.float32)
+  eps = 3.0
+  res = pgd_attack(_linear_apply, v, x, y, eps, steps=20)
+  xa = np.asarray(res.x_adv)
+  assert xa.min() >= 0.0 and xa.max() <= 1.0
+  assert np.all(perturbation_norm(x, xa) <= eps * (1 + 1e-5))
+
+
+def test_pgd_rejects_bad_arguments():
+  v, x, y, _ = _linear_problem()
+  with pytest.raises(ValueError, match="eps"):
+    pgd_attack(_linear_apply, v, x, y, -0.1)
+  with pytest.raises(ValueError, match="loss"):
+    pgd_attack(_linear_apply, v, x, y, 0.1, loss="hinge")
+
+
+# ---------------------------------------------------------------------------
+# Jacobian norms
+# ---------------------------------------------------------------------------
+
+
+def test_power_norm_of_a_linear_network_approaches_its_spectral_norm_from_below():
+  model = lnn.Sequential((lnn.Flatten(), lnn.Dense(7)), input_shape=(4, 5, 1))
+  v = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 4, 5, 1)))
+  w = np.asarray(v["params"]["layers_1"]["kernel"], np.float64)
+  sigma = np.linalg.svd(w, compute_uv=False)[0]
+  x = jnp.full((3, 4, 5, 1), 0.5)
+  f = lambda xa: model.apply(v, xa)
+  est, _ = power_norm(f, x, jax.random.normal(jax.random.PRNGKey(0), x.shape), 60)
+  assert np.all(np.asarray(est) <= sigma * (1 + 1e-5))
+  np.testing.assert_allclose(np.asarray(est), sigma, rtol=1e-3)
+  js = jacobian_norm_lower_bound(model, v, x, 0.3, steps=3)
+  assert np.all(np.asarray(js.lower_bound) <= sigma * (1 + 1e-5))
+  assert np.all(np.asarray(js.lower_bound) >= 0.5 * sigma)
+
+
+# ---------------------------------------------------------------------------
+# A briefly trained 2C2F model in a workdir with the checkpoint layout.
+# ---------------------------------------------------------------------------
+
+EPS = (0.05, 0.15, 0.3)
+
+
+def _train(model, images, labels, steps=30, batch=64, eps_train=0.3):
+  """A few GloRo steps with the library's training step (either step API)."""
+  variables = model.init(jax.random.PRNGKey(0), jnp.asarray(images[:1]))
+  opt = optax.chain(optax.adam(3e-3), training.project_thresholds())
+  kwargs = dict(loss="gloro", bound="global")
+  step_params = inspect.signature(training.make_train_step).parameters
+  if "eps_schedule" in step_params:
+    kwargs["eps_schedule"] = lambda s: eps_train * jnp.minimum(1.0, (s + 1) / (steps / 2))
+    kwargs["kappa_schedule"] = lambda s: 0.0
+  step = training.make_train_step(model, opt, **kwargs)
+  if "rng" in inspect.signature(training.create_train_state).parameters:
+    state = training.create_train_state(variables["params"], opt, rng=0)
+  else:
+    state = training.create_train_state(variables["params"], opt)
+  n_args = len(inspect.signature(step).parameters)
+  for i in range(steps):
+    sl = slice((i * batch) % len(images), (i * batch) % len(images) + batch)
+    xb, yb = jnp.asarray(images[sl]), jnp.asarray(labels[sl])
+    if n_args == 3:
+      state, metrics = step(state, xb, yb)
+    else:
+      eps = eps_train * min(1.0, (i + 1) / (steps / 2))
+      state, metrics = step(state, xb, yb, eps, 0.0, jax.random.PRNGKey(i))
+  return state, jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("run")
+  config = {"model": "2c2f", "activation": "clipped_relu", "num_classes": 10,
+            "dataset": "mnist", "eps_train": 0.3, "eps_test": 0.3, "loss": "gloro",
+            "bound": "global", "batch_size": 64, "seed": 0, "test_split": "test"}
+  checkpoints.save_config(wd, config)
+  model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
+  ds = data.load("mnist", "train[:1920]")
+  state, metrics = _train(model, ds.images, ds.labels)
+  for s in (10, 20, 30):
+    checkpoints.append_metrics(wd, {"step": s, "epoch": 0, "split": "train",
+                                    "loss": float(metrics["loss"]) + 30 - s,
+                                    "accuracy": float(metrics["accuracy"])})
+  checkpoints.append_metrics(wd, {"step": 30, "epoch": 1, "split": "val",
+                                  "val_certified_accuracy": 0.1})
+  with checkpoints.TrainCheckpointer(wd) as ck:
+    ck.save(state, epoch=1, batch_index=0, metrics={"val_certified_accuracy": 0.1})
+  return str(wd)
+
+
+def _flags(workdir, tmp, **over):
+  f = dict(workdir=workdir, checkpoint="best", split=None, num_examples=48,
+           eps=",".join(str(e) for e in EPS), pgd_steps=20, pgd_restarts=1,
+           pgd_step_size=None, pgd_loss="margin", batch_size=48,
+           bounds=["local", "global"], cross_check=True, tightness_examples=16,
+           tightness_steps=4, failure_probability=1e-9, output_dir=str(tmp),
+           data_dir=None, seed=0, progress=False)
+  f.update(over)
+  return types.SimpleNamespace(**f)
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("eval")
+  code = certify_cli.run(_flags(workdir, out))
+  with open(out / "report.json") as f:
+    results = json.load(f)
+  with open(out / "report.md") as f:
+    md = f.read()
+  return code, results, md, out
+
+
+def test_report_numbers_are_consistent(evaluated):
+  code, res, _, _ = evaluated
+  assert code == 0
+  s = res["summary"]
+  assert res["eps"] == list(EPS)
+  assert s["num_examples"] == 48
+  for b in ("local", "global"):
+    acc = s["certified"][b]["accuracy"]
+    assert all(a >= c for a, c in zip(acc, acc[1:])), acc        # non-increasing in eps
+    direct = s["certified"][b]["accuracy_direct"]
+    assert all(a >= c for a, c in zip(direct, direct[1:])), direct
+    for k in range(len(EPS)):
+      assert s["pgd"]["accuracy"][k] >= acc[k]                     # PGD >= certified
+      assert s["clean_accuracy"] >= s["pgd"]["accuracy"][k]
+  assert s["clean_accuracy"] > 0.5            # it did learn something
+  assert s["certified"]["global"]["accuracy"][0] > 0   # and certifies something
+  assert res["violations"] == [] and s["violations"] == 0
+  per = res["per_example"]
+  for b in ("local", "global"):
+    for k, e in enumerate(EPS):
+      cert = np.asarray(per[f"certified_{b}"][f"{e:g}"])
+      pgd_ok = ~np.asarray(per["pgd_success"][f"{e:g}"])
+      assert np.all(pgd_ok[cert])
+      assert np.all(np.asarray(per["predicted"])[cert] == np.asarray(per["label"])[cert])
+      # Certified radius >= eps exactly where certified at eps (global: from radii).
+      r = np.asarray(per[f"radius_{b}"])
+      assert np.all(r[cert] >= e * (1 - 1e-6))
+  # Tightness: empirical lower bound <= local bound <= global bound.
+  t = np.asarray(per["tightness_local_over_empirical"])
+  assert np.all(t >= 1 - 1e-4)
+  assert np.all(np.asarray(per["tightness_local_over_global"]) <= 1 + 1e-4)
+  # Guarantees: 2C2F has convolutions, so the local bound is probabilistic.
+  g = s["guarantee"]
+  assert not g["local"]["deterministic"]
+  assert 0 < g["local"]["failure_probability_per_example"] <= 1e-9 * 1.01
+  assert g["global"]["deterministic"] and g["global"]["failure_probability_per_example"] == 0
+
+
+def test_markdown_agrees_with_json(evaluated):
+  _, res, md, _ = evaluated
+  s = res["summary"]
+  rows = re.findall(r"^\| model.*?eps = ([0-9.e-]+) \| (.+) \|$|^\| (.+?), eps = ([0-9.e-]+) "
+                    r"\| (.+) \|$", md, flags=re.M)
+  assert len(rows) == len(EPS)
+  for k, row in enumerate(rows):
+    eps_txt, cells = row[3], row[4]
+    assert float(eps_txt) == pytest.approx(EPS[k])
+    for b, cell in zip(res["bounds"], cells.split(" | ")):
+      clean, pgd_acc, cert = (float(v) for v in cell.split(" / "))
+      assert clean == round(100 * s["clean_accuracy"], 1)
+      assert pgd_acc == round(100 * s["pgd"]["accuracy"][k], 1)
+      assert cert == round(100 * s["certified"][b]["accuracy"][k], 1)
+  assert "probabilistic" in md and "deterministic" in md
+  assert "1.0e-09" in md
+
+
+def test_plots_written(evaluated):
+  _, _, _, out = evaluated
+  for name in ("certified_vs_eps.png", "local_over_global_hist.png", "training_curves.png"):
+    path = out / name
+    assert path.exists() and path.stat().st_size > 1000
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_global_radii_match_direct_certificates(workdir):
+  model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
+  variables, _ = checkpoints.restore_variables(workdir)
+  ds = data.load("mnist", "test[:48]")
+  res = evaluate(model, variables, ds.images, ds.labels, EPS,
+                 EvalOptions(bounds=("global",), pgd_steps=0, tightness_examples=0,
+                             progress=False))
+  for e in EPS:
+    direct = lipjax.certify(model, variables, ds.images, ds.labels, e, bound="global")
+    from_radius = np.asarray(res["per_example"]["certified_global"][f"{e:g}"])
+    assert np.array_equal(from_radius, np.asarray(direct.certified))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one clear line, non-zero exit, no traceback.
+# ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_one_line_errors(workdir, tmp_path):
+  err = certify_cli.InputError
+  with pytest.raises(err, match="does not exist"):
+    certify_cli.run(_flags(str(tmp_path / "nope"), tmp_path))
+  with pytest.raises(err, match="empty"):
+    certify_cli.run(_flags(workdir, tmp_path, eps=""))
+  with pytest.raises(err, match="> 0"):
+    certify_cli.run(_flags(workdir, tmp_path, eps="0.1,-0.5"))
+  with pytest.raises(err, match="step"):
+    certify_cli.run(_flags(workdir, tmp_path, checkpoint="soon"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  checkpoints.save_config(empty, {"model": "2c2f", "activation": "clipped_relu",
+                                  "num_classes": 10, "dataset": "mnist", "eps_test": 0.3})
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoints"):
+    certify_cli.run(_flags(str(empty), tmp_path))
+  with pytest.raises(checkpoints.CheckpointError, match="step 999"):
+    certify_cli.run(_flags(workdir, tmp_path, checkpoint="999"))
+  # A config that names another model than the checkpoint holds.
+  other = tmp_path / "other"
+  other.mkdir()
+  cfg = checkpoints.load_config(workdir)
+  cfg["model"] = "4c3f"
+  checkpoints.save_config(other, cfg)
+  os.symlink(os.path.join(workdir, "checkpoints"), other / "checkpoints")
+  with pytest.raises(err, match="does not match the config's model"):
+    certify_cli.run(_flags(str(other), tmp_path))
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.certify", f"--workdir={tmp_path / 'missing'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
