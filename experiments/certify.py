@@ -43,6 +43,8 @@ flags.DEFINE_integer("tightness_examples", 1000, "examples in the tightness repo
 flags.DEFINE_integer("tightness_steps", 10, "gradient-ascent steps of the Jacobian search")
 flags.DEFINE_float("failure_probability", 1e-9,
                    "per-example failure probability of the Lanczos (local) bounds")
+flags.DEFINE_integer("lanczos_steps", 100,
+                     "Lanczos steps per convolution of the local bound (more: tighter)")
 flags.DEFINE_string("output_dir", None, "output directory (default workdir/eval)")
 flags.DEFINE_string("data_dir", None, "data directory (default: the config's data_dir)")
 flags.DEFINE_integer("seed", 0, "PRNG seed of the attacks and Lanczos start vectors")
@@ -145,6 +147,8 @@ def run(argv_flags) -> int:
   bounds = tuple(b.strip() for b in f.bounds if b.strip())
   if not bounds or any(b not in ("local", "global") for b in bounds):
     raise InputError(f"--bounds must be a subset of local,global, got {','.join(f.bounds)}")
+  if f.lanczos_steps < 2:
+    raise InputError(f"--lanczos_steps must be >= 2, got {f.lanczos_steps}")
   if not 0 < f.failure_probability < 1:
     raise InputError(f"--failure_probability must be in (0, 1), got {f.failure_probability}")
 
@@ -152,7 +156,10 @@ def run(argv_flags) -> int:
   if f.eps is None:
     if "eps_test" not in config:
       raise InputError("config.json has no eps_test; pass --eps")
-    eps = parse_eps(str(config["eps_test"]))
+    eps_test = config["eps_test"]
+    if isinstance(eps_test, (list, tuple)):
+      eps_test = ",".join(str(e) for e in eps_test)
+    eps = parse_eps(str(eps_test))
   else:
     eps = parse_eps(f.eps)
   model = build_model(config)
@@ -177,7 +184,8 @@ def run(argv_flags) -> int:
       pgd_step_size=f.pgd_step_size, pgd_loss=f.pgd_loss, batch_size=f.batch_size,
       tightness_examples=f.tightness_examples, tightness_steps=f.tightness_steps,
       cross_check=f.cross_check,
-      certify_options={"failure_probability": f.failure_probability},
+      certify_options={"failure_probability": f.failure_probability,
+                       "lanczos_steps": f.lanczos_steps},
       seed=f.seed, progress=f.progress)
   t0 = time.time()
   results = evaluate(model, variables, ds.images, ds.labels, eps, options)

@@ -170,7 +170,7 @@ def _flags(workdir, tmp, **over):
            eps=",".join(str(e) for e in EPS), pgd_steps=20, pgd_restarts=1,
            pgd_step_size=None, pgd_loss="margin", batch_size=48,
            bounds=["local", "global"], cross_check=True, tightness_examples=16,
-           tightness_steps=4, failure_probability=1e-9, output_dir=str(tmp),
+           tightness_steps=4, failure_probability=1e-9, lanczos_steps=30, output_dir=str(tmp),
            data_dir=None, seed=0, progress=False)
   f.update(over)
   return types.SimpleNamespace(**f)
