@@ -113,8 +113,16 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
       stage_in = shape
       probe = Stage(len(stages), f"layers_{i} ({type(layer).__name__})", layer, params,
                     tuple(pending_reshapes), stage_in, (), None, None)
-      out = jax.eval_shape(probe.linear,
-                           jax.ShapeDtypeStruct((1,) + stage_in, jnp.float32))
+      try:
+        out = jax.eval_shape(probe.linear,
+                             jax.ShapeDtypeStruct((1,) + stage_in, jnp.float32))
+      except KeyError as e:
+        top = variables.get("params", {}) if hasattr(variables, "get") else {}
+        raise UnsupportedModelError(
+            f"variables['params'] has no parameter {e} for layers_{i} "
+            f"({type(layer).__name__}); its top-level keys are {sorted(top)}. For a "
+            "lipjax model held as a submodule named NAME, pass "
+            "{'params': variables['params'][NAME]}") from None
       shape = tuple(out.shape[1:])
       current = dict(index=len(stages), name=probe.name, layer=layer, params=params,
                      reshapes=tuple(pending_reshapes), in_shape=stage_in,
