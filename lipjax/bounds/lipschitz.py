@@ -22,8 +22,13 @@ masked weights ``||D_l W_l D_{l-1}||``. Two modes:
 ``mode="estimate"``
   For training: a few power iterations per layer (warm-startable, gradients
   through the final application or through every iteration). Each norm is an
-  *estimate* from below, so ``bound`` is **not** guaranteed; the masks are
-  still sound (they use exact global norms).
+  *estimate* from below, so ``bound`` is **not** guaranteed. The intermediate
+  radii (and so the masks) use exact global norms, or, when ``global_state``
+  is given, running power-method estimates of the global norms: a few
+  iterations per call from the previous call's global vectors, which converge
+  over calls and cost a single-example operator application each (no SVD or
+  FFT per call). The per-example iteration then starts from the running
+  global vector times the column mask unless ``state`` is given.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class LocalBound:
     layers: per linear layer, the :class:`~lipjax.bounds.intervals.LayerBounds`
       (boxes, centres and the row/column masks).
     state: :class:`PowerState` to warm-start the next estimate-mode call.
+    global_state: estimate mode with ``global_state``: the updated running
+      global vectors, one ``(1, *in_shape)`` array per linear layer (else None).
   """
 
   bound: Array
@@ -85,6 +92,7 @@ class LocalBound:
   logits: Array
   layers: Tuple[intervals.LayerBounds, ...]
   state: PowerState
+  global_state: Optional[PowerState] = None
 
   @property
   def masks(self) -> Tuple[Tuple[Array, Array], ...]:
@@ -186,6 +194,53 @@ def _global_norms(stages, keys, delta, differentiable=True):
   return out
 
 
+def check_global_state(stages, global_state: PowerState) -> None:
+  """Raises ``ValueError`` unless ``global_state`` has one ``(1, *in_shape)`` per stage."""
+  vecs = getattr(global_state, "vectors", None)
+  if vecs is None or len(vecs) != len(stages):
+    raise ValueError(f"global power state must be a PowerState with {len(stages)} "
+                     f"vectors (one per linear layer), got {type(global_state).__name__}")
+  for st, v in zip(stages, vecs):
+    if tuple(v.shape) != (1,) + tuple(st.in_shape):
+      raise ValueError(f"global power state vector of {st.name} has shape "
+                       f"{tuple(v.shape)}, expected {(1,) + tuple(st.in_shape)}")
+
+
+def running_global_norms(stages, global_state: PowerState, iterations: int,
+                         differentiable: bool = False):
+  """Power-method estimates of every ``||W_l||`` from running global vectors.
+
+  Runs ``iterations`` power iterations (vectors treated as constants) on each
+  layer's global linear map, starting from ``global_state``, then evaluates
+  ``||W_l u_l||``. Costs one single-example forward and transpose per
+  iteration and layer. The values are estimates from below (for training);
+  repeated calls with the returned state converge to the top singular value.
+
+  Args:
+    stages: from :func:`lipjax.bounds.network.trace`.
+    global_state: :class:`PowerState` with one ``(1, *in_shape)`` vector per
+      stage.
+    iterations: power iterations per call (``>= 0``).
+    differentiable: gradients flow into the parameters through the final
+      application (GloRo-style); otherwise the norms are constants.
+
+  Returns:
+    ``(norms, new_state)``: a list of scalars and the updated
+    :class:`PowerState` (unit vectors, no gradient).
+  """
+  check_global_state(stages, global_state)
+  out, vecs = [], []
+  for st, u in zip(stages, global_state.vectors):
+    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
+    sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
+                                     int(iterations))
+    if differentiable:
+      sigma = power.norm_at(st.linear, u)
+    out.append(sigma[0])
+    vecs.append(u)
+  return out, PowerState(tuple(vecs))
+
+
 def _row_norms(stage: network.Stage, gnorm: Array) -> Array:
   rn = stage.layer.row_norms(stage.params, stage.layer_in_shape)
   if rn is None:
@@ -228,7 +283,9 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                           key: Optional[Array] = None,
                           grad: str = "constant",
                           intermediate: Optional[str] = None,
-                          dense: str = "exact") -> LocalBound:
+                          dense: str = "exact",
+                          global_state: Optional[PowerState] = None,
+                          global_iterations: int = 2) -> LocalBound:
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
@@ -254,6 +311,14 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     dense: sound mode: ``"exact"`` (deterministic float64 eigensolver on the
       host, through ``pure_callback``: not differentiable) or ``"lanczos"``
       (probabilistic, like convolutions) for dense layers.
+    global_state: estimate mode: running global vectors (:class:`PowerState`
+      with one ``(1, *in_shape)`` array per linear layer). When given, the
+      intermediate radii use ``global_iterations`` warm-started power
+      iterations on the global maps instead of exact global norms, and the
+      per-example iteration starts from the updated global vector times the
+      column mask (unless ``state`` is given). The result's ``global_state``
+      carries the updated vectors.
+    global_iterations: power iterations per call on the global maps.
 
   Returns:
     A :class:`LocalBound`; ``.bound`` has shape ``(B,)``.
@@ -273,16 +338,21 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                      "upper bounds, so they cannot give sound masks)")
   if not 0 < failure_probability < 1:
     raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
-  if iterations < 0 or lanczos_steps < 2:
-    raise ValueError("iterations must be >= 0 and lanczos_steps >= 2")
+  if iterations < 0 or lanczos_steps < 2 or global_iterations < 0:
+    raise ValueError("iterations and global_iterations must be >= 0 and "
+                     "lanczos_steps >= 2")
+  if global_state is not None and mode != "estimate":
+    raise ValueError("global_state is for mode='estimate' (sound mode uses exact "
+                     "global norms)")
   x, eps = check_inputs(model, x, eps)
   network.trace(model, variables, tuple(x.shape[1:]))   # validates the model early
   key = jax.random.PRNGKey(0) if key is None else key
   opts = (("mode", mode), ("iterations", int(iterations)),
           ("lanczos_steps", int(lanczos_steps)),
           ("failure_probability", float(failure_probability)), ("grad", grad),
-          ("intermediate", intermediate), ("dense", dense))
-  return _compiled_local(model, opts)(variables, x, eps, key, state)
+          ("intermediate", intermediate), ("dense", dense),
+          ("global_iterations", int(global_iterations)))
+  return _compiled_local(model, opts)(variables, x, eps, key, state, global_state)
 
 
 @functools.lru_cache(maxsize=64)
@@ -290,9 +360,9 @@ def _compiled_local(model, opts):
   return jax.jit(functools.partial(_local_core, model, **dict(opts)))
 
 
-def _local_core(model, variables, x, eps, key, state, *, mode, iterations,
-                lanczos_steps, failure_probability, grad, intermediate,
-                dense) -> LocalBound:
+def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode,
+                iterations, lanczos_steps, failure_probability, grad, intermediate,
+                dense, global_iterations=2) -> LocalBound:
   stages = network.trace(model, variables, tuple(x.shape[1:]))
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
@@ -305,7 +375,11 @@ def _local_core(model, variables, x, eps, key, state, *, mode, iterations,
 
   # Estimate mode uses the global norms only for the masks: no gradient (and
   # no SVD derivative, which needs the full singular vectors).
-  gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode == "sound"))
+  new_global = None
+  if global_state is not None:
+    gnorms, new_global = running_global_norms(stages, global_state, global_iterations)
+  else:
+    gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode == "sound"))
   rnorms = [_row_norms(st, g) for st, g in zip(stages, gnorms)]
   local = {}
 
@@ -337,6 +411,8 @@ def _local_core(model, variables, x, eps, key, state, *, mode, iterations,
         if u0.shape != col_prev.shape:
           raise ValueError(f"state vector {l} has shape {u0.shape}, expected "
                            f"{col_prev.shape}")
+      elif new_global is not None:
+        u0 = jnp.broadcast_to(new_global.vectors[l], col_prev.shape)
       else:
         u0 = jax.random.normal(keys[2 * l + 1], col_prev.shape, jnp.float32)
       s, u = power.power_iteration(_masked_op(st, row, col_prev), u0 * col_prev,
@@ -362,7 +438,8 @@ def _local_core(model, variables, x, eps, key, state, *, mode, iterations,
   return LocalBound(bound=bound, layer_norms=tuple(layer_norms),
                     global_norms=tuple(gnorms), estimate=estimate,
                     failure_probability=fail, logits=layers[-1].center,
-                    layers=tuple(layers), state=PowerState(tuple(vectors)))
+                    layers=tuple(layers), state=PowerState(tuple(vectors)),
+                    global_state=new_global)
 
 
 def global_lipschitz_bound(model, variables, *, input_shape=None,

@@ -46,6 +46,11 @@ def _normalise(x: Array) -> Array:
   return x / _bcast(jnp.maximum(n, _TINY), x)
 
 
+def normalise(x: Array) -> Array:
+  """Each example scaled to unit l2 norm (zero examples stay zero)."""
+  return _normalise(x)
+
+
 def _batch_dot(a: Array, b: Array) -> Array:
   return jnp.sum(a * b, axis=tuple(range(1, a.ndim)))
 
@@ -97,6 +102,11 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
       u = jax.lax.stop_gradient(u)
   sigma = _batch_norm(op(u))
   return sigma, jax.lax.stop_gradient(u)
+
+
+def norm_at(op: Operator, u: Array) -> Array:
+  """``||op(u)||`` per example (``(B,)``), with a finite gradient at 0."""
+  return _batch_norm(op(u))
 
 
 def lanczos_top(matvec: Operator, q0: Array, steps: int) -> Array:

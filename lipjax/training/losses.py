@@ -7,32 +7,109 @@ Lipschitz bound; the losses below consume it.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lipjax import nn as lnn
 from lipjax.bounds import lipschitz, network, power
 from lipjax.bounds.certify import pair_terms
 
 Array = jax.Array
 
 
-def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
-                      iterations: int = 5, state=None, key=None,
-                      grad: str = "constant") -> Tuple[Array, Array, Optional[lipschitz.LocalBound]]:
-  """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
+#: Power iterations that :func:`init_power_state` runs from the random start.
+INIT_ITERATIONS = 30
+
+
+def init_power_state(model, variables, input_shape=None, key=None, *,
+                     iterations: int = INIT_ITERATIONS) -> lipschitz.PowerState:
+  """Running global power vectors for training, one per linear layer.
+
+  Each vector has shape ``(1, *in_shape)`` of its layer (the state's size does
+  not depend on the batch or the dataset). They start Gaussian and are moved
+  ``iterations`` power iterations towards each layer's top right singular
+  vector, so the first training step already has usable global norms.
 
   Args:
-    model, variables, x, y, eps: as in :func:`lipjax.certify`.
-    bound: ``"local"`` (estimate-mode local norms, sound masks) or
-      ``"global"`` (power-method global norms: the GloRo baseline).
-    iterations, state, key, grad: estimate-mode power-method options.
+    model: a :class:`lipjax.nn.Sequential`.
+    variables: its variables, ``{"params": ...}``.
+    input_shape: shape of one example (defaults to ``model.input_shape``).
+    key: PRNG key of the random start (default ``PRNGKey(0)``).
+    iterations: power iterations from the random start (``>= 0``).
 
   Returns:
-    ``(logits (B, C), deltas (B, C), local_bound_or_None)``; ``deltas[b, y_b] = 0``.
+    A :class:`lipjax.PowerState` (a pytree of unit vectors).
   """
+  if iterations < 0:
+    raise ValueError(f"iterations must be >= 0, got {iterations}")
+  shape = lipschitz.resolve_input_shape(model, input_shape)
+  network.trace(model, variables, shape)   # validates the model
+  key = jax.random.PRNGKey(0) if key is None else key
+  return _init_power(model, variables, shape, key, int(iterations))
+
+
+def _init_power(model, variables, shape, key, iterations):
+  stages = network.trace(model, variables, shape)
+  keys = jax.random.split(key, len(stages))
+  vecs = []
+  for st, k in zip(stages, keys):
+    u = jax.random.normal(k, (1,) + st.in_shape, jnp.float32)
+    op = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params)).linear
+    opt = power.adjoint(op, u)
+
+    def body(_, u, op=op, opt=opt):
+      v = power.normalise(op(u))
+      return power.normalise(opt(v))
+
+    vecs.append(jax.lax.stop_gradient(
+        jax.lax.fori_loop(0, iterations, body, power.normalise(u))))
+  return lipschitz.PowerState(tuple(vecs))
+
+
+def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
+                      iterations: int = 5, power=None, key=None,
+                      grad: str = "constant", global_iterations: Optional[int] = None
+                      ) -> Tuple[Array, Array, Dict[str, Any]]:
+  """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
+
+  Both bounds use the running global power vectors ``power`` (see
+  :func:`init_power_state`): each call first runs ``global_iterations``
+  power iterations (constant vectors) on every layer's global map from them.
+
+  * ``bound="local"``: the global estimates give the intermediate radii and
+    masks; the per-example masked power method (``iterations`` steps, from
+    the global vector times the column mask) gives ``s_l``.
+  * ``bound="global"``: ``s_l = ||W_l u_l||`` with the updated global vector
+    ``u_l`` (the GloRo baseline; gradients through this final application).
+
+  These are training estimates (from below), never certificates.
+
+  Args:
+    model, variables, x, y, eps: as in :func:`lipjax.certify` (``eps`` scalar or
+      ``(B,)``).
+    bound: ``"local"`` or ``"global"``.
+    iterations: per-example power iterations (local bound).
+    power: running global vectors from :func:`init_power_state` or from the
+      previous call's ``aux["power"]``; None starts from
+      ``init_power_state(model, variables, key=key)``.
+    key: PRNG key, used only when ``power`` is None.
+    grad: ``"constant"`` (final vectors constant) or ``"through"``
+      (back-propagate through the per-example iterations).
+    global_iterations: power iterations per call on the global maps
+      (default ``max(iterations, 1)``).
+
+  Returns:
+    ``(logits (B, C), deltas (B, C), aux)`` with ``deltas[b, y_b] = 0`` and
+    ``aux = {"power": updated PowerState, "local_bound": LocalBound or None}``.
+  """
+  if bound not in ("local", "global"):
+    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
+  if grad not in ("constant", "through"):
+    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (b,))
@@ -41,31 +118,38 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
   mat = last.layer.explicit_matrix(last.params)
   if mat is None:
     raise ValueError("training losses need a dense last layer")
+  n_global = max(int(iterations), 1) if global_iterations is None else int(global_iterations)
+  if power is None:
+    key = jax.random.PRNGKey(0) if key is None else key
+    power = _init_power(model, variables, tuple(x.shape[1:]), key, INIT_ITERATIONS)
+  else:
+    lipschitz.check_global_state(stages, power)
   if bound == "local":
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps, mode="estimate",
-                                         iterations=iterations, state=state, key=key,
-                                         grad=grad)
+                                         iterations=iterations, grad=grad,
+                                         global_state=power,
+                                         global_iterations=n_global)
     logits = lb.logits
     inner = jnp.prod(jnp.stack(lb.layer_norms[:-1]), axis=0)
     col = last._pre(lb.layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
-  elif bound == "global":
+    new_power = lb.global_state
+  else:
     lb = None
     logits = model.apply(variables, x)
-    gn = global_norm_estimates(stages, key, iterations=max(iterations, 10))
+    gn, new_power = lipschitz.running_global_norms(stages, power, n_global,
+                                                   differentiable=True)
     inner = jnp.full((b,), jnp.prod(jnp.stack(gn[:-1])))
     col = jnp.ones((b, mat.shape[1]))
-  else:
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   diff = pair_terms(mat, col, y)
   # sqrt with a safe gradient at 0 (the y-th row is exactly zero).
   sq = jnp.sum(jnp.square(diff), axis=-1)
   pn = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
   deltas = (eps * inner)[:, None] * pn
-  return logits, deltas, lb
+  return logits, deltas, {"power": new_power, "local_bound": lb}
 
 
 def global_norm_estimates(stages, key=None, iterations: int = 10):
-  """Differentiable power-method estimates of every ``||W_l||`` (GloRo-style).
+  """Differentiable power-method estimates of every ``||W_l||`` from random starts.
 
   Estimates from below, for training only; certification uses the exact
   bounds of :func:`lipjax.global_lipschitz_bound`.
@@ -98,15 +182,28 @@ def bcp_loss(logits: Array, deltas: Array, y: Array, kappa) -> Array:
   return jnp.mean(kappa * clean + (1.0 - kappa) * robust)
 
 
-def sparsity_loss(model, variables, local_bound: lipschitz.LocalBound,
-                  theta_weight: float = 0.1) -> Array:
+def sparsity_loss(model, variables, local_bound, theta_weight: float = 0.1) -> Array:
   """Pushes neurons towards constant status (SPEC section 7).
 
   Clipped ReLU: ``mean(relu(ub)) + theta_weight * mean(relu(theta - lb))``;
   clipped MaxMin: ``mean(relu(M - lb_max)) + mean(relu(ub_min - m))``; summed
-  over hidden layers. Other activations contribute 0.
+  over hidden layers (means over batch and neurons). Other activations
+  contribute 0.
+
+  Args:
+    model, variables: the network.
+    local_bound: a :class:`lipjax.LocalBound`, or the ``aux`` dict returned by
+      :func:`worst_case_deltas` (its ``"local_bound"``; a global-bound aux
+      without one gives 0).
+    theta_weight: weight of the clipped-ReLU upper-threshold term.
+
+  Returns:
+    A scalar.
   """
-  from lipjax import nn as lnn
+  if isinstance(local_bound, dict):
+    local_bound = local_bound.get("local_bound")
+  if local_bound is None:
+    return jnp.zeros(())
   stages = network.trace(model, variables, tuple(local_bound.layers[0].input_center.shape[1:]))
   total = jnp.zeros(())
   for st, lb in zip(stages[:-1], local_bound.layers[:-1]):
