@@ -74,11 +74,16 @@ class Position(NamedTuple):
   batch_index: int
 
 
+_QUIET = ("did not provide metrics", "read_only=True, setting save_interval_steps",
+          "Given directory is read only")
+
+
 class _NoMetricsFilter(std_logging.Filter):
-  """Drops Orbax's warning for checkpoints saved without validation metrics."""
+  """Drops Orbax's expected warnings: saves without validation metrics, read-only use."""
 
   def filter(self, record):
-    return "did not provide metrics" not in record.getMessage()
+    message = record.getMessage()
+    return not any(q in message for q in _QUIET)
 
 
 logging.get_absl_logger().addFilter(_NoMetricsFilter())

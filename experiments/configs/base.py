@@ -1,0 +1,52 @@
+"""Defaults shared by every training config (see the field comments)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config; the run configs override some fields."""
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model = "4c3f"                  # lipjax.models name: 2c2f | 4c3f | 6c2f | 8c2f
+  c.activation = "clipped_relu"     # relu | clipped_relu | clipped_maxmin
+  c.init = -1.0                     # initial clipping threshold; < 0: the zoo default
+  c.num_classes = 10
+  # Data: the validation split is held out from the training set; never the test set.
+  c.dataset = "mnist"
+  c.train_split = "train"
+  c.val_examples = 5000             # held out from train_split by a fixed permutation
+  c.train_examples = 0              # > 0: train on only this many of the rest
+  c.test_split = "test"
+  c.data_dir = ""                   # "" : $LIPJAX_DATA_DIR, then the packaged sources
+  c.augment = False                 # random crop (pad 4) + horizontal flip
+  # Objective.
+  c.loss = "gloro"                  # gloro | bcp | ce
+  c.bound = "local"                 # local | global (the GloRo baseline)
+  c.iterations = 5                  # power iterations per training step
+  c.grad = "constant"               # constant | through
+  c.sparsity_weight = 0.0
+  c.eps_train = 1.75
+  c.eps_test = 1.58
+  # Schedules (per step; epochs may be fractional).
+  c.epochs = 300
+  c.max_steps = 0                   # > 0: stop after this many steps
+  c.warmup_epochs = 0.0             # clean training (eps = 0, kappa = 1)
+  c.rampup_epochs = 150.0           # eps 0 -> eps_train, kappa 1 -> 0
+  c.lr = 1e-3
+  c.end_lr = 5e-6                   # held to epoch epochs / 2 + 25, then geometric decay
+  c.batch_size = 256                # global batch, over all processes and devices
+  c.seed = 0
+  # Checkpoints and evaluation.
+  c.checkpoint_every_steps = 1000   # besides the end of every epoch; 0: epochs only
+  c.keep_checkpoints = 3            # the newest k are kept, plus the best on validation
+  c.val_every_epochs = 1
+  c.val_bound = "global"            # sound bound of the validation certified accuracy
+  c.best_metric = "val_certified_accuracy"
+  c.best_mode = "max"
+  c.certify_bound = "local"         # sound bound of the final test certification
+  c.certify_checkpoint = "best"     # best | latest
+  c.certify_batch_size = 256
+  c.num_test = 0                    # > 0: certify only the first num_test test images
+  c.log_every_steps = 50
+  c.progress = True                 # tqdm progress bar
+  return c

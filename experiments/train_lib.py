@@ -1,0 +1,396 @@
+"""Certified training loop: data, schedules, checkpoints, evaluation.
+
+``train_and_evaluate(config, workdir)`` trains a zoo model with the certified
+training step on all local devices, checkpoints to ``workdir`` (resuming from
+it when it already holds checkpoints), selects the best checkpoint on a
+validation split held out from the training set, and finally certifies the
+test split with a sound bound. See ``experiments/configs/base.py`` for the
+config fields and :mod:`lipjax.training.checkpoints` for the workdir layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, Mapping, NamedTuple, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lipjax
+from lipjax import data
+from lipjax.training import checkpoints
+from lipjax.training import losses as losses_lib
+from lipjax.training import step as step_lib
+
+try:
+  from lipjax.training import schedules as schedules_lib
+except ImportError:   # older lipjax without the schedules module
+  schedules_lib = None
+
+_HOLDOUT_SEED = 20211102   # fixes which training images form the validation split
+
+
+def _as_dict(config) -> Dict[str, Any]:
+  if hasattr(config, "to_dict"):
+    return config.to_dict()
+  return dict(config)
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+  """Raises ValueError (one line) for an inconsistent config."""
+  choices = {"loss": ("gloro", "bcp", "ce"), "bound": ("local", "global"),
+             "val_bound": ("local", "global"), "certify_bound": ("local", "global"),
+             "certify_checkpoint": ("best", "latest"), "best_mode": ("max", "min"),
+             "grad": ("constant", "through")}
+  for key, allowed in choices.items():
+    if cfg[key] not in allowed:
+      raise ValueError(f"config.{key} must be one of {allowed}, got {cfg[key]!r}")
+  for key in ("batch_size", "epochs", "num_classes", "keep_checkpoints", "val_every_epochs",
+              "log_every_steps"):
+    if int(cfg[key]) < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {cfg[key]!r}")
+  for key in ("eps_train", "eps_test", "lr", "end_lr", "warmup_epochs", "rampup_epochs",
+              "val_examples", "train_examples", "max_steps", "checkpoint_every_steps",
+              "num_test", "sparsity_weight"):
+    if not float(cfg[key]) >= 0:
+      raise ValueError(f"config.{key} must be >= 0, got {cfg[key]!r}")
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+def load_data(cfg: Mapping[str, Any]):
+  """Returns ``(train, val, test)`` Datasets; val is held out from train_split."""
+  data_dir = cfg["data_dir"] or None
+  full = data.load(cfg["dataset"], cfg["train_split"], data_dir=data_dir)
+  n_val = int(cfg["val_examples"])
+  if n_val >= len(full):
+    raise ValueError(f"config.val_examples ({n_val}) must be smaller than the training "
+                     f"split ({len(full)} images)")
+  order = np.random.default_rng(_HOLDOUT_SEED).permutation(len(full))
+  val_idx, train_idx = np.sort(order[len(full) - n_val:]), np.sort(order[:len(full) - n_val])
+  if int(cfg["train_examples"]):
+    train_idx = train_idx[:int(cfg["train_examples"])]
+  make = lambda idx: data.Dataset(full.images[idx], full.labels[idx], full.num_classes,
+                                  full.name)
+  train, val = make(train_idx), (make(val_idx) if n_val else None)
+  del full
+  test_split = cfg["test_split"]
+  if int(cfg["num_test"]) and "[" not in test_split:
+    test_split = f"{test_split}[:{int(cfg['num_test'])}]"
+  test = data.load(cfg["dataset"], test_split, data_dir=data_dir) if test_split else None
+  return train, val, test
+
+
+# ----------------------------------------------------------------------------
+# Schedules (from lipjax.training.schedules when present)
+# ----------------------------------------------------------------------------
+
+def _ramp(steps_per_epoch: int, warmup_epochs: float, rampup_epochs: float):
+  start = warmup_epochs * steps_per_epoch
+  length = rampup_epochs * steps_per_epoch
+
+  def frac(step):
+    step = jnp.asarray(step, jnp.float32)
+    if length <= 0:
+      return jnp.where(step >= start, 1.0, 0.0)
+    return jnp.clip((step - start) / length, 0.0, 1.0)
+
+  return frac
+
+
+def make_schedules(cfg: Mapping[str, Any], steps_per_epoch: int):
+  """Returns ``(eps_schedule, kappa_schedule, lr_schedule)``, each step -> value."""
+  warm, ramp = float(cfg["warmup_epochs"]), float(cfg["rampup_epochs"])
+  if schedules_lib is not None:
+    return (schedules_lib.eps_schedule(float(cfg["eps_train"]), steps_per_epoch, warm, ramp),
+            schedules_lib.kappa_schedule(steps_per_epoch, warm, ramp),
+            schedules_lib.lr_schedule(float(cfg["lr"]), float(cfg["end_lr"]),
+                                      cfg["epochs"], steps_per_epoch))
+  frac = _ramp(steps_per_epoch, warm, ramp)
+  eps_train = float(cfg["eps_train"])
+  lr, end_lr, epochs = float(cfg["lr"]), float(cfg["end_lr"]), float(cfg["epochs"])
+  hold = (epochs / 2 + 25) * steps_per_epoch
+  total = epochs * steps_per_epoch
+
+  def lr_schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if total <= hold or end_lr == lr:
+      return jnp.full_like(step, lr)
+    t = jnp.clip((step - hold) / (total - hold), 0.0, 1.0)
+    return lr * (end_lr / lr) ** t
+
+  return (lambda s: eps_train * frac(s), lambda s: 1.0 - frac(s), lr_schedule)
+
+
+# ----------------------------------------------------------------------------
+# Training step (the multi-device step when available, else a single-device adapter)
+# ----------------------------------------------------------------------------
+
+class _AdapterState(NamedTuple):
+  step: Any
+  params: Any
+  opt_state: Any
+  rng: Any
+  power: Any
+
+
+_HAS_PARALLEL = hasattr(step_lib, "make_parallel_train_step")
+
+
+def _create_state(params, optimizer, rng, power):
+  if _HAS_PARALLEL:
+    return step_lib.create_train_state(params, optimizer, rng=rng, power=power)
+  params = jax.tree_util.tree_map(jnp.array, params)
+  return _AdapterState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng, power)
+
+
+def _make_step(model, optimizer, cfg, eps_schedule, kappa_schedule):
+  """Returns ``(step_fn, num_devices)``; step_fn(state, images, labels)."""
+  kwargs = dict(loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
+                grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]))
+  if _HAS_PARALLEL:
+    p_step = step_lib.make_parallel_train_step(
+        model, optimizer, eps_schedule=eps_schedule, kappa_schedule=kappa_schedule, **kwargs)
+    return p_step, jax.local_device_count()
+  inner = step_lib.make_train_step(model, optimizer, **kwargs)
+
+  def step(state, images, labels):
+    eps, kappa = eps_schedule(state.step), kappa_schedule(state.step)
+    rng, key = jax.random.split(state.rng)
+    new, metrics = inner(step_lib.TrainState(state.step, state.params, state.opt_state),
+                         images, labels, eps, kappa, key)
+    metrics = dict(metrics, eps=eps, kappa=kappa)
+    return _AdapterState(new.step, new.params, new.opt_state, rng, state.power), metrics
+
+  return step, 1
+
+
+def _to_devices(state, num_devices):
+  if _HAS_PARALLEL:
+    return step_lib.replicate(state)
+  return state
+
+
+def _from_devices(state, num_devices):
+  if _HAS_PARALLEL:
+    return step_lib.unreplicate(state)
+  return state
+
+
+def _shard(batch, num_devices):
+  if _HAS_PARALLEL:
+    return (step_lib.shard_batch(batch["image"], num_devices),
+            step_lib.shard_batch(batch["label"], num_devices))
+  return jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
+
+
+def _first(metrics):
+  metrics = jax.device_get(metrics)
+  if _HAS_PARALLEL:
+    metrics = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], metrics)
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+def evaluate(model, variables, ds, eps: float, *, bound: str, batch_size: int) -> Dict[str, float]:
+  """Clean and certified accuracy of ``variables`` on ``ds`` at radius ``eps``.
+
+  Uses :func:`lipjax.certify` with the sound ``bound``; a point counts as
+  certified only if it is correctly classified and certified.
+  """
+  x, y = jnp.asarray(ds.images), jnp.asarray(ds.labels)
+  cert = lipjax.certify(model, variables, x, y, eps, bound=bound, batch_size=batch_size)
+  pred = np.asarray(cert.predicted)
+  certified = np.asarray(cert.certified) & (pred == np.asarray(ds.labels))
+  return {"clean_accuracy": float(np.mean(pred == np.asarray(ds.labels))),
+          "certified_accuracy": float(np.mean(certified)),
+          "max_failure_probability": float(np.max(np.asarray(cert.failure_probability)))}
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+def build_model(cfg: Mapping[str, Any], image_shape):
+  init = float(cfg["init"])
+  return lipjax.models.get(cfg["model"], num_classes=int(cfg["num_classes"]),
+                           activation=cfg["activation"], init=None if init < 0 else init,
+                           input_shape=tuple(image_shape))
+
+
+def _progress(total, initial, enabled):
+  if not enabled or jax.process_index() != 0:
+    return None
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return None
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains, checkpoints, validates and certifies; resumes from ``workdir``.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` (or mapping) with the fields of
+      ``experiments/configs/base.py``.
+    workdir: directory for config.json, metrics.jsonl and checkpoints/. If it
+      already holds checkpoints of this config, training continues from the
+      newest readable one exactly where it stopped.
+
+  Returns:
+    A dict with the final step, the test split's clean and certified
+    accuracy at ``eps_test`` (sound ``certify_bound``), the checkpoint step
+    they were measured on and timings.
+  """
+  cfg = _as_dict(config)
+  check_config(cfg)
+  t_start = time.time()
+  train_ds, val_ds, test_ds = load_data(cfg)
+  process_count, process_index = jax.process_count(), jax.process_index()
+  if cfg["batch_size"] % process_count:
+    raise ValueError(f"config.batch_size ({cfg['batch_size']}) must be divisible by the "
+                     f"number of processes ({process_count})")
+  steps_per_epoch = data.num_batches(train_ds, int(cfg["batch_size"]))
+  if steps_per_epoch < 1:
+    raise ValueError(f"the training split ({len(train_ds)} images) is smaller than one "
+                     f"batch ({cfg['batch_size']})")
+  total_steps = int(math.ceil(float(cfg["epochs"]) * steps_per_epoch))
+  if int(cfg["max_steps"]):
+    total_steps = min(total_steps, int(cfg["max_steps"]))
+  num_epochs = int(math.ceil(total_steps / steps_per_epoch))
+
+  if process_index == 0:
+    checkpoints.save_config(workdir, dict(cfg, steps_per_epoch=steps_per_epoch,
+                                          total_steps=total_steps,
+                                          train_examples_used=len(train_ds),
+                                          image_shape=list(train_ds.image_shape)))
+
+  model = build_model(cfg, train_ds.image_shape)
+  key = jax.random.PRNGKey(int(cfg["seed"]))
+  init_key, power_key, step_key = jax.random.split(key, 3)
+  variables = model.init(init_key, jnp.zeros((1,) + train_ds.image_shape, jnp.float32))
+  eps_schedule, kappa_schedule, lr_schedule = make_schedules(cfg, steps_per_epoch)
+  optimizer = optax.chain(optax.adam(lr_schedule), step_lib.project_thresholds())
+  power = None
+  if (_HAS_PARALLEL and cfg["bound"] == "local" and cfg["loss"] != "ce"
+      and hasattr(losses_lib, "init_power_state")):
+    power = losses_lib.init_power_state(model, variables, train_ds.image_shape, power_key)
+  state = _create_state(variables["params"], optimizer, step_key, power)
+  del variables
+
+  ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=int(cfg["keep_checkpoints"]),
+                                       best_metric=cfg["best_metric"],
+                                       best_mode=cfg["best_mode"])
+  restored = ckpt.restore_latest(state)
+  epoch, batch_index = 0, 0
+  if restored is not None:
+    state, position = restored
+    epoch, batch_index = position
+    logging.info("resuming from step %d (epoch %d, batch %d)", int(state.step), epoch,
+                 batch_index)
+    print(f"resuming {workdir} from step {int(state.step)} (epoch {epoch}, batch "
+          f"{batch_index})", flush=True)
+    if process_index == 0:
+      checkpoints.truncate_metrics(workdir, int(state.step))
+  step_fn, num_devices = _make_step(model, optimizer, cfg, eps_schedule, kappa_schedule)
+  if (cfg["batch_size"] // process_count) % num_devices:
+    raise ValueError(f"the per-process batch ({cfg['batch_size'] // process_count}) must be "
+                     f"divisible by the {num_devices} local devices")
+  host_step = int(state.step)
+  state = _to_devices(state, num_devices)
+
+  bar = _progress(total_steps, host_step, cfg["progress"])
+  log_every = int(cfg["log_every_steps"])
+  ckpt_every = int(cfg["checkpoint_every_steps"])
+  t_train = time.time()
+  train_time_steps = 0
+
+  def log(record):
+    if process_index == 0:
+      checkpoints.append_metrics(workdir, record)
+
+  def validate(epoch_done):
+    variables = {"params": jax.device_get(_from_devices(state, num_devices).params)}
+    m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=cfg["val_bound"],
+                 batch_size=int(cfg["certify_batch_size"]))
+    record = {"val_clean_accuracy": m["clean_accuracy"],
+              "val_certified_accuracy": m["certified_accuracy"]}
+    log({"step": host_step, "epoch": epoch_done, "split": "val", "eps": float(cfg["eps_test"]),
+         "bound": cfg["val_bound"], **record})
+    return record
+
+  try:
+    while host_step < total_steps and epoch < num_epochs:
+      it = data.batches(train_ds, int(cfg["batch_size"]), seed=int(cfg["seed"]), epoch=epoch,
+                        augment=bool(cfg["augment"]), process_index=process_index,
+                        process_count=process_count)
+      for _ in range(batch_index):          # fast-forward to the saved position
+        next(it)
+      for batch in it:
+        images, labels = _shard(batch, num_devices)
+        state, metrics = step_fn(state, images, labels)
+        host_step += 1
+        batch_index += 1
+        train_time_steps += 1
+        if host_step % log_every == 0 or host_step == total_steps:
+          m = _first(metrics)
+          m["lr"] = float(lr_schedule(host_step - 1))
+          log({"step": host_step, "epoch": epoch, "split": "train", **m})
+          if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.3f}", eps=f"{m.get('eps', 0.0):.3f}",
+                            acc=f"{m['accuracy']:.3f}", cert_est=f"{m['vra_estimate']:.3f}",
+                            refresh=False)
+        if bar is not None:
+          bar.update(1)
+        end_of_epoch = batch_index == steps_per_epoch
+        if host_step == total_steps or end_of_epoch:
+          break
+        if ckpt_every and host_step % ckpt_every == 0 and process_index == 0:
+          ckpt.save(_from_devices(state, num_devices), epoch=epoch, batch_index=batch_index)
+      if batch_index == steps_per_epoch:
+        epoch, batch_index = epoch + 1, 0
+      finished = host_step >= total_steps
+      val = None
+      if val_ds is not None and (epoch % int(cfg["val_every_epochs"]) == 0 or finished):
+        val = validate(epoch)
+        if bar is not None:
+          bar.write(f"step {host_step} epoch {epoch}: val clean "
+                    f"{val['val_clean_accuracy']:.4f}, val certified "
+                    f"{val['val_certified_accuracy']:.4f} ({cfg['val_bound']} bound)")
+      if process_index == 0:
+        ckpt.save(_from_devices(state, num_devices), epoch=epoch, batch_index=batch_index,
+                  metrics=val)
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+  train_seconds = time.time() - t_train
+
+  result = {"step": host_step, "train_seconds": train_seconds,
+            "seconds_per_step": train_seconds / max(train_time_steps, 1)}
+  if test_ds is not None:
+    variables, ckpt_step = checkpoints.restore_variables(workdir, cfg["certify_checkpoint"])
+    t0 = time.time()
+    m = evaluate(model, variables, test_ds, float(cfg["eps_test"]), bound=cfg["certify_bound"],
+                 batch_size=int(cfg["certify_batch_size"]))
+    result.update({"checkpoint_step": ckpt_step, "test_examples": len(test_ds),
+                   "certify_seconds": time.time() - t0, **{f"test_{k}": v for k, v in m.items()}})
+    log({"step": host_step, "epoch": epoch, "split": "test", "checkpoint_step": ckpt_step,
+         "eps": float(cfg["eps_test"]), "bound": cfg["certify_bound"],
+         **{f"test_{k}": v for k, v in m.items()}})
+    print(f"{cfg['dataset']} {cfg['test_split']} ({len(test_ds)} images), checkpoint step "
+          f"{ckpt_step}: clean accuracy {100 * m['clean_accuracy']:.2f}%, certified accuracy "
+          f"{100 * m['certified_accuracy']:.2f}% at eps={float(cfg['eps_test']):.4g} "
+          f"({cfg['certify_bound']} bound, sound)", flush=True)
+  result["total_seconds"] = time.time() - t_start
+  return result
