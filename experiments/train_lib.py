@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Dict, Mapping
 
 from absl import logging
 import jax
@@ -24,12 +24,8 @@ import lipjax
 from lipjax import data
 from lipjax.training import checkpoints
 from lipjax.training import losses as losses_lib
+from lipjax.training import schedules
 from lipjax.training import step as step_lib
-
-try:
-  from lipjax.training import schedules as schedules_lib
-except ImportError:   # older lipjax without the schedules module
-  schedules_lib = None
 
 _HOLDOUT_SEED = 20211102   # fixes which training images form the validation split
 
@@ -88,113 +84,22 @@ def load_data(cfg: Mapping[str, Any]):
 
 
 # ----------------------------------------------------------------------------
-# Schedules (from lipjax.training.schedules when present)
+# Schedules and the data-parallel step
 # ----------------------------------------------------------------------------
-
-def _ramp(steps_per_epoch: int, warmup_epochs: float, rampup_epochs: float):
-  start = warmup_epochs * steps_per_epoch
-  length = rampup_epochs * steps_per_epoch
-
-  def frac(step):
-    step = jnp.asarray(step, jnp.float32)
-    if length <= 0:
-      return jnp.where(step >= start, 1.0, 0.0)
-    return jnp.clip((step - start) / length, 0.0, 1.0)
-
-  return frac
-
 
 def make_schedules(cfg: Mapping[str, Any], steps_per_epoch: int):
   """Returns ``(eps_schedule, kappa_schedule, lr_schedule)``, each step -> value."""
   warm, ramp = float(cfg["warmup_epochs"]), float(cfg["rampup_epochs"])
-  if schedules_lib is not None:
-    return (schedules_lib.eps_schedule(float(cfg["eps_train"]), steps_per_epoch, warm, ramp),
-            schedules_lib.kappa_schedule(steps_per_epoch, warm, ramp),
-            schedules_lib.lr_schedule(float(cfg["lr"]), float(cfg["end_lr"]),
-                                      cfg["epochs"], steps_per_epoch))
-  frac = _ramp(steps_per_epoch, warm, ramp)
-  eps_train = float(cfg["eps_train"])
-  lr, end_lr, epochs = float(cfg["lr"]), float(cfg["end_lr"]), float(cfg["epochs"])
-  hold = (epochs / 2 + 25) * steps_per_epoch
-  total = epochs * steps_per_epoch
-
-  def lr_schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    if total <= hold or end_lr == lr:
-      return jnp.full_like(step, lr)
-    t = jnp.clip((step - hold) / (total - hold), 0.0, 1.0)
-    return lr * (end_lr / lr) ** t
-
-  return (lambda s: eps_train * frac(s), lambda s: 1.0 - frac(s), lr_schedule)
+  return (schedules.eps_schedule(float(cfg["eps_train"]), steps_per_epoch, warm, ramp),
+          schedules.kappa_schedule(steps_per_epoch, warm, ramp),
+          schedules.lr_schedule(float(cfg["lr"]), float(cfg["end_lr"]), int(cfg["epochs"]),
+                                steps_per_epoch))
 
 
-# ----------------------------------------------------------------------------
-# Training step (the multi-device step when available, else a single-device adapter)
-# ----------------------------------------------------------------------------
-
-class _AdapterState(NamedTuple):
-  step: Any
-  params: Any
-  opt_state: Any
-  rng: Any
-  power: Any
-
-
-_HAS_PARALLEL = hasattr(step_lib, "make_parallel_train_step")
-
-
-def _create_state(params, optimizer, rng, power):
-  if _HAS_PARALLEL:
-    return step_lib.create_train_state(params, optimizer, rng=rng, power=power)
-  params = jax.tree_util.tree_map(jnp.array, params)
-  return _AdapterState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng, power)
-
-
-def _make_step(model, optimizer, cfg, eps_schedule, kappa_schedule):
-  """Returns ``(step_fn, num_devices)``; step_fn(state, images, labels)."""
-  kwargs = dict(loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
-                grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]))
-  if _HAS_PARALLEL:
-    p_step = step_lib.make_parallel_train_step(
-        model, optimizer, eps_schedule=eps_schedule, kappa_schedule=kappa_schedule, **kwargs)
-    return p_step, jax.local_device_count()
-  inner = step_lib.make_train_step(model, optimizer, **kwargs)
-
-  def step(state, images, labels):
-    eps, kappa = eps_schedule(state.step), kappa_schedule(state.step)
-    rng, key = jax.random.split(state.rng)
-    new, metrics = inner(step_lib.TrainState(state.step, state.params, state.opt_state),
-                         images, labels, eps, kappa, key)
-    metrics = dict(metrics, eps=eps, kappa=kappa)
-    return _AdapterState(new.step, new.params, new.opt_state, rng, state.power), metrics
-
-  return step, 1
-
-
-def _to_devices(state, num_devices):
-  if _HAS_PARALLEL:
-    return step_lib.replicate(state)
-  return state
-
-
-def _from_devices(state, num_devices):
-  if _HAS_PARALLEL:
-    return step_lib.unreplicate(state)
-  return state
-
-
-def _shard(batch, num_devices):
-  if _HAS_PARALLEL:
-    return (step_lib.shard_batch(batch["image"], num_devices),
-            step_lib.shard_batch(batch["label"], num_devices))
-  return jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
-
-
-def _first(metrics):
+def _first(metrics) -> Dict[str, float]:
+  """Host copy of the first replica's metrics."""
   metrics = jax.device_get(metrics)
-  if _HAS_PARALLEL:
-    metrics = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], metrics)
-  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+  return {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -282,10 +187,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   eps_schedule, kappa_schedule, lr_schedule = make_schedules(cfg, steps_per_epoch)
   optimizer = optax.chain(optax.adam(lr_schedule), step_lib.project_thresholds())
   power = None
-  if (_HAS_PARALLEL and cfg["bound"] == "local" and cfg["loss"] != "ce"
+  if (cfg["bound"] == "local" and cfg["loss"] != "ce"
       and hasattr(losses_lib, "init_power_state")):
     power = losses_lib.init_power_state(model, variables, train_ds.image_shape, power_key)
-  state = _create_state(variables["params"], optimizer, step_key, power)
+  state = step_lib.create_train_state(variables["params"], optimizer, rng=step_key,
+                                      power=power)
   del variables
 
   ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=int(cfg["keep_checkpoints"]),
@@ -302,12 +208,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
           f"{batch_index})", flush=True)
     if process_index == 0:
       checkpoints.truncate_metrics(workdir, int(state.step))
-  step_fn, num_devices = _make_step(model, optimizer, cfg, eps_schedule, kappa_schedule)
+  step_fn = step_lib.make_parallel_train_step(
+      model, optimizer, loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
+      grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]),
+      eps_schedule=eps_schedule, kappa_schedule=kappa_schedule)
+  num_devices = jax.local_device_count()
   if (cfg["batch_size"] // process_count) % num_devices:
     raise ValueError(f"the per-process batch ({cfg['batch_size'] // process_count}) must be "
                      f"divisible by the {num_devices} local devices")
   host_step = int(state.step)
-  state = _to_devices(state, num_devices)
+  state = step_lib.replicate(state)
 
   bar = _progress(total_steps, host_step, cfg["progress"])
   log_every = int(cfg["log_every_steps"])
@@ -320,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       checkpoints.append_metrics(workdir, record)
 
   def validate(epoch_done):
-    variables = {"params": jax.device_get(_from_devices(state, num_devices).params)}
+    variables = {"params": jax.device_get(step_lib.unreplicate(state).params)}
     m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=cfg["val_bound"],
                  batch_size=int(cfg["certify_batch_size"]))
     record = {"val_clean_accuracy": m["clean_accuracy"],
@@ -337,7 +247,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       for _ in range(batch_index):          # fast-forward to the saved position
         next(it)
       for batch in it:
-        images, labels = _shard(batch, num_devices)
+        images = step_lib.shard_batch(batch["image"], num_devices)
+        labels = step_lib.shard_batch(batch["label"], num_devices)
         state, metrics = step_fn(state, images, labels)
         host_step += 1
         batch_index += 1
@@ -356,7 +267,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         if host_step == total_steps or end_of_epoch:
           break
         if ckpt_every and host_step % ckpt_every == 0 and process_index == 0:
-          ckpt.save(_from_devices(state, num_devices), epoch=epoch, batch_index=batch_index)
+          ckpt.save(step_lib.unreplicate(state), epoch=epoch, batch_index=batch_index)
       if batch_index == steps_per_epoch:
         epoch, batch_index = epoch + 1, 0
       finished = host_step >= total_steps
@@ -368,7 +279,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                     f"{val['val_clean_accuracy']:.4f}, val certified "
                     f"{val['val_certified_accuracy']:.4f} ({cfg['val_bound']} bound)")
       if process_index == 0:
-        ckpt.save(_from_devices(state, num_devices), epoch=epoch, batch_index=batch_index,
+        ckpt.save(step_lib.unreplicate(state), epoch=epoch, batch_index=batch_index,
                   metrics=val)
   finally:
     if bar is not None:
