@@ -9,7 +9,8 @@ Usage::
       # one of NUM_PROCESSES processes training together after
       # jax.distributed.initialize; each feeds its own slice of the batch
 
-Writes the final parameters (``param/<path>``) and per-step metrics
+Writes the final parameters (``param/<path>``), power vectors
+(``power/<path>``) and per-step metrics
 (``metric/<name>``, shape (steps,)) to OUT.npz. :func:`problem` and
 :func:`single_device_run` define the run shared with the tests.
 """
@@ -38,9 +39,16 @@ def problem():
   x = rs.uniform(size=(BATCH, 5)).astype(np.float32)
   y = (x[:, 0] * 3).astype(np.int32)
   opt = optax.adam(5e-2)
-  kwargs = dict(loss="gloro", bound="global", iterations=3,
+  kwargs = dict(loss="gloro", bound="local", iterations=2,
                 eps_schedule=training.eps_schedule(0.3, 2, warmup_epochs=0, rampup_epochs=1))
   return model, params, opt, kwargs, x, y
+
+
+def _state(params, opt):
+  from lipjax import training
+  model = problem()[0]
+  power = training.init_power_state(model, {"params": params}, (5,), jax.random.PRNGKey(1))
+  return training.create_train_state(params, opt, rng=42, power=power)
 
 
 def _flat(prefix, tree):
@@ -55,12 +63,14 @@ def single_device_run():
   from lipjax import training
   model, params, opt, kwargs, x, y = problem()
   step = training.make_train_step(model, opt, **kwargs)
-  state = training.create_train_state(params, opt, rng=42)
+  state = _state(params, opt)
   metrics = []
   for _ in range(STEPS):
     state, m = step(state, x, y)
     metrics.append(jax.device_get(m))
-  return _flat("param/", state.params), {k: np.array([m[k] for m in metrics])
+  out = _flat("param/", state.params)
+  out.update(_flat("power/", state.power))
+  return out, {k: np.array([m[k] for m in metrics])
                                          for k in metrics[0]}
 
 
@@ -69,7 +79,7 @@ def parallel_run(x, y):
   from lipjax import training
   model, params, opt, kwargs, _, _ = problem()
   p_step = training.make_parallel_train_step(model, opt, **kwargs)
-  state = training.replicate(training.create_train_state(params, opt, rng=42))
+  state = training.replicate(_state(params, opt))
   xs, ys = training.shard_batch(x), training.shard_batch(y)
   metrics = []
   for _ in range(STEPS):
@@ -78,6 +88,7 @@ def parallel_run(x, y):
   state = training.unreplicate(state)
   assert int(state.step) == STEPS
   out = _flat("param/", state.params)
+  out.update(_flat("power/", state.power))
   out.update({f"metric/{k}": np.array([m[k] for m in metrics]) for k in metrics[0]})
   out["local_devices"] = np.array(jax.local_device_count())
   out["devices"] = np.array(jax.device_count())

@@ -61,6 +61,7 @@ def test_pmapped_step_on_two_devices_matches_one_device(tmp_path, reference):
   # The run moved the parameters: a mismatch could not pass for lack of training.
   assert any(np.max(np.abs(got[k] - v)) > 1e-3
              for k, v in W._flat("param/", W.problem()[1]).items())
+  assert any(k.startswith("power/") for k in got.files)
 
 
 def _free_port():

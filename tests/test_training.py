@@ -109,10 +109,16 @@ def test_step_follows_schedules_and_resumes_exactly():
   opt = optax.adam(1e-2)
   eps = training.eps_schedule(0.2, 2, warmup_epochs=1, rampup_epochs=2)
   kappa = training.kappa_schedule(2, warmup_epochs=1, rampup_epochs=2)
-  step = training.make_train_step(m, opt, loss="bcp", bound="global", iterations=3,
+  step = training.make_train_step(m, opt, loss="bcp", bound="local", iterations=2,
                                   eps_schedule=eps, kappa_schedule=kappa)
-  state = training.create_train_state(v["params"], opt, rng=jax.random.PRNGKey(3))
+  power = training.init_power_state(m, v, (4,), jax.random.PRNGKey(4))
+  state = training.create_train_state(v["params"], opt, rng=jax.random.PRNGKey(3),
+                                      power=power)
   x, y = _data(16)
+  # The step warm-starts from state.power and keeps the updated vectors.
+  params0 = jax.device_get(state.params)
+  _, _, aux = training.worst_case_deltas(m, {"params": params0}, x, y, 0.0, bound="local",
+                                         iterations=2, power=power)
   want_eps = [0.0, 0.0, 0.05, 0.1, 0.15, 0.2]     # hand: 2 clean steps, then (s-1)/4 * 0.2
   want_kappa = [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
   rngs = [np.asarray(state.rng)]
@@ -123,6 +129,10 @@ def test_step_follows_schedules_and_resumes_exactly():
     np.testing.assert_allclose(float(metrics["eps"]), want_eps[i], rtol=1e-6)
     np.testing.assert_allclose(float(metrics["kappa"]), want_kappa[i], rtol=1e-6)
     rngs.append(np.asarray(state.rng))
+    if i == 0:
+      jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                     atol=1e-6),
+                             state.power, aux["power"])
     if i == 2:
       saved = jax.device_get(state)          # host copy, e.g. what a checkpoint holds
   assert int(state.step) == 6
@@ -136,6 +146,7 @@ def test_step_follows_schedules_and_resumes_exactly():
     np.testing.assert_allclose(float(metrics["eps"]), want_eps[i], rtol=1e-6)
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.params, state.params)
   np.testing.assert_array_equal(resumed.rng, state.rng)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.power, state.power)
 
 
 def test_step_keeps_theta_nonnegative_even_if_the_optimizer_does_not():

@@ -56,7 +56,11 @@ class TrainState(NamedTuple):
     opt_state: Optax state of the optimiser.
     rng: PRNG key data (uint32, shape ``(2,)`` for the default generator);
       each step splits it, using one half and keeping the other.
-    power: power-method state carried between steps (warm start), or None.
+    power: running global power vectors (:func:`losses.init_power_state`),
+      warm-starting each step's power method and updated by it; None makes
+      the first certified step start them from ``rng`` (and changes the
+      state's structure once, so the step compiles twice: prefer passing
+      ``init_power_state(...)`` to :func:`create_train_state`).
   """
 
   step: jax.Array
@@ -86,7 +90,8 @@ def create_train_state(params, optimizer: optax.GradientTransformation, *, rng,
     params: model parameters (copied: the training steps donate the state).
     optimizer: the Optax transformation the step will use.
     rng: int seed or PRNG key (raw uint32 key data or a typed key).
-    power: initial power-method state, or None (the first step starts cold).
+    power: initial running power vectors, ``losses.init_power_state(model,
+      variables, input_shape, key)``; None: the first certified step makes them.
   """
   params = jax.tree_util.tree_map(jnp.array, params)
   power = None if power is None else jax.tree_util.tree_map(jnp.array, power)
@@ -136,13 +141,15 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
       deltas, lb = jnp.zeros_like(logits), None
       value = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     else:
-      logits, deltas, lb = losses.worst_case_deltas(
+      logits, deltas, aux = losses.worst_case_deltas(
           model, variables, images, labels, eps, bound=bound, iterations=iterations,
-          key=key, grad=grad)
+          power=power, key=key, grad=grad)
+      power = jax.lax.stop_gradient(aux["power"])
       value = (losses.gloro_loss(logits, deltas, labels) if loss == "gloro"
                else losses.bcp_loss(logits, deltas, labels, kappa))
-      if sparsity_weight and lb is not None:
-        value = value + sparsity_weight * losses.sparsity_loss(model, variables, lb)
+      if sparsity_weight and aux["local_bound"] is not None:
+        value = value + sparsity_weight * losses.sparsity_loss(model, variables,
+                                                               aux["local_bound"])
     pred = jnp.argmax(logits, -1)
     gap = jnp.take_along_axis(logits, labels[:, None], 1) - logits - deltas
     other = jax.nn.one_hot(labels, logits.shape[-1]) == 0
@@ -190,8 +197,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
 
   ``eps`` and ``kappa`` are the schedules evaluated at ``state.step`` (see
   :mod:`lipjax.training.schedules`), so a restored state continues the run
-  exactly. The step splits ``state.rng`` for the power-method start vectors
-  and donates ``state``.
+  exactly. The power method warm-starts from ``state.power`` and stores the
+  updated vectors there; ``state.rng`` is split every step (its key is used
+  only when ``state.power`` is None). The step donates ``state``.
 
   Args:
     model: a lipjax model (``flax.linen`` module with a dense last layer).
