@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,6 +212,8 @@ def main(argv):
   if len(argv) > 1:
     print(f"certify: error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(1)
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)   # Orbax logs routine INFO and WARNING lines
   # pylint: disable=import-outside-toplevel
   from lipjax.data import DataError
   from lipjax.training.checkpoints import CheckpointError
