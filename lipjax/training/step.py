@@ -138,7 +138,7 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
     variables = {"params": params}
     if loss == "ce":
       logits = model.apply(variables, images)
-      deltas, lb = jnp.zeros_like(logits), None
+      deltas = jnp.zeros_like(logits)
       value = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     else:
       logits, deltas, aux = losses.worst_case_deltas(
@@ -266,16 +266,19 @@ def make_parallel_train_step(model, optimizer: optax.GradientTransformation, *,
   return p_step
 
 
-def replicate(tree, devices=None):
+def replicate(tree, devices=None, axis_name: str = "batch"):
   """Copies every leaf onto each local device: leaves gain a leading axis ``D``.
 
   Args:
     tree: pytree of arrays (e.g. a :class:`TrainState`).
     devices: target devices; default ``jax.local_devices()`` (pmap's order).
+    axis_name: the ``axis_name`` of the parallel step. The copies are laid
+      out as that step lays out its outputs, so feeding its output back in
+      does not compile the step a second time.
   """
   devices = list(devices or jax.local_devices())
-  mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
   def put(x):
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
