@@ -81,16 +81,19 @@ def parallel_run(x, y):
   p_step = training.make_parallel_train_step(model, opt, **kwargs)
   state = training.replicate(_state(params, opt))
   xs, ys = training.shard_batch(x), training.shard_batch(y)
+  layout = jax.tree_util.tree_leaves(state)[0].sharding
   metrics = []
   for _ in range(STEPS):
     state, m = p_step(state, xs, ys)
     metrics.append(jax.device_get(training.unreplicate(m)))
+  same_layout = jax.tree_util.tree_leaves(state)[0].sharding == layout
   state = training.unreplicate(state)
   assert int(state.step) == STEPS
   out = _flat("param/", state.params)
   out.update(_flat("power/", state.power))
   out.update({f"metric/{k}": np.array([m[k] for m in metrics]) for k in metrics[0]})
   out["local_devices"] = np.array(jax.local_device_count())
+  out["same_layout"] = np.array(same_layout)   # replicate() matches the step's outputs
   out["devices"] = np.array(jax.device_count())
   return out
 
