@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import shutil
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -143,6 +144,25 @@ def test_corrupt_newest_checkpoint_is_skipped_with_warning(tmp_path, corrupt):
   with ckpt.TrainCheckpointer(tmp_path) as c:
     state, _ = c.restore_latest(_state(0))
   _assert_trees_equal(state, _state(7, offset=1.0))
+
+
+def test_complete_checkpoint_of_another_structure_is_an_error_not_skipped(tmp_path):
+  _save_steps(tmp_path, [(4, None), (7, None)])
+  # The template lacks the power state that the saved states hold.
+  template = _state(0)._replace(power=None)
+  with ckpt.TrainCheckpointer(tmp_path) as c:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", ckpt.CheckpointWarning)
+      with pytest.raises(ckpt.CheckpointMismatchError,
+                         match=r"step 7 .*only in the checkpoint: power/0/u.*init_power_state"):
+        c.restore_latest(template)
+    assert c.all_steps() == [4, 7]   # nothing deleted
+  # Other shapes (another model) are named as well.
+  params = dict(template.params, Dense_0={"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)})
+  with ckpt.TrainCheckpointer(tmp_path) as c:
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"params/Dense_0/bias \(4,\)"):
+      c.restore_latest(_state(0)._replace(params=params))
+    assert c.all_steps() == [4, 7]
 
 
 def test_half_written_tmp_directory_is_ignored(tmp_path):

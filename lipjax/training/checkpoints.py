@@ -20,7 +20,10 @@ A checkpoint that cannot be read (a truncated or deleted file, a directory
 half-written when the process was killed) is skipped with a warning and the
 newest readable one before it is used instead. Orbax writes each step into a
 temporary directory and renames it when complete, so a killed save leaves only
-a temporary directory, which is ignored and removed.
+a temporary directory, which is ignored and removed. A complete checkpoint
+whose state does not match the template (other pytree structure, shapes or
+dtypes, e.g. the workdir of another config) is never skipped or deleted:
+:meth:`TrainCheckpointer.restore_latest` raises :class:`CheckpointMismatchError`.
 
 Example::
 
@@ -61,6 +64,14 @@ _STATE, _POSITION = "state", "position"
 
 class CheckpointError(RuntimeError):
   """A workdir, its config or its checkpoints are missing or unreadable."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A complete checkpoint holds a state of another structure, shape or dtype.
+
+  Raised instead of skipping the checkpoint: it is readable, but belongs to a
+  different run (another model or config) than the template describes.
+  """
 
 
 class CheckpointWarning(UserWarning):
@@ -271,6 +282,12 @@ class TrainCheckpointer:
     self._manager = _make_manager(self.directory, max_to_keep=max_to_keep,
                                   best_metric=best_metric, best_mode=best_mode,
                                   read_only=False)
+    # Orbax removes the temporary directories of killed saves in a background
+    # thread and waits for it only in save(); wait now, so that the directory
+    # holds only complete checkpoints from here on.
+    wait_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_cleanup is not None:
+      wait_cleanup()
 
   @property
   def manager(self) -> ocp.CheckpointManager:
@@ -323,10 +340,16 @@ class TrainCheckpointer:
 
     Args:
       template: a TrainState with the right structure, shapes and dtypes
-        (e.g. the freshly initialised one).
+        (e.g. the freshly initialised one, not replicated, with its power
+        state if the training step keeps one).
 
     Returns:
       ``(state, Position)``, or None when there is no readable checkpoint.
+
+    Raises:
+      CheckpointMismatchError: the newest readable checkpoint holds a state
+        that differs from ``template`` in structure, shape or dtype (nothing
+        is deleted).
     """
     bad = []
     result = None
@@ -334,6 +357,8 @@ class TrainCheckpointer:
       try:
         result = _restore(self._manager, step, template)
         break
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         _warn(f"skipping unreadable checkpoint {self.directory / str(step)}: "
               f"{type(e).__name__}: {_first_line(e)}")
@@ -369,7 +394,66 @@ def _best_step(manager) -> Optional[int]:
   return manager.best_step()
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_specs(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+  """``{"a/b/0": (shape, dtype)}`` over the array leaves (empty nodes have none).
+
+  Named tuples, dataclasses, dicts and sequences give the same paths as in
+  Orbax's metadata, which stores them as dicts and lists.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(_key_name(k) for k in path)
+    out[name] = (tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype).name)
+  return out
+
+
+def _check_matches_template(manager, step: int, template) -> None:
+  """Raises CheckpointMismatchError if the saved state cannot fill ``template``.
+
+  Reading the saved tree metadata may fail for a damaged checkpoint; that
+  error propagates (the caller treats it as unreadable).
+  """
+  item_dir = manager.directory / str(step) / _STATE   # an etils Path
+  saved = _leaf_specs(ocp.StandardCheckpointHandler().metadata(item_dir))
+  wanted = _leaf_specs(template)
+  if saved == wanted:
+    return
+  problems = []
+  extra = sorted(set(saved) - set(wanted))
+  missing = sorted(set(wanted) - set(saved))
+  if extra:
+    problems.append(f"only in the checkpoint: {_short(extra)}")
+  if missing:
+    problems.append(f"only in the template: {_short(missing)}")
+  differ = [f"{k} {saved[k][0]} {saved[k][1]} vs {wanted[k][0]} {wanted[k][1]}"
+            for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  if differ:
+    problems.append(f"shape/dtype differ: {_short(differ)}")
+  if all(k.split("/")[0] == "power" for k in set(saved) ^ set(wanted)):
+    hint = ("the training step keeps running power vectors: create the template with "
+            "power=losses.init_power_state(...)")
+  else:
+    hint = "is it the workdir of another config?"
+  raise CheckpointMismatchError(
+      f"checkpoint at step {step} in {str(item_dir.parent.parent)!r} does not match this "
+      f"run's state ({'; '.join(problems)}); {hint}")
+
+
+def _short(items, limit: int = 4) -> str:
+  more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+  return ", ".join(items[:limit]) + more
+
+
 def _restore(manager, step: int, template):
+  if template is not None:
+    _check_matches_template(manager, step, template)
   args = {_POSITION: ocp.args.JsonRestore()}
   args[_STATE] = (ocp.args.StandardRestore(_abstract(template)) if template is not None
                   else ocp.args.StandardRestore())
