@@ -132,6 +132,29 @@ def build_model(cfg: Mapping[str, Any], image_shape):
                            input_shape=tuple(image_shape))
 
 
+def initial_state(cfg: Mapping[str, Any], model, variables, image_shape, optimizer, *,
+                  power_key, step_key) -> step_lib.TrainState:
+  """The step-0 :class:`~lipjax.training.step.TrainState` of a run.
+
+  Both bounds keep running power vectors in the state (the certified step
+  returns them whatever the bound; the "ce" loss keeps None), so this state
+  already has the pytree structure, shapes and dtypes of every later one: it
+  is the template a resumed run restores into, and the step compiles once.
+
+  Args:
+    cfg: the config (``loss`` is read).
+    model, variables: the model and its initial ``{"params": ...}``.
+    image_shape: ``(H, W, C)`` of one example.
+    optimizer: the Optax transformation of the step.
+    power_key, step_key: PRNG keys of the power vectors and of the step.
+  """
+  power = None
+  if cfg["loss"] != "ce":
+    power = losses_lib.init_power_state(model, variables, tuple(image_shape), power_key)
+  return step_lib.create_train_state(variables["params"], optimizer, rng=step_key,
+                                     power=power)
+
+
 def _progress(total, initial, enabled):
   if not enabled or jax.process_index() != 0:
     return None
@@ -186,15 +209,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   variables = model.init(init_key, jnp.zeros((1,) + train_ds.image_shape, jnp.float32))
   eps_schedule, kappa_schedule, lr_schedule = make_schedules(cfg, steps_per_epoch)
   optimizer = optax.chain(optax.adam(lr_schedule), step_lib.project_thresholds())
-  # Both bounds keep running power vectors in the state (the step returns them
-  # whenever the loss is certified), so the state has its final structure from
-  # step 0: a resumed run's template matches what was saved, and the step
-  # compiles once.
-  power = None
-  if cfg["loss"] != "ce":
-    power = losses_lib.init_power_state(model, variables, train_ds.image_shape, power_key)
-  state = step_lib.create_train_state(variables["params"], optimizer, rng=step_key,
-                                      power=power)
+  state = initial_state(cfg, model, variables, train_ds.image_shape, optimizer,
+                        power_key=power_key, step_key=step_key)
   del variables
 
   ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=int(cfg["keep_checkpoints"]),
