@@ -52,7 +52,10 @@ def bench_model(name, batch, repeats, iterations, timing=True):
 
   def run(label, **kw):
     step = training.make_train_step(model, opt, eps_schedule=eps, kappa_schedule=0.0, **kw)
-    holder = [training.create_train_state(variables["params"], opt, rng=0)]
+    # The running global power vectors a training run carries (as the launcher does).
+    power = None if kw.get("loss") == "ce" else training.init_power_state(
+        model, variables, shape, jax.random.PRNGKey(2))
+    holder = [training.create_train_state(variables["params"], opt, rng=0, power=power)]
 
     def once():
       holder[0], m = step(holder[0], x, y)

@@ -13,32 +13,12 @@ same ``--workdir`` resumes from its newest readable checkpoint. Writes
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-def resolve_config_arg(argv):
-  """Maps ``--config=NAME`` (no path, no .py) to ``experiments/configs/NAME.py``."""
-  out = []
-  for arg in argv:
-    if arg.startswith("--config=") and not arg.startswith("--config=."):
-      value = arg[len("--config="):]
-      name, _, rest = value.partition(":")
-      if os.sep not in name and not name.endswith(".py"):
-        path = os.path.join(CONFIG_DIR, name + ".py")
-        if not os.path.isfile(path):
-          names = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                         if f.endswith(".py") and not f.startswith("_") and f != "base.py")
-          sys.exit(f"unknown config {name!r}; available: {', '.join(names)}")
-        arg = "--config=" + path + (":" + rest if rest else "")
-    out.append(arg)
-  return out
-
+from experiments.configs import resolve_config_arg
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file or name",

@@ -260,3 +260,34 @@ def test_tridiagonal_top_matches_eigvalsh():
     top = np.linalg.eigvalsh(t)[-1]
     assert got[b] >= top - 1e-6 * abs(top)
     np.testing.assert_allclose(got[b], top, rtol=1e-5, atol=1e-6)
+
+
+def test_lanczos_stopping_early_is_judged_by_the_steps_it_completed():
+  # op = 2 * (a 0/1 mask): op^T op has the eigenvalues 4 and 0 only, so the
+  # Krylov space is invariant after 2 steps and the run stops there. The bound
+  # must come from the steps actually done, not from the 50 requested: with 2
+  # steps the Kuczynski-Wozniakowski bound gives no bound at all (inf), which
+  # the local bound then caps by the layer's global norm.
+  n, b = 600, 2
+  mask = jnp.asarray(np.tile((np.arange(n) % 7 == 0).astype(np.float32), (b, 1)))
+
+  def op(u):
+    return 2.0 * u * mask
+
+  ones = jnp.ones((b, n))
+  theta, done = power._lanczos(lambda q: power.adjoint(op, ones)(op(q)), ones, 50)
+  np.testing.assert_array_equal(np.asarray(done), 2)
+  np.testing.assert_allclose(np.asarray(theta), 4.0, rtol=1e-5)
+  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
+  assert np.all(np.isinf(np.asarray(upper))), upper
+  np.testing.assert_allclose(np.asarray(est), 2.0, rtol=1e-5)
+
+
+def test_lanczos_bound_includes_the_rounding_margin(masked_conv):
+  op, cols, exact = masked_conv
+  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), cols.shape, cols,
+                                         60, 1e-9)
+  e = np.asarray(power.kw_relative_error(jnp.sum(cols.reshape(cols.shape[0], -1), 1),
+                                         60, 0.5e-9))
+  expected = np.asarray(est) / np.sqrt(1 - e) * (1 + 1e-4)
+  np.testing.assert_allclose(np.asarray(upper), expected, rtol=1e-5)

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import train, train_lib
+from experiments import train_lib
+from experiments.configs import resolve_config_arg
 from lipjax import data
 from lipjax.training import checkpoints
 from lipjax.training import step as step_lib
@@ -39,7 +40,7 @@ TOTAL_STEPS = 12
 
 def _parse(args):
   fv = flags.FlagValues()
-  argv = ["prog"] + train.resolve_config_arg(args)
+  argv = ["prog"] + resolve_config_arg(args)
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
   fv(argv)
   return holder.value
