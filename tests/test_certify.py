@@ -191,7 +191,8 @@ def test_global_certificate_implies_local(trained):
   t = trained
   model, v, x, y = t.model, t.variables, t.x, t.y
   for eps in (0.5 * t.eps, t.eps):
-    loc = lipjax.certify(model, v, x, y, eps)
+    loc = lipjax.certify(model, v, x, y, eps, triage=False)
+    assert np.all(np.asarray(loc.local))
     glo = lipjax.certify(model, v, x, y, eps, bound="global")
     _check_consistency(model, v, x, y, eps, glo)
     lg, gl = np.asarray(loc.certified), np.asarray(glo.certified)
@@ -203,6 +204,44 @@ def test_global_certificate_implies_local(trained):
     np.testing.assert_array_equal(np.asarray(glo.failure_probability), 0.0)
   # Local is strictly stronger here (the point of the method).
   assert lg.sum() > gl.sum()
+
+
+def test_triage_decides_exactly_as_the_full_local_certificate(trained):
+  t = trained
+  model, v, x, y = t.model, t.variables, t.x, t.y
+  for eps in (0.5 * t.eps, t.eps, 2 * t.eps):
+    full = lipjax.certify(model, v, x, y, eps, triage=False)
+    tri = lipjax.certify(model, v, x, y, eps)
+    _check_consistency(model, v, x, y, eps, tri)
+    np.testing.assert_array_equal(np.asarray(tri.certified), np.asarray(full.certified))
+    glo = lipjax.certify(model, v, x, y, eps, bound="global")
+    used = np.asarray(tri.local)
+    # Only correct predictions the global bound does not certify reach the
+    # sound local bound; their results are the full run's.
+    undecided = np.asarray((glo.predicted == y) & ~glo.certified)
+    assert np.all(used <= undecided)
+    # (up to the Lanczos start vectors, which differ between the two runs)
+    for f in ("margin", "lipschitz", "failure_probability"):
+      np.testing.assert_allclose(np.asarray(getattr(tri, f))[used],
+                                 np.asarray(getattr(full, f))[used], rtol=1e-3, atol=1e-4)
+    # Everything else carries the exact global certificate.
+    for f in ("certified", "margin", "lipschitz", "robust_radius"):
+      np.testing.assert_array_equal(np.asarray(getattr(tri, f))[~used],
+                                    np.asarray(getattr(glo, f))[~used])
+    np.testing.assert_array_equal(np.asarray(tri.failure_probability)[~used], 0.0)
+
+
+def test_lower_mode_is_below_the_sound_bound(trained):
+  t = trained
+  model, v, x = t.model, t.variables, t.x
+  for eps in (0.5 * t.eps, t.eps):
+    sound = lipjax.local_lipschitz_bound(model, v, x, eps)
+    low = lipjax.local_lipschitz_bound(model, v, x, eps, mode="lower", lanczos_steps=4)
+    assert np.all(np.asarray(low.bound) <= np.asarray(sound.bound) * (1 + 1e-5))
+    for (r_s, c_s), (r_l, c_l) in zip(sound.masks, low.masks):
+      assert np.all(np.asarray(r_l) <= np.asarray(r_s))
+      assert np.all(np.asarray(c_l) <= np.asarray(c_s))
+    np.testing.assert_array_equal(np.asarray(low.failure_probability), 1.0)
 
 
 @pytest.mark.parametrize("bound", ["local", "global"])

@@ -54,6 +54,12 @@ class Certificate:
     margin: ``(B,)`` ``min_{i != y} (z_y - z_i - Delta_iy)``; > 0 iff robust.
     lipschitz: ``(B,)`` the bound on the logits' Lipschitz constant used.
     failure_probability: ``(B,)`` see :class:`~lipjax.bounds.lipschitz.LocalBound`.
+    local: ``(B,)`` bool, whether the sound local bound was computed for the
+      example. With ``certify(..., triage=True)`` (the default) it is not for
+      examples the triage decides: those are reported with the exact global
+      certificate (``lipschitz`` the global bound, ``failure_probability``
+      0), which is sound and, for an example it certifies, implies the local
+      certificate.
   """
 
   predicted: Array
@@ -63,6 +69,7 @@ class Certificate:
   margin: Array
   lipschitz: Array
   failure_probability: Array
+  local: Array
 
 
 def check_labels(y, batch: int, num_classes: int) -> Array:
@@ -169,7 +176,8 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   rr = jnp.where(finite & jnp.isfinite(rr), rr, 0.0)
   return Certificate(predicted=predicted, certified=certified, radius=radius,
                      robust_radius=rr, margin=jnp.where(finite, margin, -jnp.inf),
-                     lipschitz=lip, failure_probability=fail)
+                     lipschitz=lip, failure_probability=fail,
+                     local=jnp.full((b,), bound == "local"))
 
 
 @functools.lru_cache(maxsize=32)
@@ -184,8 +192,23 @@ def _jitted(model, bound, options_items):
 
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
-            jit: bool = True, **options) -> Certificate:
+            jit: bool = True, triage: bool = True, triage_steps: int = 8,
+            **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
+
+  With ``bound="local"`` and ``triage`` (the default) three cheap tests run
+  first, and only the examples they leave undecided get the sound local bound:
+
+  1. a wrong prediction is not certified;
+  2. an example certified by the exact global bound is certified (the local
+     margin is never smaller than the global one);
+  3. an example whose margin is not positive even with every per-layer norm
+     replaced by an estimate from below (``local_lipschitz_bound`` with
+     ``mode="lower"`` and ``triage_steps`` Lanczos steps) is not certified,
+     since the sound margin is smaller still.
+
+  The triage never certifies anything the global certificate does not; it
+  only saves the Lanczos runs whose outcome is known.
 
   Args:
     model: a :class:`lipjax.nn.Sequential`.
@@ -200,6 +223,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
     key: PRNG key of the Lanczos start vectors (default ``PRNGKey(0)``); each
       chunk uses its own fold of it.
     jit: compile the per-chunk computation (default True).
+    triage: ``bound="local"``: decide what the cheap tests above can decide
+      without the sound local bound (see ``Certificate.local``). False runs
+      the sound local bound on every example.
+    triage_steps: Lanczos steps of the lower estimates in test 3.
     **options: passed to :func:`lipjax.local_lipschitz_bound` (sound mode
       only: ``lanczos_steps``, ``failure_probability``, ``dense``, ...).
 
@@ -209,11 +236,21 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   if options.get("mode", "sound") != "sound":
     raise ValueError("certify uses sound bounds only; estimate mode is for training")
   options.pop("mode", None)
+  if triage_steps < 2:
+    raise ValueError(f"triage_steps must be >= 2, got {triage_steps}")
   x, eps = lipschitz.check_inputs(model, x, eps)
   n = x.shape[0]
   num_classes = network.trace(model, variables, tuple(x.shape[1:]))[-1].out_shape[0]
   y = check_labels(y, n, num_classes)
   key = jax.random.PRNGKey(0) if key is None else key
+  if bound == "local" and triage:
+    return _certify_triaged(model, variables, x, y, eps, batch_size, key, jit,
+                            int(triage_steps), options)
+  return _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options)
+
+
+def _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options):
+  n = x.shape[0]
   if batch_size is None or batch_size >= n:
     batch_size = n
   fn = (_jitted(model, bound, tuple(sorted(options.items()))) if jit else
@@ -230,6 +267,28 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
     res = fn(variables, xs, ys, es, jax.random.fold_in(key, i))
     out.append(jax.tree_util.tree_map(lambda a, m=stop - start: a[:m], res))
   return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out)
+
+
+def _certify_triaged(model, variables, x, y, eps, batch_size, key, jit, steps, options):
+  glob = _certify_chunks(model, variables, x, y, eps, "global", batch_size,
+                         jax.random.fold_in(key, 1), jit, {})
+  undecided = np.asarray((glob.predicted == y) & ~glob.certified)
+  idx = np.nonzero(undecided)[0]
+  if idx.size:
+    lower_opts = dict(options, mode="lower", lanczos_steps=steps)
+    lower_opts.pop("dense", None)
+    low = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
+                          jax.random.fold_in(key, 2), jit, lower_opts)
+    # A margin that is not positive with the lower estimates cannot be with
+    # the sound bound; NaN stays undecided (the sound run then says no).
+    hopeless = np.asarray(low.margin <= 0)
+    idx = idx[~hopeless]
+  if not idx.size:
+    return glob
+  sound = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
+                          jax.random.fold_in(key, 3), jit, options)
+  ji = jnp.asarray(idx)
+  return jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), glob, sound)
 
 
 def _call_plain(model, bound, options, variables, x, y, eps, key):

@@ -256,9 +256,19 @@ def _uses_lanczos(stage: network.Stage, dense: str) -> bool:
   return not (dense == "exact" and stage.layer.explicit_matrix(stage.params) is not None)
 
 
-def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense):
+def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=False):
+  """``(upper bound, estimate from below)`` of ``||D_r W D_c||`` per example.
+
+  With ``lower`` both entries are the estimate from below (Lanczos Ritz
+  value, dense layers included).
+  """
   b = col.shape[0]
   mat = stage.layer.explicit_matrix(stage.params)
+  if lower:
+    _, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
+                                      col, steps, delta)
+    est = jnp.minimum(est, gnorm)
+    return est, est
   if dense == "exact" and mat is not None:
     r = row.reshape(b, -1)
     c = stage._pre(col).reshape(b, -1)   # pylint: disable=protected-access
@@ -293,7 +303,14 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     variables: its variables, ``{"params": ...}``.
     x: ``(B, *input_shape)`` float inputs.
     eps: scalar or ``(B,)`` l2 radii, ``>= 0``.
-    mode: ``"sound"`` (upper bounds, the default) or ``"estimate"`` (training).
+    mode: ``"sound"`` (upper bounds, the default), ``"estimate"`` (training)
+      or ``"lower"``: the default sound computation with every per-layer upper
+      bound replaced by its estimate from below (``lanczos_steps`` Lanczos
+      steps for every layer, dense ones included). Smaller norms give smaller
+      intermediate radii, hence boxes inside the sound boxes, masks inside the
+      sound masks and norms below the sound ones, so this ``bound`` is below
+      the sound one (up to rounding) and the margins computed from it are
+      above the sound margins: a cheap test that a point cannot be certified.
     iterations: power iterations per layer in estimate mode.
     lanczos_steps: Lanczos steps per non-dense layer in sound mode; more steps
       give a smaller relative slack for the same ``failure_probability``.
@@ -323,16 +340,19 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   Returns:
     A :class:`LocalBound`; ``.bound`` has shape ``(B,)``.
   """
-  if mode not in ("sound", "estimate"):
-    raise ValueError(f"mode must be 'sound' or 'estimate', got {mode!r}")
+  if mode not in ("sound", "estimate", "lower"):
+    raise ValueError(f"mode must be 'sound', 'estimate' or 'lower', got {mode!r}")
   if grad not in ("constant", "through"):
     raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
   if dense not in ("exact", "lanczos"):
     raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
   if intermediate is None:
-    intermediate = "local" if mode == "sound" else "global"
+    intermediate = "global" if mode == "estimate" else "local"
   if intermediate not in ("local", "global"):
     raise ValueError(f"intermediate must be 'local' or 'global', got {intermediate!r}")
+  if mode == "lower" and intermediate != "local":
+    raise ValueError("mode='lower' mirrors the default sound computation "
+                     "(intermediate='local')")
   if mode == "estimate" and intermediate == "local":
     raise ValueError("intermediate='local' needs mode='sound' (estimates are not "
                      "upper bounds, so they cannot give sound masks)")
@@ -368,6 +388,7 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
   keys = jax.random.split(key, 2 * len(stages))
 
   # Failure budget: one share per probabilistic computation.
+  lower = mode == "lower"
   n_prob = sum(_needs_probabilistic_global(st) for st in stages)
   if mode == "sound":
     n_prob += sum(_uses_lanczos(st, dense) for st in stages)
@@ -379,15 +400,15 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
   if global_state is not None:
     gnorms, new_global = running_global_norms(stages, global_state, global_iterations)
   else:
-    gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode == "sound"))
+    gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"))
   rnorms = [_row_norms(st, g) for st, g in zip(stages, gnorms)]
   local = {}
 
   def radius_norm(l, lb, col_prev):
     st = stages[l]
-    if mode == "sound":
+    if mode != "estimate":
       local[l] = _sound_local_norm(st, lb.row_mask, col_prev, gnorms[l], keys[2 * l + 1],
-                                   delta, lanczos_steps, dense)
+                                   delta, lanczos_steps, dense, lower)
       if intermediate == "local":
         return jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
@@ -399,10 +420,10 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
   col_prev = jnp.ones_like(x)
   for l, (st, lb) in enumerate(zip(stages, layers)):
     row = lb.row_mask
-    if mode == "sound":
+    if mode != "estimate":
       if l not in local:   # the last stage
         local[l] = _sound_local_norm(st, row, col_prev, gnorms[l], keys[2 * l + 1],
-                                     delta, lanczos_steps, dense)
+                                     delta, lanczos_steps, dense, lower)
       s, est = local[l]
       vectors.append(jnp.zeros_like(col_prev))
     else:

@@ -68,7 +68,8 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
   out.append("")
   out.append("## Certified accuracy per eps (%)\n")
   out.append("| eps | clean | PGD | " + " | ".join(f"certified ({b})" for b in bounds)
-             + " | " + " | ".join(f"median Lipschitz bound ({b})" for b in bounds) + " |")
+             + " | " + " | ".join(f"median Lipschitz bound ({b}{', where computed' if b == 'local' else ''})"
+                          for b in bounds) + " |")
   out.append("|---|---|---|" + "---|" * (2 * len(bounds)))
   for k, e in enumerate(eps):
     row = [f"{e:g}", pct(s["clean_accuracy"]), pct(s["pgd"]["accuracy"][k])]

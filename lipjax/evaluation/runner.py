@@ -104,6 +104,13 @@ def _apply_jit(model):
   return jax.jit(model.apply)
 
 
+def _nanmedian(a) -> float:
+  """Median over the finite entries (NaN: not computed); NaN if there are none."""
+  a = np.asarray(a, np.float64)
+  a = a[~np.isnan(a)]
+  return float(np.median(a)) if a.size else float("nan")
+
+
 def _pad(a: np.ndarray, size: int) -> np.ndarray:
   if a.shape[0] == size:
     return a
@@ -243,7 +250,9 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
         ok = np.asarray(c.predicted)[:m] == labels[lo:hi]
         cert["local"][k, lo:hi] = np.asarray(c.certified)[:m]
         rr["local"][k, lo:hi] = np.where(ok, np.asarray(c.robust_radius)[:m], 0.0)
-        lip["local"][k, lo:hi] = np.asarray(c.lipschitz)[:m]
+        # NaN where the triage decided without the local bound (Certificate.local).
+        lip["local"][k, lo:hi] = np.where(np.asarray(c.local), np.asarray(c.lipschitz),
+                                          np.nan)[:m]
         fail["local"][k, lo:hi] = np.asarray(c.failure_probability)[:m]
       timing["local"] += time.perf_counter() - t0
 
@@ -313,8 +322,9 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
       stop = min(start + bs, nt)
       xb = jnp.asarray(_pad(images[start:stop], bs))
       tk = jax.random.fold_in(key, 9_000_000 + start)
-      if reuse:
-        local_b.append(lip["local"][eps_list.index(te), start:stop])
+      known = lip["local"][eps_list.index(te), start:stop] if reuse else None
+      if known is not None and not np.any(np.isnan(known)):
+        local_b.append(known)
       else:
         lb = lipschitz.local_lipschitz_bound(model, variables, xb, te, key=tk, **cert_opts)
         local_b.append(np.asarray(lb.bound)[:stop - start])
@@ -351,7 +361,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     summary["certified"][b] = {
         "accuracy": [acc(cert_nested[b][k]) for k in range(k_eps)],
         "accuracy_direct": [acc(cert[b][k]) for k in range(k_eps)],
-        "lipschitz_median": [float(np.median(lip[b][k])) for k in range(k_eps)],
+        "lipschitz_median": [_nanmedian(lip[b][k]) for k in range(k_eps)],
     }
     radius_q = tightness.quantiles(radius[b])
     radius_q["fraction_nonzero"] = float(np.mean(radius[b] > 0))
