@@ -10,6 +10,8 @@ bound of the Lipschitz constant on the ball).
 """
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -410,3 +412,24 @@ def test_nan_parameters_never_give_a_finite_bound():
       continue
     assert not np.any(np.isfinite(np.asarray(lb.bound))), (
         layer, pname, np.asarray(lb.bound))
+
+
+def test_concurrent_dispatches_do_not_deadlock():
+  # Several bound computations dispatched asynchronously at once: batched
+  # LAPACK kernels inside XLA computations deadlocked here (two SVDs waiting
+  # on one CPU thread pool), so global norms are computed on the host. Run in
+  # a subprocess so that a hang fails the test instead of stalling the suite.
+  code = (
+      "import jax, jax.numpy as jnp, lipjax\n"
+      "model = lipjax.models.get('4c3f', input_shape=(28, 28, 1))\n"
+      "v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))\n"
+      "x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))\n"
+      "rs = [lipjax.local_lipschitz_bound(model, v, x, 1.58, mode='estimate', iterations=k)\n"
+      "      for k in (1, 2, 1, 2)]\n"
+      "gs = [lipjax.global_lipschitz_bound(model, v) for _ in range(4)]\n"
+      "jax.block_until_ready((rs, gs))\n"
+      "assert all(float(g) == float(gs[0]) for g in gs)\n"
+      "print('done')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=240)
+  assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]

@@ -171,7 +171,7 @@ def _global_norm(stage: network.Stage, key, delta) -> Array:
     return jnp.asarray(g, jnp.float32)
   if not _needs_probabilistic_global(stage):
     mat = norms.explicit_jacobian(stage.linear, stage.in_shape)
-    return jnp.linalg.svd(mat, compute_uv=False)[0] * (1.0 + norms.ROUNDING_SLACK)
+    return norms.top_singular_value(mat[None])
   shape = (1,) + stage.in_shape
   upper, _ = power.lanczos_norm_bound(stage.linear, key, shape, jnp.ones(shape),
                                       _GENERIC_GLOBAL_STEPS, delta)
@@ -179,18 +179,11 @@ def _global_norm(stage: network.Stage, key, delta) -> Array:
 
 
 def _global_norms(stages, keys, delta, differentiable=True):
-  """Per-stage global norms, computed one after another.
-
-  XLA's CPU runtime may run independent LAPACK calls (the SVDs) concurrently,
-  which has been seen to deadlock; an optimisation barrier chains them.
-  """
-  out, token = [], jnp.zeros((), jnp.float32)
+  """Per-stage global norms (the SVDs run on the host, see ``norms.top_singular_value``)."""
+  out = []
   for st, k in zip(stages, keys):
     params = st.params if differentiable else jax.lax.stop_gradient(st.params)
-    token, params = jax.lax.optimization_barrier((token, params))
-    g = _global_norm(dataclasses.replace(st, params=params), k, delta)
-    out.append(g)
-    token = g
+    out.append(_global_norm(dataclasses.replace(st, params=params), k, delta))
   return out
 
 

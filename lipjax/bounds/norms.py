@@ -1,6 +1,8 @@
 """Deterministic spectral-norm upper bounds.
 
 * :func:`dense_global_norm` -- ``||W||_2`` by a singular value decomposition.
+* :func:`top_singular_value` -- the largest singular value of a batch of
+  matrices (float64 on the host, differentiable).
 * :func:`conv_global_norm` -- ``||conv||_2`` of a zero-padded, strided 2-D
   convolution by the exact norm of a circulant operator that contains it
   (polyphase decomposition + FFT, one small SVD per frequency).
@@ -27,13 +29,60 @@ Array = jax.Array
 ROUNDING_SLACK = 1e-4
 
 
+def _host_top_singular(mats):
+  """Host side of :func:`top_singular_value`: float64 LAPACK, one call."""
+  m = np.asarray(mats)
+  complex_in = np.iscomplexobj(m)
+  m = m.astype(np.complex128 if complex_in else np.float64)
+  out_dtype = np.complex64 if complex_in else np.float32
+  rows, cols = m.shape[1], m.shape[2]
+  if not np.all(np.isfinite(m)):
+    return (np.float32(np.nan), np.int32(0), np.zeros(rows, out_dtype),
+            np.zeros(cols, out_dtype))
+  mh = np.conj(np.swapaxes(m, 1, 2))
+  gram = m @ mh if rows <= cols else mh @ m
+  lam = np.linalg.eigvalsh(gram)[:, -1]
+  i = int(np.argmax(lam))
+  u, sv, vh = np.linalg.svd(m[i])
+  sigma = max(float(sv[0]), float(np.sqrt(max(lam[i], 0.0))))
+  return (np.float32(sigma * (1.0 + ROUNDING_SLACK)), np.int32(i),
+          u[:, 0].astype(out_dtype), np.conj(vh[0]).astype(out_dtype))
+
+
+def top_singular_value(mats: Array) -> Array:
+  """Upper bound on ``max_i sigma_max(mats[i])``, with the gradient of ``sigma_max``.
+
+  The value is computed on the host (``jax.pure_callback``) in float64 with
+  LAPACK, then multiplied by ``1 + ROUNDING_SLACK``; no LAPACK call runs inside
+  the XLA computation (batched LAPACK kernels there have been seen to
+  deadlock when two computations run at once on the CPU). The derivative is
+  that of the top singular value, ``Re(u^H dM_i v)`` at the maximising matrix
+  and its top singular vectors. NaN or inf entries give NaN.
+
+  Args:
+    mats: ``(N, m, n)`` real or complex matrices.
+
+  Returns:
+    A float32 scalar.
+  """
+  n, rows, cols = mats.shape
+  vec_dtype = jnp.complex64 if jnp.iscomplexobj(mats) else jnp.float32
+  shapes = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((rows,), vec_dtype), jax.ShapeDtypeStruct((cols,), vec_dtype))
+  sigma, i, u, v = jax.pure_callback(_host_top_singular, shapes, jax.lax.stop_gradient(mats),
+                                     vmap_method="sequential")
+  mi = jax.lax.dynamic_index_in_dim(mats, i, axis=0, keepdims=False)
+  lin = jnp.real(jnp.vdot(u, mi @ v))
+  return sigma + (lin - jax.lax.stop_gradient(lin))
+
+
 def dense_global_norm(kernel: Array) -> Array:
   """Upper bound on the spectral norm of a dense kernel of shape ``(in, out)``.
 
-  Exact largest singular value (``jnp.linalg.svd``) times ``1 + ROUNDING_SLACK``.
+  Exact largest singular value (float64 on the host, see
+  :func:`top_singular_value`) times ``1 + ROUNDING_SLACK``; differentiable.
   """
-  s = jnp.linalg.svd(kernel.astype(jnp.float32), compute_uv=False)
-  return s[0] * (1.0 + ROUNDING_SLACK)
+  return top_singular_value(kernel.astype(jnp.float32)[None])
 
 
 def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
@@ -70,8 +119,7 @@ def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
   k = k.reshape(ka_h, ka_w, s * s * cin, cout)
   khat = jnp.fft.fft2(k, s=(m_h, m_w), axes=(0, 1))
   mats = khat.reshape(m_h * m_w, s * s * cin, cout)
-  sv = jnp.linalg.svd(mats, compute_uv=False)
-  return jnp.max(sv) * (1.0 + ROUNDING_SLACK)
+  return top_singular_value(mats)
 
 
 def _host_masked_dense_norm(matrix, rows, cols):
