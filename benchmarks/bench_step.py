@@ -40,7 +40,8 @@ def _time(fn, repeats):
   return statistics.median(out)
 
 
-def bench_model(name, batch, repeats, iterations, timing=True):
+def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant", "through"),
+                tightness=True):
   shape = SHAPES[name]
   model = lipjax.models.get(name, input_shape=shape)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
@@ -68,7 +69,7 @@ def bench_model(name, batch, repeats, iterations, timing=True):
     run("plain cross-entropy", loss="ce")
     run("global bound (GloRo)", loss="gloro", bound="global")
     for k in iterations:
-      for grad in ("constant", "through"):
+      for grad in grads:
         run(f"local, {k} iter, grad {grad}", loss="gloro", bound="local", iterations=k,
             grad=grad)
     base = rows[0][1]
@@ -79,6 +80,8 @@ def bench_model(name, batch, repeats, iterations, timing=True):
     for label, sec in rows:
       print(f"| {label} | {sec:.3f} | {sec / base:.2f} |")
 
+  if not tightness:
+    return
   # Tightness of warm-started estimates vs converged norms: 100 Lanczos steps
   # on the same masks give (converged) Ritz values.
   conv = lipjax.local_lipschitz_bound(model, variables, x, eps, mode="sound",
@@ -106,10 +109,13 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--iterations", default="1,2,5")
   p.add_argument("--no_timing", action="store_true", help="tightness table only")
+  p.add_argument("--grads", default="constant,through", help="gradient options to time")
+  p.add_argument("--no_tightness", action="store_true", help="timing table only")
   a = p.parse_args()
   for name in a.models.split(","):
     bench_model(name, a.batch, a.repeats, [int(k) for k in a.iterations.split(",")],
-                timing=not a.no_timing)
+                timing=not a.no_timing, grads=a.grads.split(","),
+                tightness=not a.no_tightness)
 
 
 if __name__ == "__main__":

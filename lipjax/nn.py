@@ -51,6 +51,16 @@ class LinearLayer(nn.Module):
     """Returns ``b`` broadcastable to ``(*out_shape,)`` or ``None``."""
     return None
 
+  def linear_for_adjoint(self, params: Params, h: Array) -> Array:
+    """The same map as :meth:`linear`, written so its transpose is cheap.
+
+    The bounds take the adjoint ``W^T`` from ``jax.linear_transpose`` of this
+    function (default: :meth:`linear` itself). A layer may override it with
+    another formulation of the *same* linear map whose transpose the backend
+    runs faster (see :class:`Conv`).
+    """
+    return self.linear(params, h)
+
   def abs_linear(self, params: Params, h: Array) -> Optional[Array]:
     """Applies ``|W|`` (elementwise absolute value) to ``h``, or ``None``.
 
@@ -229,6 +239,34 @@ class Conv(LinearLayer):
 
   def linear(self, params, h):
     return self._conv(h, params["kernel"])
+
+  def linear_for_adjoint(self, params, h):
+    """The strided convolution as a stride-1 one on its polyphase components.
+
+    With stride ``s`` the padded input splits into ``s * s`` sub-grids
+    (stacked as channels) and the kernel into matching ``ceil(k/s)``-sized
+    pieces; a VALID stride-1 correlation of the two is the same map. Its
+    transpose (from ``jax.linear_transpose``) is a stride-1 convolution, which
+    XLA runs several times faster on CPU than the transpose of a strided one.
+    """
+    s = self.stride
+    if s == 1:
+      return self.linear(params, h)
+    kernel = params["kernel"]
+    b, hh, ww, c = h.shape
+    k, o = kernel.shape[0], kernel.shape[3]
+    p = self.padding
+    ka = -(-k // s)
+    ho, wo = (hh + 2 * p - k) // s + 1, (ww + 2 * p - k) // s + 1
+    lh, lw = s * (ho - 1 + ka), s * (wo - 1 + ka)
+    hp = jnp.pad(h, ((0, 0), (p, p + max(lh - hh - 2 * p, 0)),
+                     (p, p + max(lw - ww - 2 * p, 0)), (0, 0)))[:, :lh, :lw]
+    x = hp.reshape(b, lh // s, s, lw // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, lh // s, lw // s, s * s * c)
+    kp = jnp.pad(kernel, ((0, ka * s - k), (0, ka * s - k), (0, 0), (0, 0)))
+    kp = kp.reshape(ka, s, ka, s, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(ka, ka, s * s * c, o)
+    return jax.lax.conv_general_dilated(x, kp, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def bias(self, params):
     return params.get("bias") if self.use_bias else None

@@ -291,3 +291,24 @@ def test_lanczos_bound_includes_the_rounding_margin(masked_conv):
                                          60, 0.5e-9))
   expected = np.asarray(est) / np.sqrt(1 - e) * (1 + 1e-4)
   np.testing.assert_allclose(np.asarray(upper), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,ksize,stride,padding", [
+    (7, 4, 2, 1), (8, 4, 2, 1), (7, 3, 2, 0), (9, 3, 3, 1), (6, 5, 2, 2), (5, 2, 2, 0),
+    (6, 3, 1, 1)])
+def test_conv_polyphase_form_is_the_same_map_and_gives_the_same_adjoint(size, ksize, stride,
+                                                                        padding):
+  from lipjax import nn as lnn
+  layer = lnn.Conv(features=3, kernel_size=ksize, stride=stride, padding=padding)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 2))
+  params = layer.init(jax.random.PRNGKey(1), x)["params"]
+  a = layer.linear(params, x)
+  b = layer.linear_for_adjoint(params, x)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  v = jax.random.normal(jax.random.PRNGKey(2), a.shape)
+  spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  ta = jax.linear_transpose(lambda u: layer.linear(params, u), spec)(v)[0]
+  tb = jax.linear_transpose(lambda u: layer.linear_for_adjoint(params, u), spec)(v)[0]
+  np.testing.assert_allclose(np.asarray(tb), np.asarray(ta), rtol=1e-5, atol=1e-5)
+  # <W u, v> == <u, W^T v> with the polyphase adjoint.
+  np.testing.assert_allclose(float(jnp.vdot(a, v)), float(jnp.vdot(x, tb)), rtol=1e-4)

@@ -226,7 +226,7 @@ def running_global_norms(stages, global_state: PowerState, iterations: int,
   for st, u in zip(stages, global_state.vectors):
     frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
     sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
-                                     int(iterations))
+                                     int(iterations), adjoint_of=frozen.linear_for_adjoint)
     if differentiable:
       sigma = power.norm_at(st.linear, u)
     out.append(sigma[0])
@@ -245,6 +245,10 @@ def _masked_op(stage: network.Stage, row: Array, col: Array):
   return lambda u: row * stage.linear(col * u)
 
 
+def _masked_op_for_adjoint(stage: network.Stage, row: Array, col: Array):
+  return lambda u: row * stage.linear_for_adjoint(col * u)
+
+
 def _uses_lanczos(stage: network.Stage, dense: str) -> bool:
   return not (dense == "exact" and stage.layer.explicit_matrix(stage.params) is not None)
 
@@ -259,7 +263,8 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
   mat = stage.layer.explicit_matrix(stage.params)
   if lower:
     _, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
-                                      col, steps, delta)
+                                      col, steps, delta,
+                                      _masked_op_for_adjoint(stage, row, col))
     est = jnp.minimum(est, gnorm)
     return est, est
   if dense == "exact" and mat is not None:
@@ -268,7 +273,8 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     s = norms.masked_dense_norm(mat, r, c)
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
   upper, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
-                                        col, steps, delta)
+                                        col, steps, delta,
+                                        _masked_op_for_adjoint(stage, row, col))
   return jnp.minimum(upper, gnorm), jnp.minimum(est, gnorm)
 
 
@@ -429,8 +435,14 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
         u0 = jnp.broadcast_to(new_global.vectors[l], col_prev.shape)
       else:
         u0 = jax.random.normal(keys[2 * l + 1], col_prev.shape, jnp.float32)
-      s, u = power.power_iteration(_masked_op(st, row, col_prev), u0 * col_prev,
-                                   iterations, grad_through=(grad == "through"))
+      # With constant vectors the iterations run on frozen parameters, so the
+      # derivative is only that of the final application.
+      it = st if grad == "through" else dataclasses.replace(
+          st, params=jax.lax.stop_gradient(st.params))
+      s, u = power.power_iteration(_masked_op(it, row, col_prev), u0 * col_prev,
+                                   iterations, grad_through=(grad == "through"),
+                                   adjoint_of=_masked_op_for_adjoint(it, row, col_prev),
+                                   final_op=_masked_op(st, row, col_prev))
       est = s
       vectors.append(u)
     layer_norms.append(s)

@@ -55,6 +55,10 @@ class Stage:
     """``W h`` (no bias) for ``h`` of shape ``(B, *in_shape)``."""
     return self.layer.linear(self.params, self._pre(h))
 
+  def linear_for_adjoint(self, h: Array) -> Array:
+    """The same map as :meth:`linear`, in the layer's transpose-friendly form."""
+    return self.layer.linear_for_adjoint(self.params, self._pre(h))
+
   def affine(self, h: Array) -> Array:
     z = self.linear(h)
     b = self.layer.bias(self.params)

@@ -63,8 +63,9 @@ def adjoint(op: Operator, u_like: Array) -> Operator:
 
 
 def power_iteration(op: Operator, u0: Array, iterations: int, *,
-                    grad_through: bool = False, tol: Optional[float] = None
-                    ) -> Tuple[Array, Array]:
+                    grad_through: bool = False, tol: Optional[float] = None,
+                    adjoint_of: Optional[Operator] = None,
+                    final_op: Optional[Operator] = None) -> Tuple[Array, Array]:
   """Estimates ``||op||_2`` per example with the power method.
 
   Args:
@@ -77,13 +78,19 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
       is differentiated (``||op(stop_gradient(u))||``).
     tol: optional relative tolerance; iterations stop changing the vector once
       the estimate's relative change is below it (per example).
+    adjoint_of: another implementation of the same linear map whose
+      ``jax.linear_transpose`` gives the adjoint (default: ``op``).
+    final_op: the same map for the final ``||op(u)||`` (default: ``op``).
+      With ``grad_through=False``, pass ``op`` and ``adjoint_of`` built from
+      parameters under ``stop_gradient`` and the live map here: the
+      iterations then carry no derivative work at all.
 
   Returns:
     ``(sigma, u)``: ``(B,)`` estimates, each a *lower bound* of the true norm
     (up to rounding), and the ``(B, *in_shape)`` final unit vectors to
     warm-start the next call.
   """
-  opt = adjoint(op, u0)
+  opt = adjoint(adjoint_of or op, u0)
   u = _normalise(u0)
   if not grad_through:
     u = jax.lax.stop_gradient(u)
@@ -101,7 +108,7 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
     u = u_new
     if not grad_through:
       u = jax.lax.stop_gradient(u)
-  sigma = _batch_norm(op(u))
+  sigma = _batch_norm((final_op or op)(u))
   return sigma, jax.lax.stop_gradient(u)
 
 
@@ -207,8 +214,9 @@ def kw_relative_error(n: Array, steps, delta: float) -> Array:
 
 
 def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...],
-                       col_mask: Array, steps: int, delta: float
-                       ) -> Tuple[Array, Array]:
+                       col_mask: Array, steps: int, delta: float,
+                       adjoint_of: Optional[Operator] = None,
+                    final_op: Optional[Operator] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -229,13 +237,15 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
     col_mask: ``(B, *in_shape)`` 0/1 mask of varying input coordinates.
     steps: Lanczos steps.
     delta: failure probability for this operator.
+    adjoint_of: another implementation of ``op`` whose transpose gives the
+      adjoint (default: ``op``).
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
     the Ritz estimate ``sqrt(theta)`` (a lower bound).
   """
   g = jax.random.normal(key, in_shape_batch, jnp.float32) * col_mask
-  opt = adjoint(op, g)
+  opt = adjoint(adjoint_of or op, g)
   theta, done = _lanczos(lambda q: opt(op(q)), g, steps)
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
   # The number of steps an example completes depends on its start vector, so

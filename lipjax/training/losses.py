@@ -58,8 +58,9 @@ def _init_power(model, variables, shape, key, iterations):
   vecs = []
   for st, k in zip(stages, keys):
     u = jax.random.normal(k, (1,) + st.in_shape, jnp.float32)
-    op = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params)).linear
-    opt = power.adjoint(op, u)
+    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
+    op = frozen.linear
+    opt = power.adjoint(frozen.linear_for_adjoint, u)
 
     def body(_, u, op=op, opt=opt):
       v = power.normalise(op(u))
