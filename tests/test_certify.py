@@ -278,13 +278,17 @@ def test_linear_model_certificate_is_exact(bound):
 def test_random_model_certificates_survive_pgd(random_conv):
   model, v, x, y, attack = random_conv
   for eps in (0.02, 0.1):
-    cert = lipjax.certify(model, v, x, y, eps)
-    _check_consistency(model, v, x, y, eps, cert)
-    certified = np.asarray(cert.certified)
     adv = attack(v, x, y, jnp.full((x.shape[0],), eps), jax.random.PRNGKey(3))
-    assert not np.any(_flipped(model, v, adv, y) & certified)
-    fp = np.asarray(cert.failure_probability)
-    assert np.all((fp > 0) & (fp <= 1e-9 * (1 + 1e-6)))   # conv layers: Lanczos
+    for triage in (True, False):
+      cert = lipjax.certify(model, v, x, y, eps, triage=triage)
+      _check_consistency(model, v, x, y, eps, cert)
+      certified = np.asarray(cert.certified)
+      assert not np.any(_flipped(model, v, adv, y) & certified)
+      fp, local = np.asarray(cert.failure_probability), np.asarray(cert.local)
+      assert np.all((fp[local] > 0) & (fp[local] <= 1e-9 * (1 + 1e-6)))   # conv: Lanczos
+      assert np.all(fp[~local] == 0)                # the exact global certificate
+      if not triage:
+        assert np.all(local)
   cert = lipjax.certify(model, v, x, y, 0.02)
   assert np.asarray(cert.certified).sum() >= 2
 

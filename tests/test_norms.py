@@ -312,3 +312,26 @@ def test_conv_polyphase_form_is_the_same_map_and_gives_the_same_adjoint(size, ks
   np.testing.assert_allclose(np.asarray(tb), np.asarray(ta), rtol=1e-5, atol=1e-5)
   # <W u, v> == <u, W^T v> with the polyphase adjoint.
   np.testing.assert_allclose(float(jnp.vdot(a, v)), float(jnp.vdot(x, tb)), rtol=1e-4)
+
+
+def test_lanczos_rank_bound_accepts_a_krylov_space_that_cannot_grow():
+  # op = diag(3, 1) Q with Q 2 x 600 orthonormal: op^T op has rank 2, so the
+  # Krylov space has dimension <= 3 and the run stops after 3 steps. Knowing
+  # rank <= 2 (two unmasked rows), that stop is genuine and the 50-step bound
+  # applies; without the rank it is judged by 3 steps (no bound).
+  rng = np.random.default_rng(1)
+  n, b = 600, 2
+  q = np.linalg.qr(rng.standard_normal((n, 2)))[0].T.astype(np.float32)   # (2, n)
+  mat = jnp.asarray(np.diag([3.0, 1.0]).astype(np.float32) @ q)
+
+  def op(u):
+    return u @ mat.T
+
+  ones = jnp.ones((b, n))
+  up_rank, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9,
+                                           rank_bound=jnp.full((b,), 2.0))
+  np.testing.assert_allclose(np.asarray(est), 3.0, rtol=1e-5)
+  assert np.all(np.isfinite(np.asarray(up_rank)))
+  assert np.all(np.asarray(up_rank) >= 3.0) and np.all(np.asarray(up_rank) <= 3.0 * 1.05)
+  up, _ = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
+  assert np.all(np.isinf(np.asarray(up)))

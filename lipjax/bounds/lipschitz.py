@@ -274,7 +274,8 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
   upper, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
                                         col, steps, delta,
-                                        _masked_op_for_adjoint(stage, row, col))
+                                        _masked_op_for_adjoint(stage, row, col),
+                                        rank_bound=jnp.sum(row.reshape(b, -1), axis=1))
   return jnp.minimum(upper, gnorm), jnp.minimum(est, gnorm)
 
 

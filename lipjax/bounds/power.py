@@ -216,7 +216,7 @@ def kw_relative_error(n: Array, steps, delta: float) -> Array:
 def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...],
                        col_mask: Array, steps: int, delta: float,
                        adjoint_of: Optional[Operator] = None,
-                    final_op: Optional[Operator] = None) -> Tuple[Array, Array]:
+                       rank_bound: Optional[Array] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -226,8 +226,9 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   ``sqrt(theta / (1 - e))`` is ``>= ||op||`` with probability ``>= 1 - delta``
   over the start vector (exact arithmetic; ``inf`` when ``e >= 1``). An
   example whose Lanczos run stops early (numerically invariant Krylov space)
-  is judged by the steps it completed, with the budget ``delta`` split over
-  the possible stopping points. The result carries the relative rounding
+  before its Krylov space fills the ``n`` varying dimensions is judged by the
+  steps it completed, with the budget ``delta`` split over the possible
+  stopping points. The result carries the relative rounding
   margin ``1e-4`` of :mod:`lipjax.bounds.norms`.
 
   Args:
@@ -239,6 +240,10 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
     delta: failure probability for this operator.
     adjoint_of: another implementation of ``op`` whose transpose gives the
       adjoint (default: ``op``).
+    rank_bound: optional ``(B,)`` upper bound on the rank of ``op`` (e.g. its
+      number of unmasked rows ``r``): the Krylov space of ``op^T op`` then has
+      dimension at most ``r + 1``, so a run that completed that many steps
+      cannot have stopped too early.
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
@@ -250,12 +255,15 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
   # The number of steps an example completes depends on its start vector, so
   # the failure budget is split over the possible stopping points: half for a
-  # run of all ``steps``, the other half shared by the earlier stops, each
-  # judged by the Krylov dimension it actually reached.
+  # run of all ``steps`` or one whose Krylov space reached its largest possible
+  # dimension (``n``, or ``rank + 1``: then it cannot grow, and the
+  # ``steps``-step bound holds), the other half shared by the earlier stops, each judged by the
+  # Krylov dimension it actually reached.
   steps = int(steps)
   e_full = kw_relative_error(n, steps, 0.5 * delta)
   e_early = kw_relative_error(n, done, 0.5 * delta / max(steps - 1, 1))
-  e = jnp.where(done >= steps, e_full, e_early)
+  full_dim = n if rank_bound is None else jnp.minimum(n, rank_bound + 1.0)
+  e = jnp.where((done >= steps) | (done >= full_dim), e_full, e_early)
   upper = jnp.where(e < 1.0, jnp.sqrt(theta / jnp.maximum(1.0 - e, _TINY)), jnp.inf)
   upper = upper * (1.0 + _ROUNDING_SLACK)
   return upper, jnp.sqrt(theta)
