@@ -11,6 +11,7 @@ config fields and :mod:`lipjax.training.checkpoints` for the workdir layout.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Dict, Mapping
 
@@ -165,6 +166,31 @@ def _progress(total, initial, enabled):
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
+class _TensorBoard:
+  """Scalars of every metrics record to ``workdir/tensorboard`` when tensorboardX is installed."""
+
+  def __init__(self, workdir):
+    self.writer = None
+    try:
+      from tensorboardX import SummaryWriter   # pylint: disable=import-outside-toplevel
+    except ImportError:
+      return
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record):
+    if self.writer is None:
+      return
+    split, step = record.get("split", "train"), int(record.get("step", 0))
+    for k, v in record.items():
+      if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        self.writer.add_scalar(f"{split}/{k}", float(v), step)
+    self.writer.flush()
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains, checkpoints, validates and certifies; resumes from ``workdir``.
 
@@ -244,9 +270,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   t_train = time.time()
   train_time_steps = 0
 
+  board = _TensorBoard(workdir) if process_index == 0 else None
+
   def log(record):
     if process_index == 0:
       checkpoints.append_metrics(workdir, record)
+      board.write(record)
 
   def validate(epoch_done):
     variables = {"params": jax.device_get(step_lib.unreplicate(state).params)}
@@ -322,5 +351,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
           f"{ckpt_step}: clean accuracy {100 * m['clean_accuracy']:.2f}%, certified accuracy "
           f"{100 * m['certified_accuracy']:.2f}% at eps={float(cfg['eps_test']):.4g} "
           f"({cfg['certify_bound']} bound, sound)", flush=True)
+  if board is not None:
+    board.close()
   result["total_seconds"] = time.time() - t_start
   return result

@@ -208,6 +208,34 @@ def test_run_writes_config_metrics_and_chooses_best_on_val(uninterrupted):
   assert len(power) == 4 and all(np.all(np.isfinite(p)) for p in power)
 
 
+def _tensorboard_scalars(directory):
+  from tensorboardX.proto import event_pb2   # pylint: disable=import-outside-toplevel
+  out = {}
+  for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+    raw, i = open(path, "rb").read(), 0
+    while i < len(raw):   # TFRecord: length, crc, Event proto, crc
+      n = struct.unpack("<Q", raw[i:i + 8])[0]
+      event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+@needs_mnist
+def test_run_writes_tensorboard_scalars(uninterrupted):
+  workdir, _ = uninterrupted
+  scalars = _tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+  records = checkpoints.read_metrics(workdir)
+  train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+  got = scalars["train/loss"]
+  assert [s for s, _ in got] == [s for s, _ in train]
+  np.testing.assert_allclose([v for _, v in got], [v for _, v in train], rtol=1e-6)
+  val = [(r["step"], r["val_certified_accuracy"]) for r in records if r["split"] == "val"]
+  assert [s for s, _ in scalars["val/val_certified_accuracy"]] == [s for s, _ in val]
+  assert "test/test_certified_accuracy" in scalars and "train/eps" in scalars
+
+
 @needs_mnist
 def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_mnist, launch_env,
                                                        tmp_path):
