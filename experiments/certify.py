@@ -8,7 +8,7 @@ Run::
 
 Reads ``workdir/config.json`` and a checkpoint (``--checkpoint=best|latest|STEP``),
 evaluates ``--split`` of the config's data set and writes to ``--output_dir``
-(default ``workdir/eval``): ``report.md`` (SPEC section 8 table, radii,
+(default ``workdir/eval``): ``report.md`` (the paper's Table 1 layout, radii,
 tightness, guarantees), ``report.json`` (every number, also per example) and
 PNG plots. The exit code is 0 on success, 1 for bad input (one line on
 stderr) and 2 when ``--cross_check`` finds a certified point that PGD breaks.

@@ -1,4 +1,4 @@
-"""The model zoo of the paper: 4C3F, 6C2F and 8C2F (SPEC section 7).
+"""The model zoo of the paper: 4C3F, 6C2F and 8C2F.
 
 Example::
 

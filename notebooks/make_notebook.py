@@ -62,7 +62,7 @@ if BACKEND == "cpu":
     CFG = dict(model="2c2f", steps=600, batch_size=128, eps_train=1.0, eps_test=0.5,
                num_train=60000, num_test=500)
 else:
-    # The paper's MNIST 4C3F network, ramp over half the run (SPEC row 1 is 300 epochs).
+    # The paper's MNIST 4C3F network, ramp over half the run (the paper trains 300 epochs).
     CFG = dict(model="4c3f", steps=6000, batch_size=256, eps_train=1.75, eps_test=1.58,
                num_train=60000, num_test=2000)
 EPS_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)

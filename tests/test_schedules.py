@@ -1,4 +1,4 @@
-"""Schedules against hand-computed values (SPEC section 7)."""
+"""Schedules against hand-computed values."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Training configs, one per run of SPEC section 7, plus the CPU demo.
+"""Training configs, one per training run of the paper, plus the CPU demo.
 
 Each module has ``get_config() -> ml_collections.ConfigDict``; pass its path to
 ``python -m experiments.train --config=experiments/configs/NAME.py`` (or just

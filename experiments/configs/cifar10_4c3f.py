@@ -1,4 +1,4 @@
-r"""CIFAR-10 4C3F clipped ReLU (theta 1.0), BCP loss, local bound (SPEC section 7).
+r"""CIFAR-10 4C3F clipped ReLU (theta 1.0), BCP loss, local bound.
 
 Run::
 

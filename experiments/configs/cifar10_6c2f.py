@@ -1,4 +1,4 @@
-r"""CIFAR-10 6C2F clipped ReLU (theta 2.0), BCP loss, local bound (SPEC section 7).
+r"""CIFAR-10 6C2F clipped ReLU (theta 2.0), BCP loss, local bound.
 
 Run::
 

@@ -1,4 +1,4 @@
-r"""CIFAR-10 6C2F clipped MaxMin, BCP loss, local bound (SPEC section 7).
+r"""CIFAR-10 6C2F clipped MaxMin, BCP loss, local bound.
 
 Run::
 

@@ -1,4 +1,4 @@
-r"""MNIST 4C3F clipped ReLU (theta 1.0), GloRo loss, local bound (SPEC section 7).
+r"""MNIST 4C3F clipped ReLU (theta 1.0), GloRo loss, local bound.
 
 Run::
 

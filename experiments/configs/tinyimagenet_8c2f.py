@@ -1,4 +1,4 @@
-r"""TinyImageNet 8C2F clipped ReLU (theta 1.0), BCP + sparsity 0.01 (SPEC section 7).
+r"""TinyImageNet 8C2F clipped ReLU (theta 1.0), BCP + sparsity 0.01.
 
 Run (TinyImageNet from local files, see ``lipjax.data.load``)::
 

@@ -1,4 +1,4 @@
-"""Certificates and certified radii (SPEC section 6).
+"""Certificates and certified radii.
 
 For an example with label ``y`` and a bound ``R(x) = eps * prod_{l<L} s_l(x)``
 on how far the penultimate activation can move inside ``B(x, eps)``, the gap
@@ -47,7 +47,7 @@ class Certificate:
     radius: ``(B,)`` certified radius for the label: ``eps`` where certified,
       0 elsewhere (masks hold only inside ``B(x, eps)``, so no larger radius
       is claimed).
-    robust_radius: ``(B,)`` SPEC section 6 radius of the *prediction*:
+    robust_radius: ``(B,)`` certified radius of the *prediction*:
       ``min(eps, min_i (z_p - z_i) / (||D (w_p - w_i)|| prod s_l))`` with ``p``
       the predicted class (``eps`` where the prediction is certified at
       ``eps``); valid for wrong predictions too.

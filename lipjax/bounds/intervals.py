@@ -1,6 +1,6 @@
 """Per-example interval bounds on an l2 ball and activation-status masks.
 
-For each example the propagation carries three things (SPEC sections 3-4):
+For each example the propagation carries three things (the paper's interval bounds and masks):
 
 * the clean activation (the ball's centre),
 * an l2 radius ``r`` that contains every reachable activation (starts at eps),

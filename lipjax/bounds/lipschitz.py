@@ -1,6 +1,6 @@
 """Local and global Lipschitz bounds of a lipjax network's logits.
 
-``local_lipschitz_bound`` composes the pieces of SPEC sections 3-5: interval
+``local_lipschitz_bound`` composes the pieces of the method: interval
 bounds over the ball, activation-status masks, and per-layer norms of the
 masked weights ``||D_l W_l D_{l-1}||``. Two modes:
 

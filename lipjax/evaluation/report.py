@@ -1,6 +1,6 @@
 """Markdown and JSON reports of :func:`lipjax.evaluation.evaluate` results.
 
-The main Markdown table has the shape of SPEC section 8: one row per radius,
+The main Markdown table has the shape of the paper's Table 1: one row per radius,
 and per bound a cell ``clean / PGD / certified`` in percent (one decimal).
 The JSON file holds the same numbers unrounded, plus every per-example value.
 """

@@ -7,7 +7,7 @@ turns into Markdown and JSON and :mod:`lipjax.evaluation.plots` into figures.
 
 Several radii in one run:
 
-* global bound: the SPEC section 6 robust radius
+* global bound: the certified radius of the prediction
   ``min_i (z_y - z_i) / (||w_y - w_i|| prod_l ||W_l||)`` holds for every
   radius at once (the global bound has no masks), so one certificate call at
   ``radius_cap`` answers every ``eps`` of the list;

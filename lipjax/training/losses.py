@@ -1,4 +1,4 @@
-"""Certified-training losses (SPEC section 7), pure functions of arrays.
+"""Certified-training losses, pure functions of arrays.
 
 :func:`worst_case_deltas` gives, per example and class, how much the gap
 ``z_y - z_i`` can shrink inside the ball according to the local (or global)
@@ -184,7 +184,7 @@ def bcp_loss(logits: Array, deltas: Array, y: Array, kappa) -> Array:
 
 
 def sparsity_loss(model, variables, local_bound, theta_weight: float = 0.1) -> Array:
-  """Pushes neurons towards constant status (SPEC section 7).
+  """Pushes neurons towards constant status.
 
   Clipped ReLU: ``mean(relu(ub)) + theta_weight * mean(relu(theta - lb))``;
   clipped MaxMin: ``mean(relu(M - lb_max)) + mean(relu(ub_min - m))``; summed

@@ -1,4 +1,4 @@
-"""Training schedules (SPEC section 7) as Optax schedules: ``step -> value``.
+"""Training schedules as Optax schedules: ``step -> value``.
 
 ``step`` is the number of optimiser updates already done (0 for the first
 batch), so a schedule evaluated at ``TrainState.step`` gives the value the
