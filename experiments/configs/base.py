@@ -50,3 +50,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.progress = True                 # tqdm progress bar
   return c
+
+
+def cifar10_config(model: str) -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10 recipe: BCP, 2 power iterations, 800 epochs, crop + flip."""
+  c = get_config()
+  c.model = model
+  c.dataset = "cifar10"
+  c.augment = True
+  c.loss = "bcp"
+  c.iterations = 2
+  c.eps_train = 0.1551
+  c.eps_test = 36 / 255
+  c.epochs = 800
+  c.warmup_epochs = 20.0
+  c.rampup_epochs = 400.0
+  c.lr = 1e-3
+  c.end_lr = 1e-6
+  return c

@@ -14,18 +14,6 @@ from experiments.configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.model = "4c3f"
-  c.dataset = "cifar10"
-  c.augment = True
-  c.loss = "bcp"
-  c.iterations = 2
+  c = base.cifar10_config("4c3f")
   c.init = 1.0
-  c.eps_train = 0.1551
-  c.eps_test = 36 / 255
-  c.epochs = 800
-  c.warmup_epochs = 20.0
-  c.rampup_epochs = 400.0
-  c.lr = 1e-3
-  c.end_lr = 1e-6
   return c

@@ -15,19 +15,7 @@ from experiments.configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.model = "6c2f"
+  c = base.cifar10_config("6c2f")
   c.activation = "clipped_maxmin"
-  c.dataset = "cifar10"
-  c.augment = True
-  c.loss = "bcp"
-  c.iterations = 2
   c.init = -1.0                     # the zoo's per-layer MaxMin defaults
-  c.eps_train = 0.1551
-  c.eps_test = 36 / 255
-  c.epochs = 800
-  c.warmup_epochs = 20.0
-  c.rampup_epochs = 400.0
-  c.lr = 1e-3
-  c.end_lr = 1e-6
   return c
