@@ -249,10 +249,15 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   return _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options)
 
 
-def _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options):
+def _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options,
+                    bucket=False):
   n = x.shape[0]
+  limit = batch_size
   if batch_size is None or batch_size >= n:
     batch_size = n
+    if bucket:   # subsets of any size share a few compiled shapes: 8, 16, 32, ...
+      batch_size = max(8, 1 << (n - 1).bit_length())
+      batch_size = batch_size if limit is None else min(batch_size, limit)
   fn = (_jitted(model, bound, tuple(sorted(options.items()))) if jit else
         functools.partial(_call_plain, model, bound, options))
   out = []
@@ -278,7 +283,7 @@ def _certify_triaged(model, variables, x, y, eps, batch_size, key, jit, steps, o
     lower_opts = dict(options, mode="lower", lanczos_steps=steps)
     lower_opts.pop("dense", None)
     low = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
-                          jax.random.fold_in(key, 2), jit, lower_opts)
+                          jax.random.fold_in(key, 2), jit, lower_opts, bucket=True)
     # A margin that is not positive with the lower estimates cannot be with
     # the sound bound; NaN stays undecided (the sound run then says no).
     hopeless = np.asarray(low.margin <= 0)
@@ -286,7 +291,7 @@ def _certify_triaged(model, variables, x, y, eps, batch_size, key, jit, steps, o
   if not idx.size:
     return glob
   sound = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
-                          jax.random.fold_in(key, 3), jit, options)
+                          jax.random.fold_in(key, 3), jit, options, bucket=True)
   ji = jnp.asarray(idx)
   return jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), glob, sound)
 
