@@ -387,8 +387,8 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
 
-  # Failure budget: one share per probabilistic computation.
   lower = mode == "lower"
+  # Failure budget: one share per probabilistic computation.
   n_prob = sum(_needs_probabilistic_global(st) for st in stages)
   if mode == "sound":
     n_prob += sum(_uses_lanczos(st, dense) for st in stages)

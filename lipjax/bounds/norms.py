@@ -65,7 +65,7 @@ def top_singular_value(mats: Array) -> Array:
   Returns:
     A float32 scalar.
   """
-  n, rows, cols = mats.shape
+  _, rows, cols = mats.shape
   vec_dtype = jnp.complex64 if jnp.iscomplexobj(mats) else jnp.float32
   shapes = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((rows,), vec_dtype), jax.ShapeDtypeStruct((cols,), vec_dtype))

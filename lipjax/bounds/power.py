@@ -24,11 +24,12 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from lipjax.bounds.norms import ROUNDING_SLACK
+
 Array = jax.Array
 Operator = Callable[[Array], Array]
 
 _TINY = 1e-30
-_ROUNDING_SLACK = 1e-4   # as lipjax.bounds.norms.ROUNDING_SLACK
 
 
 def _batch_norm(x: Array) -> Array:
@@ -257,15 +258,15 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   # the failure budget is split over the possible stopping points: half for a
   # run of all ``steps`` or one whose Krylov space reached its largest possible
   # dimension (``n``, or ``rank + 1``: then it cannot grow, and the
-  # ``steps``-step bound holds), the other half shared by the earlier stops, each judged by the
-  # Krylov dimension it actually reached.
+  # ``steps``-step bound holds), the other half shared by the earlier stops,
+  # each judged by the Krylov dimension it actually reached.
   steps = int(steps)
   e_full = kw_relative_error(n, steps, 0.5 * delta)
   e_early = kw_relative_error(n, done, 0.5 * delta / max(steps - 1, 1))
   full_dim = n if rank_bound is None else jnp.minimum(n, rank_bound + 1.0)
   e = jnp.where((done >= steps) | (done >= full_dim), e_full, e_early)
   upper = jnp.where(e < 1.0, jnp.sqrt(theta / jnp.maximum(1.0 - e, _TINY)), jnp.inf)
-  upper = upper * (1.0 + _ROUNDING_SLACK)
+  upper = upper * (1.0 + ROUNDING_SLACK)
   return upper, jnp.sqrt(theta)
 
 
