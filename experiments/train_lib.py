@@ -94,7 +94,12 @@ def make_schedules(cfg: Mapping[str, Any], steps_per_epoch: int):
   return (schedules.eps_schedule(float(cfg["eps_train"]), steps_per_epoch, warm, ramp),
           schedules.kappa_schedule(steps_per_epoch, warm, ramp),
           schedules.lr_schedule(float(cfg["lr"]), float(cfg["end_lr"]), int(cfg["epochs"]),
-                                steps_per_epoch))
+                                steps_per_epoch, hold_epochs=_lr_hold(cfg)))
+
+
+def _lr_hold(cfg: Mapping[str, Any]):
+  hold = int(cfg.get("lr_hold_epochs", -1))
+  return None if hold < 0 else hold
 
 
 def _first(metrics) -> Dict[str, float]:

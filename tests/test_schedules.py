@@ -100,3 +100,14 @@ def test_schedules_jit_and_reject_bad_arguments():
     training.kappa_schedule(2, -1, 1)
   with pytest.raises(ValueError, match="lr"):
     training.lr_schedule(0.0, 1e-6, 10, 2)
+
+
+def test_lr_hold_epochs_compresses_the_schedule():
+  # hold to epoch 6 of 10, then geometric: epochs 7, 8, 9 at ratio^(1/3, 2/3, 1).
+  lr = training.lr_schedule(1e-3, 5e-6, epochs=10, steps_per_epoch=4, hold_epochs=6)
+  ratio = 5e-6 / 1e-3
+  expected = [1e-3] * 7 + [1e-3 * ratio ** (1 / 3), 1e-3 * ratio ** (2 / 3), 5e-6]
+  got = [float(lr(4 * e + 3)) for e in range(10)]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="hold_epochs"):
+    training.lr_schedule(1e-3, 5e-6, epochs=10, steps_per_epoch=4, hold_epochs=-1)

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rampup_epochs = 150.0           # eps 0 -> eps_train, kappa 1 -> 0
   c.lr = 1e-3
   c.end_lr = 5e-6                   # held to epoch epochs / 2 + 25, then geometric decay
+  c.lr_hold_epochs = -1             # >= 0: hold lr to this epoch instead (short schedules)
   c.batch_size = 256                # global batch, over all processes and devices
   c.seed = 0
   # Checkpoints and evaluation.

@@ -16,6 +16,7 @@ last ramp step and every later one use exactly ``eps_train`` and
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax.numpy as jnp
 import optax
@@ -80,11 +81,13 @@ def kappa_schedule(steps_per_epoch: int, warmup_epochs: float = 0,
   return lambda step: jnp.clip(1.0 - frac(step), 0.0, 1.0)
 
 
-def lr_schedule(lr: float, end_lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+def lr_schedule(lr: float, end_lr: float, epochs: int, steps_per_epoch: int,
+                hold_epochs: Optional[int] = None) -> optax.Schedule:
   """Adam learning rate: held, then decayed geometrically per epoch.
 
   With ``e = step // steps_per_epoch`` (0-based epoch) and
-  ``H = min(epochs // 2 + 25, epochs - 1)``: ``lr`` for ``e <= H``, then
+  ``H = min(epochs // 2 + 25, epochs - 1)`` (or ``min(hold_epochs, epochs - 1)``
+  when given): ``lr`` for ``e <= H``, then
   ``lr * (end_lr / lr) ** ((e - H) / (epochs - 1 - H))``, reaching ``end_lr``
   in the last epoch (``e = epochs - 1``) and staying there if training runs
   longer. Runs of at most 51 epochs end before the hold does, so keep ``lr``.
@@ -94,6 +97,9 @@ def lr_schedule(lr: float, end_lr: float, epochs: int, steps_per_epoch: int) -> 
     end_lr: learning rate of the last epoch (> 0).
     epochs: total number of epochs (>= 1).
     steps_per_epoch: optimiser updates per epoch (>= 1).
+    hold_epochs: last epoch of the constant phase (``>= 0``); None: the
+      paper's ``epochs // 2 + 25``. A compressed schedule keeps the paper's
+      shape with ``round(epochs * 175 / 300)``.
 
   Returns:
     ``schedule(step) -> learning rate`` (float32 scalar).
@@ -103,7 +109,9 @@ def lr_schedule(lr: float, end_lr: float, epochs: int, steps_per_epoch: int) -> 
   if int(epochs) != epochs or epochs < 1:
     raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
   _check_counts(steps_per_epoch, 0, 0)
-  hold = min(epochs // 2 + 25, epochs - 1)
+  if hold_epochs is not None and (int(hold_epochs) != hold_epochs or hold_epochs < 0):
+    raise ValueError(f"hold_epochs must be a non-negative integer, got {hold_epochs!r}")
+  hold = min(epochs // 2 + 25 if hold_epochs is None else int(hold_epochs), epochs - 1)
   decay = epochs - 1 - hold
   log_ratio = math.log(end_lr / lr)
 
