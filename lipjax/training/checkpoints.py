@@ -120,9 +120,22 @@ def _to_jsonable(value):
   return value
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _atomic_write(path: Path, text: str) -> None:
+  """Writes ``path`` through a temporary file and a rename.
+
+  The file gets the permissions of any other new file (``0666`` less the
+  umask, e.g. ``0644``), not ``mkstemp``'s ``0600``, so that collaborators
+  can read a shared run.
+  """
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()
@@ -204,12 +217,15 @@ def truncate_metrics(workdir, step: int) -> None:
   """Drops the records of ``metrics.jsonl`` logged after ``step``.
 
   Called when a run resumes from the checkpoint at ``step``, so that the
-  steps it repeats are not logged twice.
+  steps it repeats are not logged twice. The test records of ``step`` itself
+  go too: the resumed run certifies again when it ends.
   """
   path = _workdir(workdir) / METRICS_FILE
   if not path.is_file():
     return
-  keep = [r for r in read_metrics(workdir) if int(r.get("step", 0)) <= step]
+  keep = [r for r in read_metrics(workdir)
+          if int(r.get("step", 0)) < step
+          or (int(r.get("step", 0)) == step and r.get("split") != "test")]
   _atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
 
