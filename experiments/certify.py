@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
+from experiments.cli import InputError   # bad input: one line, exit code 1
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "training run directory (config.json, checkpoints/)")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a step number")
@@ -49,10 +52,6 @@ flags.DEFINE_string("output_dir", None, "output directory (default workdir/eval)
 flags.DEFINE_string("data_dir", None, "data directory (default: the config's data_dir)")
 flags.DEFINE_integer("seed", 0, "PRNG seed of the attacks and Lanczos start vectors")
 flags.DEFINE_bool("progress", True, "tqdm progress bars")
-
-
-class InputError(Exception):
-  """Bad user input, reported as one line without a traceback."""
 
 
 def parse_eps(text):
@@ -151,6 +150,9 @@ def run(argv_flags) -> int:
     raise InputError(f"--lanczos_steps must be >= 2, got {f.lanczos_steps}")
   if not 0 < f.failure_probability < 1:
     raise InputError(f"--failure_probability must be in (0, 1), got {f.failure_probability}")
+  if f.data_dir and not os.path.isdir(os.path.expanduser(f.data_dir)):
+    raise InputError(f"--data_dir {f.data_dir!r} does not exist or is not a directory "
+                     "(leave it out to use the run's data_dir or the installed sources)")
 
   config = checkpoints.load_config(f.workdir)
   if f.eps is None:
@@ -209,21 +211,11 @@ def run(argv_flags) -> int:
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"certify: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(1)
+  del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)   # Orbax logs routine INFO and WARNING lines
-  # pylint: disable=import-outside-toplevel
-  from lipjax.data import DataError
-  from lipjax.training.checkpoints import CheckpointError
-  try:
-    code = run(FLAGS)
-  except (InputError, CheckpointError, DataError) as e:
-    print(f"certify: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  sys.exit(code)
+  return run(FLAGS)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main_wrapper("certify", main), flags_parser=cli.flags_parser("certify"))

@@ -114,13 +114,14 @@ def resolve_config_args(argv: Sequence[str], *, required: bool = True,
 
   ``--config NAME`` and ``--config=NAME`` (also with one dash) become
   ``--config=experiments/configs/NAME.py``; a path stays a path. The config
-  file is loaded once here, and every ``--config.FIELD[=VALUE]`` (also
-  ``--config.noFIELD`` for booleans) must name one of its fields.
+  file is loaded once here, and every ``--config.FIELD[=VALUE]`` must name
+  one of its fields.
 
   Args:
     argv: the command line, program name first.
     required: whether ``--config`` must be given.
-    default: the config file used when ``--config`` is absent.
+    default: the config file used when ``--config`` is absent (added to the
+      command line).
 
   Returns:
     The normalised command line.
@@ -167,15 +168,10 @@ def resolve_config_args(argv: Sequence[str], *, required: bool = True,
                          f"({', '.join(config_names())}), e.g. --config=demo")
       return out
     config_value = (default, None)
+    out.insert(1, "--config=" + default)
   config = load_config_file(*config_value)
   for field, flag in overrides:
-    try:
-      check_field(config, field, flag)
-    except InputError:
-      head, _, last = field.rpartition(".")
-      if "=" in flag or not last.startswith("no"):   # --config.noFIELD sets a bool False
-        raise
-      check_field(config, (head + "." if head else "") + last[2:], flag)
+    check_field(config, field, flag)
   return out
 
 

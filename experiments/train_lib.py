@@ -216,11 +216,35 @@ def load_data(cfg: Mapping[str, Any]):
                                   full.name)
   train, val = make(train_idx), (make(val_idx) if n_val else None)
   del full
-  test_split = cfg["test_split"]
-  if int(cfg["num_test"]) and "[" not in test_split:
-    test_split = f"{test_split}[:{int(cfg['num_test'])}]"
-  test = data.load(cfg["dataset"], test_split, data_dir=data_dir) if test_split else None
+  split = test_split(cfg)
+  test = data.load(cfg["dataset"], split, data_dir=data_dir) if split else None
   return train, val, test
+
+
+def test_split(cfg: Mapping[str, Any]) -> str:
+  """The split the final test certifies: ``test_split``, cut to ``num_test`` images."""
+  split = cfg["test_split"]
+  if int(cfg["num_test"]) and split and "[" not in split:
+    split = f"{split}[:{int(cfg['num_test'])}]"
+  return split
+
+
+def length_text(cfg: Mapping[str, Any]) -> str:
+  """How long a run trains, in the config's terms (epochs, or max_steps when set)."""
+  if int(cfg["max_steps"]):
+    return (f"at most {int(cfg['max_steps'])} steps (max_steps; schedules of "
+            f"{cfg['epochs']} epoch(s))")
+  return f"{cfg['epochs']} epoch(s)"
+
+
+def train_time_text(result: Mapping[str, Any]) -> str:
+  """Training time of one ``train_and_evaluate`` call, saying so when it resumed a run."""
+  done, step = int(result["steps_trained"]), int(result["step"])
+  if done == 0:
+    return "0s (trained before)"
+  if done < step:
+    return f"{result['train_seconds']:.0f}s (last {done} of {step} steps)"
+  return f"{result['train_seconds']:.0f}s"
 
 
 # ----------------------------------------------------------------------------

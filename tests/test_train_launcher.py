@@ -1,10 +1,13 @@
 """Tests of the training launcher: configs, workdir files, best-on-val, kill and resume."""
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import cli
 from experiments import train_lib
 from experiments.configs import resolve_config_arg
 from lipjax import data
@@ -77,15 +81,29 @@ def test_command_line_overrides_every_kind_of_field():
   assert config.model == "4c3f" and config.loss == "gloro"   # untouched fields
   with pytest.raises(flags.IllegalFlagValueError):
     _parse(["--config=demo", "--config.epochs=three"])
-  with pytest.raises((flags.Error, KeyError, AttributeError)):
+  with pytest.raises(cli.InputError, match="no field 'no_such_field'"):
     _parse(["--config=demo", "--config.no_such_field=1"])
-  with pytest.raises(SystemExit, match="unknown config"):
+  with pytest.raises(cli.InputError, match="did you mean 'epochs'"):
+    _parse(["--config=demo", "--config.epoch=2"])
+  with pytest.raises(cli.InputError, match="unknown config 'no_such_config'.*demo"):
     _parse(["--config=no_such_config"])
+  with pytest.raises(cli.InputError, match="not found.*mnist_4c3f"):
+    _parse(["--config=experiments/configs/nope.py"])
+  # absl's space-separated form works like --config=NAME.
+  config = _parse(["--config", "demo", "--config.epochs", "2", "--config.augment"])
+  assert (config.model, config.epochs, config.augment) == ("2c2f", 2, True)
+  assert _parse(["--config", "mnist_4c3f_cpu"]).lr_hold_epochs == 6
 
 
-def test_bad_config_values_are_rejected():
-  config = _parse(["--config=demo", "--config.loss=hinge"]).to_dict()
-  with pytest.raises(ValueError, match="config.loss"):
+@pytest.mark.parametrize("field,value,match", [
+    ("loss", "hinge", "config.loss"), ("model", "5c5f", "config.model"),
+    ("dataset", "imagenet", "config.dataset"), ("eps_test", -0.5, "eps_test.*> 0"),
+    ("eps_test", 0.0, "eps_test"), ("eps_train", float("nan"), "eps_train"),
+    ("batch_size", 0, "batch_size"), ("certify_batch_size", 0, "certify_batch_size")])
+def test_bad_config_values_are_rejected(field, value, match):
+  config = _parse(["--config=demo"]).to_dict()
+  config[field] = value
+  with pytest.raises(cli.InputError, match=match):
     train_lib.check_config(config)
 
 
@@ -206,6 +224,17 @@ def test_run_writes_config_metrics_and_chooses_best_on_val(uninterrupted):
   # The local bound's running power vectors are part of every checkpoint.
   power = jax.tree_util.tree_leaves(_saved_state(workdir, TOTAL_STEPS)["power"])
   assert len(power) == 4 and all(np.all(np.isfinite(p)) for p in power)
+  # --config.progress=False: a line every log_every_steps steps and per validation,
+  # which says the bound it certifies with.
+  for step in range(2, TOTAL_STEPS + 1, 2):
+    assert f"step {step}/{TOTAL_STEPS} epoch {(step - 1) // 4}: loss " in out
+  assert out.count("val certified") == 3 and "(global bound, config.val_bound)" in out
+  assert "validation (which picks the best checkpoint) certifies with the global bound" in out
+  # Every file of the run is readable by others (0666 less the umask).
+  mask = os.umask(0)
+  os.umask(mask)
+  for name in (checkpoints.CONFIG_FILE, checkpoints.METRICS_FILE):
+    assert stat.S_IMODE(os.stat(os.path.join(workdir, name)).st_mode) == 0o666 & ~mask, name
 
 
 def _tensorboard_scalars(directory):
@@ -266,3 +295,152 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_mnist
   # The resumed run's log has every step once.
   train_steps = [r["step"] for r in checkpoints.read_metrics(workdir) if r["split"] == "train"]
   assert train_steps == list(range(2, TOTAL_STEPS + 1, 2))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit code 1, the workdir exactly as it was.
+# ---------------------------------------------------------------------------
+
+
+def _snapshot(root):
+  """``{relative path: (kind, sha256 or None, mtime_ns, mode)}`` of everything under root."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      st = os.stat(path)
+      digest = None
+      if name in filenames:
+        with open(path, "rb") as f:
+          digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, root)] = (name in filenames, digest, st.st_mtime_ns,
+                                          st.st_mode)
+  return out
+
+
+def _run_all(commands, env):
+  """Runs the commands concurrently; returns ``[(returncode, stdout, stderr)]``."""
+  procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(env, **extra)) for cmd, extra in commands]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@needs_mnist
+def test_bad_commands_fail_in_one_line_and_change_nothing(uninterrupted, tiny_mnist,
+                                                          launch_env, tmp_path):
+  run = str(tmp_path / "run")
+  shutil.copytree(uninterrupted[0], run)
+  afile = tmp_path / "a_file"
+  afile.write_text("not a directory")
+  empty = tmp_path / "empty_data"
+  empty.mkdir()
+  demo_dir = tmp_path / "demo"
+  os.makedirs(demo_dir / "local")
+  cfg = checkpoints.load_config(run)
+  checkpoints.save_config(demo_dir / "local", dict(cfg, certify_bound="local"))
+  fresh = tmp_path / "fresh"
+  train = [sys.executable, "-m", "experiments.train"]
+  same = [f"--workdir={run}", f"--config.data_dir={tiny_mnist}"] + TINY
+  cases = [   # (command, extra environment, expected part of the one line)
+      (train + ["--config=experiments/configs/nope.py"] + same, {}, "config file "
+       "'experiments/configs/nope.py' not found"),
+      (train + ["--config", "nope"] + same, {}, "unknown config 'nope'; available: "),
+      (train + ["--config=demo", "--config.epoch=2"] + same, {}, "did you mean 'epochs'?"),
+      (train + ["--config=demo", "--config.eps_test=-0.5"] + same, {}, "config.eps_test"),
+      (train + ["--config=demo", "--config.epochs=three"] + same, {}, "--config.epochs=three"),
+      (train + ["--config=demo", f"--workdir={afile}"], {}, "is a file, not a directory"),
+      (train + ["--config=demo"] + same + ["--config.lr=0.002", "--config.seed=1"], {},
+       "(lr: 0.001 in the run, 0.002 now; seed: 0 in the run, 1 now)"),
+      (train + ["--config=demo"] + same + [f"--config.data_dir={tmp_path / 'missing'}"], {},
+       "does not exist"),
+      (train + ["--config=demo", f"--workdir={fresh}"] + TINY, {"LIPJAX_DATA_DIR": str(empty)},
+       f"$LIPJAX_DATA_DIR '{empty}' holds no usable mnist 'train' data; looked for: "),
+      ([sys.executable, "-m", "experiments.demo", f"--workdir={demo_dir}",
+        f"--config.data_dir={tiny_mnist}", "--config.lr=0.002"] + TINY, {},
+       f"workdir '{demo_dir / 'local'}' holds a run with another config"),
+  ]
+  before = {p: _snapshot(p) for p in (run, tmp_path)}
+  t0 = time.time()
+  results = _run_all([(cmd, extra) for cmd, extra, _ in cases], launch_env)
+  elapsed = time.time() - t0
+  for (cmd, _, expected), (code, out, err) in zip(cases, results):
+    lines = [l for l in (out + err).splitlines() if l.strip()]
+    assert code == 1 and len(lines) == 1, (cmd[2:], code, out + err)
+    prog = "demo" if "experiments.demo" in cmd else "train"
+    assert lines[0].startswith(f"{prog}: error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in err
+  refusal = results[6][2]
+  assert "lr: 0.001" in refusal
+  assert "To resume that run" in refusal and "new --workdir" in refusal
+  assert {p: _snapshot(p) for p in (run, tmp_path)} == before
+  assert not fresh.exists() and not (demo_dir / "global").exists()
+  assert elapsed < 120   # checked before data loads
+
+
+@needs_mnist
+def test_the_same_config_resumes_and_a_finished_run_only_certifies(uninterrupted, tiny_mnist,
+                                                                     launch_env, tmp_path):
+  run = str(tmp_path / "run")
+  shutil.copytree(uninterrupted[0], run)
+  config_before = _snapshot(run)["config.json"]
+  # absl's space-separated --config, and a field that may change (progress).
+  cmd = [sys.executable, "-m", "experiments.train", "--config", "demo", f"--workdir={run}",
+         f"--config.data_dir={tiny_mnist}"] + TINY + ["--config.progress=True"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=launch_env,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"{run} is already trained to step {TOTAL_STEPS} (of {TOTAL_STEPS}); nothing to " \
+      "train" in proc.stdout
+  assert "resuming" not in proc.stdout
+  test = [r for r in checkpoints.read_metrics(run) if r["split"] == "test"]
+  assert len(test) == 1   # certified again, logged once
+  # config.json: same config, so the file is left alone (progress may differ).
+  after = _snapshot(run)["config.json"]
+  assert after[:3] == config_before[:3] or checkpoints.load_config(run)["progress"] is True
+
+
+def test_workdir_check_accepts_runs_of_older_code_and_refuses_changes(tmp_path):
+  cfg = _parse(["--config=mnist_4c3f_cpu", "--config.bound=global",
+                "--config.progress=False"]).to_dict()
+  derived = {"image_shape": [28, 28, 1], "steps_per_epoch": 214, "total_steps": 2140,
+             "train_examples_used": 55000}
+  # A run started by the present code: every field plus the derived ones.
+  checkpoints.save_config(tmp_path, dict(cfg, **derived))
+  assert train_lib.check_workdir(cfg, str(tmp_path)) is not None
+  # Fields that change neither weights nor logged metrics may differ.
+  assert train_lib.check_workdir(dict(cfg, progress=True, max_steps=5000,
+                                      certify_batch_size=64), str(tmp_path)) is not None
+  for field, value in (("lr", 0.002), ("bound", "local"), ("lr_hold_epochs", -1),
+                       ("model", "2c2f"),
+                       ("log_every_steps", 10), ("eps_test", 1.0)):
+    with pytest.raises(cli.InputError, match=f"{field}: "):
+      train_lib.check_workdir(dict(cfg, **{field: value}), str(tmp_path))
+  # A run started before a field existed: absent equals its default ...
+  old = {k: v for k, v in dict(cfg, **derived).items() if k != "lr_hold_epochs"}
+  old["a_field_removed_since"] = 1
+  checkpoints.save_config(tmp_path, old)
+  assert train_lib.check_workdir(dict(cfg, lr_hold_epochs=-1), str(tmp_path)) is not None
+  # ... and anything else is a change.
+  with pytest.raises(cli.InputError, match=r"lr_hold_epochs: \(absent\) in the run, 6 now"):
+    train_lib.check_workdir(cfg, str(tmp_path))
+  # Other training data (derived fields) are refused too.
+  with pytest.raises(cli.InputError, match="train_examples_used: 55000 in the run, 128 now"):
+    train_lib.check_derived(dict(cfg, **derived), dict(derived, train_examples_used=128),
+                            str(tmp_path))
+
+
+def test_demo_and_train_state_what_they_trained():
+  # The demo's header, summary and footer come from these.
+  cfg = _parse(["--config=demo", "--config.max_steps=40", "--config.num_test=300"]).to_dict()
+  assert train_lib.length_text(cfg) == "at most 40 steps (max_steps; schedules of 1 epoch(s))"
+  assert train_lib.length_text(dict(cfg, max_steps=0, epochs=2)) == "2 epoch(s)"
+  assert train_lib.test_split(cfg) == "test[:300]"
+  assert train_lib.test_split(dict(cfg, num_test=0)) == "test"
+  assert train_lib.test_split(dict(cfg, test_split="test[:50]")) == "test[:50]"
+  r = {"steps_trained": 0, "step": 40, "train_seconds": 0.02}
+  assert train_lib.train_time_text(r) == "0s (trained before)"
+  r = {"steps_trained": 10, "step": 40, "train_seconds": 12.4}
+  assert train_lib.train_time_text(r) == "12s (last 10 of 40 steps)"
+  r = {"steps_trained": 40, "step": 40, "train_seconds": 31.0}
+  assert train_lib.train_time_text(r) == "31s"

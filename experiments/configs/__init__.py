@@ -19,4 +19,5 @@ def resolve_config_arg(argv):
   otherwise. See :func:`experiments.cli.resolve_config_args`.
   """
   from experiments import cli   # pylint: disable=import-outside-toplevel
-  return cli.resolve_config_args(argv, required=False)
+  # Every element is an argument (a program name passes through unchanged).
+  return cli.resolve_config_args([""] + list(argv), required=False)[1:]
