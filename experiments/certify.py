@@ -191,13 +191,14 @@ def run(argv_flags) -> int:
       seed=f.seed, progress=f.progress)
   t0 = time.time()
   results = evaluate(model, variables, ds.images, ds.labels, eps, options)
-  title = f"{config['dataset']} {config['model']} ({config['activation']}), step {step}"
+  title = (f"{config['dataset']} {config['model']} ({config['activation']}), checkpoint "
+           f"step {step}")
   run_info = {"workdir": os.path.abspath(f.workdir), "checkpoint_step": step,
               "checkpoint": str(which), "split": split, "config": config,
               "wall_s": time.time() - t0, "device": str(jax.devices()[0].platform)}
   paths = report.write(results, out_dir, title=title, extra=run_info)
   metrics_path = os.path.join(f.workdir, "metrics.jsonl")
-  paths.update(plots.write_all(results, out_dir, metrics_path=metrics_path))
+  paths.update(plots.write_all(results, out_dir, metrics_path=metrics_path, title=title))
 
   print(report.to_markdown(results, title))
   print("wrote " + ", ".join(paths.values()))

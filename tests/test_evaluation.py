@@ -19,7 +19,7 @@ import lipjax
 from lipjax import data, training
 from lipjax import nn as lnn
 from lipjax.evaluation import (EvalOptions, evaluate, jacobian_norm_lower_bound, pgd_attack,
-                               perturbation_norm, power_norm, report)
+                               perturbation_norm, plots, power_norm, report)
 from lipjax.training import checkpoints
 
 from experiments import certify as certify_cli
@@ -297,13 +297,117 @@ def test_bad_inputs_raise_one_line_errors(workdir, tmp_path):
   os.symlink(os.path.join(workdir, "checkpoints"), other / "checkpoints")
   with pytest.raises(err, match="does not match the config's model"):
     certify_cli.run(_flags(str(other), tmp_path))
+  # A --data_dir that does not exist or lacks the data: no fallback to the
+  # installed MNIST.
+  nodata = tmp_path / "nodata"
+  with pytest.raises(err, match="--data_dir .* does not exist"):
+    certify_cli.run(_flags(workdir, tmp_path, data_dir=str(nodata)))
+  nodata.mkdir()
+  with pytest.raises(data.DataError, match="holds no usable mnist 'test' data"):
+    certify_cli.run(_flags(workdir, tmp_path, data_dir=str(nodata)))
 
 
-def test_command_line_error_is_one_line_without_traceback(tmp_path):
+@pytest.mark.parametrize("args,expected", [
+    (["--workdir={tmp}/missing"], "workdir '{tmp}/missing' does not exist"),
+    (["--workdir={tmp}", "--data_dir={tmp}/nodata"], "--data_dir '{tmp}/nodata' does not exist"),
+    (["--workdir={tmp}", "--num_examples=many"], "--num_examples=many"),
+    (["--workdir={tmp}", "extra"], "unexpected arguments ['extra']")])
+def test_command_line_error_is_one_line_without_traceback(tmp_path, args, expected):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.certify", f"--workdir={tmp_path / 'missing'}"],
+      [sys.executable, "-m", "experiments.certify"] + [a.format(tmp=tmp_path) for a in args],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
-  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-  assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
+  lines = [l for l in (proc.stdout + proc.stderr).strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("certify: error: "), proc.stderr
+  assert expected.format(tmp=tmp_path) in lines[0]
   assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Reports and figures a reader can trust at a glance.
+# ---------------------------------------------------------------------------
+
+
+def test_radius_table_compares_like_with_like(evaluated):
+  _, res, md, _ = evaluated
+  s, per, top = res["summary"], res["per_example"], max(EPS)
+  rl = np.asarray(per["radius_local"])
+  rg = np.asarray(per["radius_global"])
+  for b, r in (("local", rl), ("global", rg)):
+    assert s["radius"][b]["cap"] == top           # one cap for both bounds
+    assert np.all(r <= top * (1 + 1e-6))
+    assert s["radius"][b]["mean"] == pytest.approx(float(np.mean(r)), rel=1e-5)
+  # The local bound is never above the global one, and triaged examples enter
+  # with the global certificate's radius: no example's local radius is below
+  # its global radius (up to the certificates' float32 slack).
+  assert np.all(rl >= rg * (1 - 1e-3) - 1e-6), np.max(rg - rl)
+  assert s["radius"]["local"]["mean"] >= s["radius"]["global"]["mean"] * (1 - 1e-3)
+  fractions = s["certified"]["local"]["local_bound_fraction"]
+  for k, e in enumerate(EPS):
+    computed = np.asarray(per["local_bound_computed"][f"{e:g}"])
+    assert fractions[k] == pytest.approx(float(np.mean(computed)))
+  assert f"both bounds capped at the largest eps, {top:g}" in md
+  assert "triage" in md and "reached the sound local bound" in md
+
+
+def test_certified_plot_stops_at_the_evaluated_radii_and_marks_them(evaluated):
+  _, res, _, _ = evaluated
+  s = res["summary"]
+  fig = plots.certified_figure(res, "mnist 2c2f (clipped_relu), checkpoint step 30")
+  ax = fig.axes[0]
+  assert ax.get_title() == "mnist 2c2f (clipped_relu), checkpoint step 30: 48 examples"
+  lines = {line.get_label(): line for line in ax.lines}
+  for label in ("certified (global) at eps", "certified (local) at eps", "PGD at eps"):
+    np.testing.assert_allclose(lines[label].get_xdata(), EPS)
+    assert lines[label].get_marker() not in (None, "", "None")
+  np.testing.assert_allclose(lines["certified (local) at eps"].get_ydata(),
+                             100 * np.asarray(s["certified"]["local"]["accuracy"]))
+  curve = lines["certified (global), from radii"]
+  x, y = np.asarray(curve.get_xdata()), np.asarray(curve.get_ydata())
+  assert x.max() == pytest.approx(max(EPS)) and ax.get_xlim()[1] <= 1.05 * max(EPS)
+  # No drop at the cap: the line ends at the certificate evaluated there.
+  assert y[-1] == pytest.approx(100 * s["certified"]["global"]["accuracy"][-1])
+  assert np.all(np.diff(y[:-1]) <= 1e-9)
+  import matplotlib.pyplot as plt   # pylint: disable=import-outside-toplevel
+  plt.close(fig)
+
+
+def test_training_curves_show_only_meaningful_series():
+  rows = []
+  for step in range(10, 101, 10):
+    rows.append({"step": step, "epoch": step // 40, "split": "train", "loss": 3.0 - step / 50,
+                 "accuracy": 0.5 + step / 400, "vra_estimate": step / 400,
+                 "eps": min(1.0, step / 50), "kappa": max(0.0, 1 - step / 50), "lr": 1e-3})
+    if step % 40 == 0 or step == 100:
+      rows.append({"step": step, "epoch": step // 40, "split": "val", "eps": 0.5,
+                   "bound": "global", "val_clean_accuracy": 0.6 + step / 500,
+                   "val_certified_accuracy": 0.3 + step / 500})
+  rows.append({"step": 100, "epoch": 3, "split": "test", "eps": 0.5, "bound": "local",
+               "checkpoint_step": 80, "test_clean_accuracy": 0.8, "test_certified_accuracy": 0.45,
+               "test_max_failure_probability": 1e-9})
+  fig = plots.training_figure(rows, "mnist 2c2f")
+  titles = [ax.get_title() for ax in fig.axes]
+  labels = [line.get_label() for ax in fig.axes for line in ax.lines]
+  assert titles == ["training loss", "accuracy", "schedules"]
+  assert not any(w in text for text in titles + labels
+                 for w in ("lr", "learning rate", "checkpoint_step", "failure", "kappa"))
+  acc = fig.axes[1]
+  assert acc.get_ylim() == (0.0, 1.0)    # single test points do not rescale the axis
+  acc_lines = {line.get_label(): line for line in acc.lines}
+  for label in ("train accuracy (batches)", "val clean"):
+    assert label in acc_lines
+  assert "val certified (eps 0.5, global bound)" in acc_lines
+  test_lines = [line for label, line in acc_lines.items() if label.startswith("test ")]
+  assert len(test_lines) == 2
+  for line in test_lines:   # one marker each, at the checkpoint that was certified
+    assert list(line.get_xdata()) == [80] and "(step 80" in line.get_label()
+  import matplotlib.pyplot as plt   # pylint: disable=import-outside-toplevel
+  plt.close(fig)
+  # A changing learning rate is shown, on a log axis beside eps.
+  for r in rows:
+    if r["split"] == "train":
+      r["lr"] = 1e-3 * 0.9 ** r["step"]
+  fig = plots.training_figure(rows)
+  lr_axes = [ax for ax in fig.axes if any(l.get_label() == "learning rate" for l in ax.lines)]
+  assert len(lr_axes) == 1 and lr_axes[0].get_yscale() == "log"
+  plt.close(fig)

@@ -77,7 +77,9 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
     row += [_num(s["certified"][b]["lipschitz_median"][k]) for b in bounds]
     out.append("| " + " | ".join(row) + " |")
   out.append("")
-  out.append("## Certified radii (label-certified; 0 where misclassified or not certified)\n")
+  top = max(eps)
+  out.append(f"## Certified radii (label-certified; both bounds capped at the largest eps, "
+             f"{top:g}; 0 where misclassified)\n")
   out.append("| bound | cap | nonzero | q10 | q25 | median | q75 | q90 | max | mean |")
   out.append("|---|---|---|---|---|---|---|---|---|---|")
   for b in bounds:
@@ -86,6 +88,26 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
                f"{_num(q['q25'])} | {_num(q['q50'])} | {_num(q['q75'])} | {_num(q['q90'])} | "
                f"{_num(q['q100'])} | {_num(q['mean'])} |")
   out.append("")
+  notes = []
+  if "global" in bounds:
+    notes.append("Global radius: the exact global certificate's radius of each example "
+                 f"(it holds at every radius), cut at {top:g}.")
+  if "local" in bounds:
+    fractions = s["certified"]["local"].get("local_bound_fraction")
+    reached = ""
+    if fractions:
+      reached = (" Share of the examples that reached the sound local bound, per eps: "
+                 + ", ".join(f"{pct(f)}% at {e:g}" for e, f in zip(eps, fractions)) + ".")
+    notes.append("Local radius: the largest of the evaluated eps at which the local "
+                 "certificate holds and the radii the local certificates prove inside their "
+                 "balls (margin / bound, at most that eps); the local bound holds only inside "
+                 "the balls evaluated, so no radius above the largest eps is claimed. Examples "
+                 "that certify's triage decides without the local bound (a wrong prediction, "
+                 "certified by the exact global bound, or refuted by the lower estimate) enter "
+                 "with the global certificate's radius at that eps, which the local bound "
+                 "could only raise." + reached)
+  if notes:
+    out.append(" ".join(notes) + "\n")
   if "tightness" in s:
     t = s["tightness"]
     out.append(f"## Tightness at eps = {t['eps']:g} ({t['examples']} examples; global bound "

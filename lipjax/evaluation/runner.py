@@ -51,7 +51,9 @@ class EvalOptions:
       settings (step ``pgd_step_scale * eps`` unless ``pgd_step_size`` is set).
     batch_size: examples per compiled call.
     radius_cap: largest radius the global robust radius is computed up to;
-      default ``2 * max(eps)``.
+      default ``2 * max(eps)`` (above the largest eps, so that its strict
+      test ``radius > eps`` can hold there). The reported radii of both
+      bounds are capped at ``max(eps)``.
     tightness_examples: how many of the first examples get the tightness
       report (0 disables it).
     tightness_eps: radius of the tightness report (default: the largest eps).
@@ -203,6 +205,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   rr = {b: np.zeros((k_eps, n), np.float32) for b in bounds}
   lip = {b: np.zeros((k_eps, n), np.float32) for b in bounds}
   fail = {b: np.zeros((k_eps, n), np.float32) for b in bounds}
+  local_computed = np.zeros((k_eps, n), bool)   # the local bound ran (not triaged)
   global_rr = np.zeros(n, np.float32)
 
   num_batches = -(-n // bs)
@@ -258,6 +261,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
       # NaN where the triage decided without the local bound (Certificate.local).
       lip["local"][k] = np.where(np.asarray(c.local), np.asarray(c.lipschitz), np.nan)
       fail["local"][k] = np.asarray(c.failure_probability)
+      local_computed[k] = np.asarray(c.local)
     timing["local"] += time.perf_counter() - t0
 
   correct = predicted == labels
@@ -271,10 +275,14 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
       c[k] |= c[k + 1]
     cert_nested[b] = c
 
-  # Certified radius per example (for the label; 0 where misclassified).
+  # Certified radius per example (for the label; 0 where misclassified), for
+  # both bounds capped at the largest eps: the local radii cannot go beyond
+  # it (its masks hold only inside the balls evaluated), so the global radii
+  # (computed up to radius_cap to decide the largest eps) are cut there too.
+  top = max(eps_list)
   radius = {}
   if "global" in bounds:
-    radius["global"] = global_rr
+    radius["global"] = np.minimum(global_rr, np.float32(top))
   if "local" in bounds:
     radius["local"] = np.max(np.where(cert_nested["local"], np.asarray(eps_list)[:, None],
                                       rr["local"]), axis=0)
@@ -367,9 +375,16 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
         "accuracy_direct": [acc(cert[b][k]) for k in range(k_eps)],
         "lipschitz_median": [_nanmedian(lip[b][k]) for k in range(k_eps)],
     }
+    if b == "local":
+      # Share of the examples that reached the sound local bound at each eps;
+      # the others were decided by certify's triage with the exact global
+      # certificate (wrong prediction, certified globally, or refuted by
+      # the lower estimate).
+      summary["certified"][b]["local_bound_fraction"] = [acc(local_computed[k])
+                                                         for k in range(k_eps)]
     radius_q = tightness.quantiles(radius[b])
     radius_q["fraction_nonzero"] = float(np.mean(radius[b] > 0))
-    radius_q["cap"] = cap if b == "global" else max(eps_list)
+    radius_q["cap"] = top
     summary["radius"][b] = radius_q
     g = describe_guarantee(model, variables, input_shape, b)
     g["failure_probability_per_example"] = fmax
@@ -398,6 +413,9 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     per_example[f"lipschitz_{b}"] = {f"{e:g}": lip[b][k].astype(float).tolist()
                                      for k, e in enumerate(eps_list)}
     per_example[f"radius_{b}"] = radius[b].astype(float).tolist()
+  if "local" in bounds:
+    per_example["local_bound_computed"] = {f"{e:g}": local_computed[k].tolist()
+                                           for k, e in enumerate(eps_list)}
   if tight is not None:
     for name in ("local_bound", "empirical_lower_bound", "local_over_global",
                  "local_over_empirical"):
