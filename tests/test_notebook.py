@@ -59,3 +59,6 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
   assert "step    20" in text
   assert "clean accuracy" in text and "median local/global ratio" in text
   assert "eps 0.5    certified (local)" in text
+  # The ratio plot names the images it shows (quick mode certifies 32), and
+  # the accuracy axis starts at 0.
+  assert "over the first 32 test images; accuracy axis from 0 to 1.02" in text
