@@ -137,6 +137,40 @@ class Reshape(nn.Module):
 # --------------------------------------------------------------------------
 
 
+def _layer_label(module, label: Optional[str] = None) -> str:
+  if label:
+    return label
+  name = getattr(module, "name", None)
+  kind = type(module).__name__
+  return f"{name} ({kind})" if name else kind
+
+
+def _positive(module, label, **values) -> None:
+  """Raises a one-line ``ValueError`` unless every value is a positive int."""
+  for key, val in values.items():
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+      raise ValueError(f"{_layer_label(module, label)}: {key} must be a positive integer, "
+                       f"got {val!r}")
+
+
+def _check_window(module, label, in_shape, window: int, stride: int, padding: int,
+                  what: str) -> Tuple[int, int]:
+  """Output side lengths of a square window sliding over ``in_shape[:2]``.
+
+  Raises a one-line ``ValueError`` naming the layer when the output is empty.
+  """
+  hh, ww = int(in_shape[0]), int(in_shape[1])
+  ho = (hh + 2 * padding - window) // stride + 1
+  wo = (ww + 2 * padding - window) // stride + 1
+  if ho < 1 or wo < 1:
+    raise ValueError(
+        f"{_layer_label(module, label)}: input shape {tuple(int(d) for d in in_shape)} with "
+        f"{what} {window}, stride {stride}, padding {padding} gives an empty output "
+        f"({max(ho, 0)}x{max(wo, 0)}); the padded input ({hh + 2 * padding}x"
+        f"{ww + 2 * padding}) must be at least {window}x{window}")
+  return ho, wo
+
+
 def _torch_like_uniform():
   """PyTorch's default linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -162,6 +196,10 @@ class Dense(LinearLayer):
       raise ValueError(
           f"Dense expects (batch, features) inputs, got shape {h.shape}; "
           "add lipjax.nn.Flatten() before it.")
+    _positive(self, None, features=self.features)
+    if h.shape[-1] == 0:
+      raise ValueError(f"{_layer_label(self)}: the input has 0 features "
+                       f"(shape {h.shape}); the layer before it outputs nothing")
     kernel = self.param("kernel", self.kernel_init, (h.shape[-1], self.features))
     z = h @ kernel
     if self.use_bias:
@@ -222,6 +260,7 @@ class Conv(LinearLayer):
   def __call__(self, h: Array) -> Array:
     if h.ndim != 4:
       raise ValueError(f"Conv expects (batch, H, W, C) inputs, got shape {h.shape}")
+    self.check_shape(h.shape[1:])
     init = self.kernel_init or conv_init(self.kernel_size, self.features)
     k = self.kernel_size
     kernel = self.param("kernel", init, (k, k, h.shape[-1], self.features))
@@ -229,6 +268,24 @@ class Conv(LinearLayer):
     if self.use_bias:
       z = z + self.param("bias", self.bias_init, (self.features,))
     return z
+
+  def check_shape(self, in_shape, label: Optional[str] = None) -> Tuple[int, int, int]:
+    """Output shape for a ``(H, W, C)`` input; a one-line ``ValueError`` when empty.
+
+    ``label`` names the layer in the message (default: its Flax name).
+    """
+    _positive(self, label, features=self.features, kernel_size=self.kernel_size,
+              stride=self.stride)
+    if isinstance(self.padding, bool) or not isinstance(self.padding, (int, np.integer)) \
+        or self.padding < 0:
+      raise ValueError(f"{_layer_label(self, label)}: padding must be a non-negative "
+                       f"integer, got {self.padding!r}")
+    if len(in_shape) != 3 or int(in_shape[-1]) < 1:
+      raise ValueError(f"{_layer_label(self, label)}: expects (H, W, C) inputs with "
+                       f"C >= 1, got per-example shape {tuple(in_shape)}")
+    ho, wo = _check_window(self, label, in_shape, self.kernel_size, self.stride,
+                           self.padding, "kernel")
+    return ho, wo, self.features
 
   def _conv(self, h, kernel):
     p = self.padding
@@ -279,7 +336,7 @@ class Conv(LinearLayer):
     # (border rows see only part of it).
     out_shape = jax.eval_shape(
         lambda x: self._conv(x, params["kernel"]),
-        jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32)).shape[1:]
+        jax.ShapeDtypeStruct((1,) + tuple(in_shape), params["kernel"].dtype)).shape[1:]
     norms = jnp.sqrt(jnp.sum(jnp.square(params["kernel"]), axis=(0, 1, 2)))
     return jnp.broadcast_to(norms, out_shape)
 
@@ -300,7 +357,19 @@ class AvgPool(LinearLayer):
   stride: int = 2
 
   def __call__(self, h):
+    if h.ndim != 4:
+      raise ValueError(f"AvgPool expects (batch, H, W, C) inputs, got shape {h.shape}")
+    self.check_shape(h.shape[1:])
     return self.linear({}, h)
+
+  def check_shape(self, in_shape, label: Optional[str] = None) -> Tuple[int, int, int]:
+    """Output shape for a ``(H, W, C)`` input; a one-line ``ValueError`` when empty.
+
+    ``label`` names the layer in the message (default: its Flax name).
+    """
+    _positive(self, label, window=self.window, stride=self.stride)
+    ho, wo = _check_window(self, label, in_shape, self.window, self.stride, 0, "window")
+    return ho, wo, int(in_shape[-1])
 
   def linear(self, params, h):
     del params
@@ -321,8 +390,11 @@ class Flatten(Reshape):
 # --------------------------------------------------------------------------
 
 
-def _as_float(mask):
-  return mask.astype(jnp.float32)
+def _as_float(mask, like=None):
+  """0/1 mask in the working precision of ``like`` (float32 by default)."""
+  dtype = like.dtype if like is not None and jnp.issubdtype(like.dtype, jnp.floating) \
+      else jnp.float32
+  return mask.astype(jnp.promote_types(dtype, jnp.float32))
 
 
 class ReLU(Activation):
@@ -338,7 +410,7 @@ class ReLU(Activation):
     return jax.nn.relu(lb), jax.nn.relu(ub)
 
   def varying(self, params, lb, ub):
-    m = _as_float(~(ub <= 0))   # NaN bounds count as varying
+    m = _as_float(~(ub <= 0), ub)   # NaN bounds count as varying
     return m, m
 
 
@@ -368,7 +440,7 @@ class ClippedReLU(Activation):
     return self.activate(params, lb), self.activate(params, ub)
 
   def varying(self, params, lb, ub):
-    m = _as_float(~((ub <= 0) | (lb >= params["theta"])))   # NaN -> varying
+    m = _as_float(~((ub <= 0) | (lb >= params["theta"])), ub)   # NaN -> varying
     return m, m
 
 
@@ -426,7 +498,7 @@ class ClippedMaxMin(Activation):
     col = jnp.concatenate([hi_var, lo_var], axis=-1)
     pair = hi_var | lo_var
     row = jnp.concatenate([pair, pair], axis=-1)
-    return _as_float(row), _as_float(col)
+    return _as_float(row, ub), _as_float(col, ub)
 
 
 class Identity(Activation):

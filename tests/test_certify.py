@@ -131,7 +131,7 @@ def random_conv():
 
 
 def _check_consistency(model, v, x, y, eps, cert):
-  eps_b = np.broadcast_to(np.asarray(eps, np.float32), (x.shape[0],))
+  eps_b = np.broadcast_to(np.asarray(eps, cert.radius.dtype), (x.shape[0],))
   pred = np.asarray(cert.predicted)
   certified = np.asarray(cert.certified)
   assert cert.certified.dtype == jnp.bool_
@@ -244,6 +244,29 @@ def test_lower_mode_is_below_the_sound_bound(trained):
     np.testing.assert_array_equal(np.asarray(low.failure_probability), 1.0)
 
 
+def test_triage_with_global_intermediate_radii_decides_as_the_full_certificate():
+  # The lower pass of the triage mirrors intermediate="global" (it used to
+  # reject the option and crash as soon as a point reached it).
+  t = _trained("conv")
+  model, v, x, y = t.model, t.variables, t.x, t.y
+  eps = t.eps
+  full = lipjax.certify(model, v, x, y, eps, intermediate="global", triage=False)
+  tri = lipjax.certify(model, v, x, y, eps, intermediate="global")
+  _check_consistency(model, v, x, y, eps, tri)
+  np.testing.assert_array_equal(np.asarray(tri.certified), np.asarray(full.certified))
+  assert np.any(np.asarray(tri.local))   # some point got past the global and lower tests
+  # The intermediate radii use the exact global norms in both modes, so the
+  # masks are the same and every lower norm is below the sound one.
+  sound = lipjax.local_lipschitz_bound(model, v, x, eps, intermediate="global")
+  low = lipjax.local_lipschitz_bound(model, v, x, eps, intermediate="global",
+                                     mode="lower", lanczos_steps=4)
+  for (r_s, c_s), (r_l, c_l) in zip(sound.masks, low.masks):
+    np.testing.assert_array_equal(np.asarray(r_l), np.asarray(r_s))
+    np.testing.assert_array_equal(np.asarray(c_l), np.asarray(c_s))
+  for n_l, n_s in zip(low.layer_norms, sound.layer_norms):
+    assert np.all(np.asarray(n_l) <= np.asarray(n_s) * (1 + 1e-5))
+
+
 @pytest.mark.parametrize("bound", ["local", "global"])
 def test_linear_model_certificate_is_exact(bound):
   # For a linear classifier the certificate is exact: the prediction p is
@@ -313,6 +336,60 @@ def test_wrong_labels_are_never_certified(random_conv):
   right = lipjax.certify(model, v, x, y, 0.0)
   np.testing.assert_array_equal(np.asarray(cert.robust_radius),
                                 np.asarray(right.robust_radius))
+
+
+# ---------------------------------------------------------------------------
+# float64
+# ---------------------------------------------------------------------------
+
+
+def _to64(tree):
+  return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def test_float64_conv_model_certifies_in_float64(random_conv):
+  # Under x64 a model with float64 parameters is bounded and certified in
+  # float64 end to end (it used to raise a TypeError inside the bounds).
+  model, v, x, y, attack = random_conv
+  eps = 0.35   # the local bound certifies some points here, the global none
+  # A float32 attack (compiled once for this module), evaluated in float64 below.
+  adv32 = attack(v, x, y, jnp.full((x.shape[0],), eps), jax.random.PRNGKey(3))
+  with jax.enable_x64(True):
+    v64 = _to64(v)
+    x64 = _to64(x) + 1e-11 * jax.random.normal(jax.random.PRNGKey(0), x.shape, jnp.float64)
+    z = model.apply(v64, x64)
+    assert lipjax.global_lipschitz_bound(model, v64).dtype == jnp.float64
+    cert = lipjax.certify(model, v64, x64, y, eps)
+    for f in ("margin", "lipschitz", "robust_radius"):
+      assert getattr(cert, f).dtype == jnp.float64, f
+    _check_consistency(model, v64, x64, y, eps, cert)
+    np.testing.assert_array_equal(np.asarray(cert.predicted), np.argmax(np.asarray(z), -1))
+    certified = np.asarray(cert.certified)
+    assert certified.sum() >= 2 and np.any(np.asarray(cert.local))
+    adv = U.project(_to64(adv32), x64, jnp.full((x.shape[0],), eps, jnp.float64))
+    flipped = _flipped(model, v64, adv, y)
+    assert not np.any(flipped & certified)
+    # float32 parameters with float64 inputs: computed in float64 as well.
+    mixed = lipjax.certify(model, v, x64, y, eps, bound="global")
+    assert mixed.margin.dtype == jnp.float64
+
+
+def test_float64_inputs_are_not_rounded_to_float32():
+  # z = (x - 1, 1 - x): at x = 1 - 1e-12 class 1 wins in float64, while the
+  # float32 rounding of x (1.0) gives a tie (class 0). The bounds must use
+  # the centre the user evaluates.
+  model = lnn.Sequential((lnn.Dense(2),), input_shape=(1,))
+  with jax.enable_x64(True):
+    v = {"params": {"layers_0": {"kernel": jnp.array([[1.0, -1.0]]),
+                                 "bias": jnp.array([-1.0, 1.0])}}}
+    x = jnp.array([[1.0 - 1e-12]])
+    z = model.apply(v, x)
+    assert int(jnp.argmax(z[0])) == 1
+    lb = lipjax.local_lipschitz_bound(model, v, x, 1e-13)
+    np.testing.assert_allclose(np.asarray(lb.logits), np.asarray(z), rtol=1e-12)
+    for bound in ("local", "global"):
+      cert = lipjax.certify(model, v, x, jnp.array([1]), 1e-13, bound=bound)
+      assert int(cert.predicted[0]) == 1, bound
 
 
 # ---------------------------------------------------------------------------
@@ -441,6 +518,48 @@ def test_bad_x_shape_for_conv_model_raises():
       lipjax.certify(model, v, bad, y, 0.1)
     with pytest.raises(ValueError, match="shape"):
       lipjax.local_lipschitz_bound(model, v, bad, 0.1)
+
+
+def _one_line_error(exc_type, pattern, fn):
+  with pytest.raises(exc_type, match=pattern) as info:
+    fn()
+  assert "\n" not in str(info.value)
+
+
+def test_empty_layer_outputs_raise_one_line():
+  key = jax.random.PRNGKey(0)
+  conv = lnn.Sequential((lnn.Conv(4, kernel_size=7, stride=2, padding=0), lnn.ReLU(),
+                         lnn.Flatten(), lnn.Dense(CLASSES)), input_shape=(5, 6, 1))
+  msg = (r"layers_0 \(Conv\): input shape \(5, 6, 1\) with kernel 7, stride 2, "
+         r"padding 0 gives an empty output")
+  x = jnp.zeros((2, 5, 6, 1))
+  y = jnp.zeros((2,), jnp.int32)
+  _one_line_error(ValueError, msg, lambda: conv.init(key, x))
+  # Parameters made by hand reach the bounds: the same line, before any work.
+  v = {"params": {"layers_0": {"kernel": jnp.ones((7, 7, 1, 4)), "bias": jnp.zeros(4)},
+                  "layers_3": {"kernel": jnp.ones((0, CLASSES)), "bias": jnp.zeros(CLASSES)}}}
+  _one_line_error(ValueError, msg, lambda: lipjax.global_lipschitz_bound(conv, v))
+  _one_line_error(ValueError, msg, lambda: lipjax.local_lipschitz_bound(conv, v, x, 0.1))
+  _one_line_error(ValueError, msg, lambda: lipjax.certify(conv, v, x, y, 0.1))
+  pool = lnn.Sequential((lnn.AvgPool(window=6, stride=2), lnn.Flatten(),
+                         lnn.Dense(CLASSES)), input_shape=(5, 6, 1))
+  pool_msg = r"layers_0 \(AvgPool\): input shape \(5, 6, 1\) with window 6, stride 2"
+  _one_line_error(ValueError, pool_msg, lambda: pool.init(key, x))
+  v_pool = {"params": {"layers_2": {"kernel": jnp.ones((0, CLASSES)),
+                                    "bias": jnp.zeros(CLASSES)}}}
+  _one_line_error(ValueError, pool_msg, lambda: lipjax.global_lipschitz_bound(pool, v_pool))
+  dense0 = lnn.Sequential((lnn.Dense(0), lnn.ReLU(), lnn.Dense(CLASSES)), input_shape=(4,))
+  _one_line_error(ValueError, r"layers_0 \(Dense\): features must be a positive integer",
+                  lambda: dense0.init(key, jnp.zeros((1, 4))))
+  v0 = {"params": {"layers_0": {"kernel": jnp.ones((4, 0)), "bias": jnp.zeros(0)},
+                   "layers_2": {"kernel": jnp.ones((0, CLASSES)), "bias": jnp.zeros(CLASSES)}}}
+  _one_line_error(ValueError, r"layers_0 \(Dense\): input shape \(4,\) gives output "
+                  r"shape \(0,\), which is empty",
+                  lambda: lipjax.local_lipschitz_bound(dense0, v0, jnp.zeros((1, 4)), 0.1))
+  bad_stride = lnn.Sequential((lnn.Conv(4, 3, stride=0), lnn.Flatten(), lnn.Dense(2)),
+                              input_shape=(5, 6, 1))
+  _one_line_error(ValueError, r"layers_0 \(Conv\): stride must be a positive integer",
+                  lambda: bad_stride.init(key, x))
 
 
 def test_bad_labels_raise(small):

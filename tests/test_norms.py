@@ -98,19 +98,118 @@ def test_conv_global_norm_with_large_kernel_on_tiny_image():
     assert bound >= exact * (1 + 1e-6), (stride, padding)
 
 
+def circulant_truth(kernel, spatial, stride, padding):
+  """``max_w sigma_max(K_hat(w))`` over the *full* ``M x M`` frequency grid.
+
+  Independent of the library: numpy's FFT of the polyphase kernel and one
+  SVD per frequency, in float64.
+  """
+  k = np.asarray(kernel, np.float64)
+  kh, kw, cin, cout = k.shape
+  s = stride
+  ka_h, ka_w = -(-kh // s), -(-kw // s)
+  m_h = max(-(-(spatial[0] + 2 * padding) // s), ka_h)
+  m_w = max(-(-(spatial[1] + 2 * padding) // s), ka_w)
+  k = np.pad(k, ((0, ka_h * s - kh), (0, ka_w * s - kw), (0, 0), (0, 0)))
+  poly = np.zeros((ka_h, ka_w, s * s * cin, cout))
+  for a1, a2, b1, b2 in itertools.product(range(ka_h), range(ka_w), range(s), range(s)):
+    block = (b1 * s + b2) * cin
+    poly[a1, a2, block:block + cin] = k[s * a1 + b1, s * a2 + b2]
+  khat = np.fft.fft2(poly, s=(m_h, m_w), axes=(0, 1)).reshape(m_h * m_w, -1, cout)
+  return float(np.max(np.linalg.svd(khat, compute_uv=False)[:, 0]))
+
+
+@pytest.mark.parametrize("spatial,ksize,stride,padding", [
+    ((6, 7), 3, 1, 1), ((7, 7), 4, 2, 0), ((9, 6), 3, 3, 1), ((5, 5), 5, 2, 2),
+    ((8, 8), 2, 1, 0)])
+def test_conv_global_norm_is_the_max_over_every_frequency(spatial, ksize, stride, padding):
+  # The bound uses half of the frequencies (conjugate symmetry of a real
+  # kernel) and Gram matrices; it must equal the maximum over the full grid
+  # of frequencies (odd and even grid sizes, strides 1-3) times the slack.
+  rng = np.random.default_rng(ksize * 100 + stride * 10 + padding)
+  for cin, cout in ((2, 5), (5, 2)):
+    kernel = jnp.asarray(rng.normal(size=(ksize, ksize, cin, cout)), jnp.float32)
+    truth = circulant_truth(kernel, spatial, stride, padding)
+    bound = float(bounds.conv_global_norm(kernel, spatial, stride, padding))
+    np.testing.assert_allclose(bound, truth * (1 + bounds.ROUNDING_SLACK), rtol=1e-6)
+    assert bound >= truth * (1 + 0.9 * bounds.ROUNDING_SLACK)
+
+
+def _fd_grad_check(f, params, seed):
+  """jax.grad of a scalar ``f`` against central differences along a random direction."""
+  d = jnp.asarray(np.random.default_rng(seed).normal(size=params.shape), params.dtype)
+  auto = float(jnp.vdot(jax.grad(f)(params), d))
+  h = 1e-6
+  fd = (float(f(params + h * d)) - float(f(params - h * d))) / (2 * h)
+  return auto, fd
+
+
+def test_conv_global_norm_float64_value_and_gradient():
+  # Under x64 the bound is computed and returned in float64 (the kernel is
+  # not rounded to float32 on its way to the host), and its gradient is that
+  # of the top singular value at the maximising frequency.
+  rng = np.random.default_rng(21)
+  with jax.enable_x64(True):
+    kernel = jnp.asarray(rng.normal(size=(4, 4, 3, 5)), jnp.float64)
+    kernel = kernel + 1e-12 * jnp.asarray(rng.normal(size=kernel.shape))   # not float32
+    f = jax.jit(lambda k: bounds.conv_global_norm(k, (7, 6), 2, 1))
+    val = f(kernel)
+    assert val.dtype == jnp.float64
+    truth = circulant_truth(np.asarray(kernel), (7, 6), 2, 1)
+    np.testing.assert_allclose(float(val), truth * (1 + bounds.ROUNDING_SLACK), rtol=1e-12)
+    auto, fd = _fd_grad_check(f, kernel, 3)
+    assert abs(auto - fd) <= 1e-6 * max(1.0, abs(fd)), (auto, fd)
+
+
+def test_top_singular_value_complex_batch_float64_gradient():
+  rng = np.random.default_rng(22)
+  with jax.enable_x64(True):
+    mats = jnp.asarray(rng.normal(size=(6, 4, 7)) + 1j * rng.normal(size=(6, 4, 7)))
+    truth = float(np.max(np.linalg.svd(np.asarray(mats), compute_uv=False)[:, 0]))
+    val = bounds.norms.top_singular_value(mats)
+    assert val.dtype == jnp.float64
+    np.testing.assert_allclose(float(val), truth * (1 + bounds.ROUNDING_SLACK), rtol=1e-12)
+    re = jnp.real(mats)
+    f = lambda r: bounds.norms.top_singular_value(r + 1j * jnp.imag(mats))
+    auto, fd = _fd_grad_check(f, re, 4)
+    assert abs(auto - fd) <= 1e-6 * max(1.0, abs(fd)), (auto, fd)
+
+
+def test_host_norms_leave_the_blas_thread_setting_as_it_was():
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  before = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+  kernel = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 4, 4)), jnp.float32)
+  jax.block_until_ready(jax.jit(lambda k: bounds.conv_global_norm(k, (9, 9), 1, 1)
+                                * bounds.dense_global_norm(k.reshape(-1, 4)))(kernel))
+  assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
+
+
 # ---------------------------------------------------------------------------
 # Dense norms
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(7, 5), (5, 9), (1, 6), (12, 12)])
+@pytest.mark.parametrize("shape", [(7, 5), (5, 9), (1, 6), (12, 12), (300, 40)])
 def test_dense_global_norm_matches_svd(shape):
   rng = np.random.default_rng(shape[0] * 31 + shape[1])
   w = rng.normal(size=shape).astype(np.float32)
   exact = top_sv(w)
   got = float(bounds.dense_global_norm(jnp.asarray(w)))
-  assert got >= exact
+  assert got >= exact * (1 + 0.9 * bounds.ROUNDING_SLACK)
   assert got <= exact * (1 + 1e-3)
+
+
+def test_dense_global_norm_float64_gradient():
+  # d sigma_max / dW = u v^T: central differences in float64 must agree.
+  rng = np.random.default_rng(23)
+  with jax.enable_x64(True):
+    w = jnp.asarray(rng.normal(size=(30, 8)))
+    val = bounds.dense_global_norm(w)
+    assert val.dtype == jnp.float64
+    np.testing.assert_allclose(float(val), top_sv(w) * (1 + bounds.ROUNDING_SLACK),
+                               rtol=1e-12)
+    auto, fd = _fd_grad_check(bounds.dense_global_norm, w, 5)
+    assert abs(auto - fd) <= 1e-6 * max(1.0, abs(fd)), (auto, fd)
 
 
 def _masked_matrices():

@@ -112,11 +112,12 @@ def _margins(logits, labels, diff, radius_scale, ibp):
 def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
                    **options) -> Certificate:
   """Un-batched core of :func:`certify` (jit-compatible; one call, one batch)."""
-  x, eps = lipschitz.check_inputs(model, x, eps)
+  x, eps = lipschitz.check_inputs(model, x, eps, variables)
+  variables = network.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
   if bound == "local":
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps, **options)
-    stages = network.trace(model, variables, tuple(x.shape[1:]))
+    stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
     last, layers = stages[-1], lb.layers
     logits = lb.logits
     col = (last._pre(layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
@@ -133,7 +134,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     if options.get("mode", "sound") != "sound":
       raise ValueError("bound='global' is always sound; do not pass mode")
     options = {k: v for k, v in options.items() if k in ("key", "failure_probability")}
-    stages = network.trace(model, variables, tuple(x.shape[1:]))
+    stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
     last = stages[-1]
     _, gn = lipschitz.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
                                              per_layer=True, **options)
@@ -238,9 +239,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   options.pop("mode", None)
   if triage_steps < 2:
     raise ValueError(f"triage_steps must be >= 2, got {triage_steps}")
-  x, eps = lipschitz.check_inputs(model, x, eps)
+  x, eps = lipschitz.check_inputs(model, x, eps, variables)
   n = x.shape[0]
-  num_classes = network.trace(model, variables, tuple(x.shape[1:]))[-1].out_shape[0]
+  num_classes = network.trace(model, variables, tuple(x.shape[1:]),
+                              x.dtype)[-1].out_shape[0]
   y = check_labels(y, n, num_classes)
   key = jax.random.PRNGKey(0) if key is None else key
   if bound == "local" and triage:

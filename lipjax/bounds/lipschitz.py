@@ -117,8 +117,14 @@ def resolve_input_shape(model, input_shape=None):
   return tuple(int(s) for s in shape)
 
 
-def check_inputs(model, x, eps) -> Tuple[Array, Array]:
-  """Validates ``x`` and ``eps``; returns ``(x, eps)`` with ``eps`` of shape ``(B,)``."""
+def check_inputs(model, x, eps, variables=None) -> Tuple[Array, Array]:
+  """Validates ``x`` and ``eps``; returns ``(x, eps)`` with ``eps`` of shape ``(B,)``.
+
+  Both come back in the working precision (:func:`lipjax.bounds.network.working_dtype`
+  of ``variables`` and ``x``): float32, or float64 when ``x`` or a parameter
+  is float64 (under ``jax.enable_x64``). ``x`` is never rounded to a
+  narrower type than it has.
+  """
   if not isinstance(model, network.lnn.Sequential):
     network.trace(model, {}, ())   # raises the descriptive error
   if _concrete(x):
@@ -142,12 +148,13 @@ def check_inputs(model, x, eps) -> Tuple[Array, Array]:
                      f"expects {tuple(expected)}")
   if x.shape[0] == 0:
     raise ValueError("x is an empty batch")
-  eps = jnp.asarray(eps, dtype=jnp.float32)
+  dtype = network.working_dtype(variables, x.dtype)
+  eps = jnp.asarray(eps, dtype=dtype)
   if eps.ndim == 0:
     eps = jnp.broadcast_to(eps, (x.shape[0],))
   if eps.shape != (x.shape[0],):
     raise ValueError(f"eps must be a scalar or have shape ({x.shape[0]},), got {eps.shape}")
-  return x.astype(jnp.float32), eps
+  return x.astype(dtype), eps
 
 
 # ---------------------------------------------------------------------------
@@ -165,25 +172,32 @@ def _needs_probabilistic_global(stage: network.Stage) -> bool:
   return _size(stage.in_shape) * _size(stage.out_shape) > _GENERIC_EXPLICIT_LIMIT
 
 
-def _global_norm(stage: network.Stage, key, delta) -> Array:
+def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array:
+  """A bound on ``||W||`` (deterministic for built-in layers).
+
+  With ``lower``, a layer without a deterministic rule gets the Lanczos
+  estimate from below instead of the probabilistic upper bound (for
+  ``mode="lower"``, whose every quantity must stay below the sound one's).
+  """
   g = stage.layer.global_norm(stage.params, stage.layer_in_shape)
   if g is not None:
-    return jnp.asarray(g, jnp.float32)
+    return jnp.asarray(g, jnp.promote_types(jnp.asarray(g).dtype, stage.dtype))
   if not _needs_probabilistic_global(stage):
-    mat = norms.explicit_jacobian(stage.linear, stage.in_shape)
+    mat = norms.explicit_jacobian(stage.linear, stage.in_shape, stage.dtype)
     return norms.top_singular_value(mat[None])
   shape = (1,) + stage.in_shape
-  upper, _ = power.lanczos_norm_bound(stage.linear, key, shape, jnp.ones(shape),
-                                      _GENERIC_GLOBAL_STEPS, delta)
-  return upper[0]
+  upper, est = power.lanczos_norm_bound(stage.linear, key, shape,
+                                        jnp.ones(shape, stage.dtype),
+                                        _GENERIC_GLOBAL_STEPS, delta)
+  return est[0] if lower else upper[0]
 
 
-def _global_norms(stages, keys, delta, differentiable=True):
+def _global_norms(stages, keys, delta, differentiable=True, lower=False):
   """Per-stage global norms (the SVDs run on the host, see ``norms.top_singular_value``)."""
   out = []
   for st, k in zip(stages, keys):
     params = st.params if differentiable else jax.lax.stop_gradient(st.params)
-    out.append(_global_norm(dataclasses.replace(st, params=params), k, delta))
+    out.append(_global_norm(dataclasses.replace(st, params=params), k, delta, lower))
   return out
 
 
@@ -260,6 +274,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
   value, dense layers included).
   """
   b = col.shape[0]
+  row, col = row.astype(stage.dtype), col.astype(stage.dtype)
   mat = stage.layer.explicit_matrix(stage.params)
   if lower:
     _, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
@@ -304,13 +319,16 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     x: ``(B, *input_shape)`` float inputs.
     eps: scalar or ``(B,)`` l2 radii, ``>= 0``.
     mode: ``"sound"`` (upper bounds, the default), ``"estimate"`` (training)
-      or ``"lower"``: the default sound computation with every per-layer upper
-      bound replaced by its estimate from below (``lanczos_steps`` Lanczos
-      steps for every layer, dense ones included). Smaller norms give smaller
-      intermediate radii, hence boxes inside the sound boxes, masks inside the
-      sound masks and norms below the sound ones, so this ``bound`` is below
-      the sound one (up to rounding) and the margins computed from it are
-      above the sound margins: a cheap test that a point cannot be certified.
+      or ``"lower"``: the sound computation with the same ``intermediate``
+      choice and every per-layer upper bound replaced by an estimate from
+      below (``lanczos_steps`` Lanczos steps for every local norm, dense
+      layers included; the Lanczos estimate for a global norm without a
+      deterministic rule; exact global norms are the same in both modes).
+      Smaller norms give smaller intermediate radii, hence boxes inside the
+      sound boxes, masks inside the sound masks and norms below the sound
+      ones, so this ``bound`` is below the sound one (up to rounding) and the
+      margins computed from it are above the sound margins: a cheap test
+      that a point cannot be certified.
     iterations: power iterations per layer in estimate mode.
     lanczos_steps: Lanczos steps per non-dense layer in sound mode; more steps
       give a smaller relative slack for the same ``failure_probability``.
@@ -323,8 +341,9 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     grad: estimate mode: ``"constant"`` (final vectors treated as constants)
       or ``"through"`` (back-propagate through every iteration).
     intermediate: norms used for the intermediate ball radii: ``"local"``
-      (sound local norms; default in sound mode) or ``"global"`` (exact global
-      norms, as in the paper; default and only choice in estimate mode).
+      (sound local norms; default in sound and lower mode) or ``"global"``
+      (exact global norms, as in the paper; default and only choice in
+      estimate mode).
     dense: sound mode: ``"exact"`` (deterministic float64 eigensolver on the
       host, through ``pure_callback``: not differentiable) or ``"lanczos"``
       (probabilistic, like convolutions) for dense layers.
@@ -350,9 +369,6 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     intermediate = "global" if mode == "estimate" else "local"
   if intermediate not in ("local", "global"):
     raise ValueError(f"intermediate must be 'local' or 'global', got {intermediate!r}")
-  if mode == "lower" and intermediate != "local":
-    raise ValueError("mode='lower' mirrors the default sound computation "
-                     "(intermediate='local')")
   if mode == "estimate" and intermediate == "local":
     raise ValueError("intermediate='local' needs mode='sound' (estimates are not "
                      "upper bounds, so they cannot give sound masks)")
@@ -364,8 +380,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   if global_state is not None and mode != "estimate":
     raise ValueError("global_state is for mode='estimate' (sound mode uses exact "
                      "global norms)")
-  x, eps = check_inputs(model, x, eps)
-  network.trace(model, variables, tuple(x.shape[1:]))   # validates the model early
+  x, eps = check_inputs(model, x, eps, variables)
+  network.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
   key = jax.random.PRNGKey(0) if key is None else key
   opts = (("mode", mode), ("iterations", int(iterations)),
           ("lanczos_steps", int(lanczos_steps)),
@@ -383,7 +399,7 @@ def _compiled_local(model, opts):
 def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode,
                 iterations, lanczos_steps, failure_probability, grad, intermediate,
                 dense, global_iterations=2) -> LocalBound:
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
+  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
 
@@ -400,7 +416,8 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
   if global_state is not None:
     gnorms, new_global = running_global_norms(stages, global_state, global_iterations)
   else:
-    gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"))
+    gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"),
+                           lower=lower)
   rnorms = [_row_norms(st, g) for st, g in zip(stages, gnorms)]
   local = {}
 
@@ -435,7 +452,7 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
       elif new_global is not None:
         u0 = jnp.broadcast_to(new_global.vectors[l], col_prev.shape)
       else:
-        u0 = jax.random.normal(keys[2 * l + 1], col_prev.shape, jnp.float32)
+        u0 = jax.random.normal(keys[2 * l + 1], col_prev.shape, st.dtype)
       # With constant vectors the iterations run on frozen parameters, so the
       # derivative is only that of the final application, and the adjoint
       # uses the layer's transpose-friendly form. Back-propagating through

@@ -8,6 +8,7 @@ linear layers get an :class:`lipjax.nn.Identity` activation between them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, List, Optional, Tuple
 
 import jax
@@ -40,6 +41,7 @@ class Stage:
   out_shape: Tuple[int, ...]
   activation: Optional[lnn.Activation]
   act_params: Any
+  dtype: Any = jnp.float32      # working precision (see :func:`working_dtype`)
 
   def _pre(self, h: Array) -> Array:
     for r in self.reshapes:
@@ -48,7 +50,7 @@ class Stage:
 
   @property
   def layer_in_shape(self) -> Tuple[int, ...]:
-    x = jax.ShapeDtypeStruct((1,) + self.in_shape, jnp.float32)
+    x = jax.ShapeDtypeStruct((1,) + self.in_shape, self.dtype)
     return jax.eval_shape(self._pre, x).shape[1:]
 
   def linear(self, h: Array) -> Array:
@@ -68,6 +70,59 @@ class Stage:
     return self.layer.abs_linear(self.params, self._pre(h))
 
 
+def working_dtype(variables=None, x_dtype=None) -> jnp.dtype:
+  """The floating-point precision the bounds compute in.
+
+  float64 when the inputs or any floating-point parameter are float64 (which
+  needs ``jax.enable_x64``; otherwise arrays are float32 anyway), else
+  float32 (bfloat16/float16 parameters and inputs are computed in float32).
+  Every bound, box and margin of one call is computed in this dtype, and its
+  rounding is that of this dtype (unit roundoff ``jnp.finfo(dtype).eps / 2``).
+  """
+  dtypes = [jnp.dtype(jnp.float32)]
+  if x_dtype is not None:
+    dtypes.append(jnp.dtype(x_dtype))
+  for leaf in jax.tree_util.tree_leaves(variables if variables is not None else {}):
+    dt = getattr(leaf, "dtype", None)
+    if dt is not None:
+      dtypes.append(jnp.dtype(dt))
+  wide = any(jnp.issubdtype(d, jnp.floating) and jax.dtypes.canonicalize_dtype(d) ==
+             jnp.dtype(jnp.float64) for d in dtypes)
+  return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def cast_floating(tree, dtype):
+  """``tree`` with every floating-point leaf cast to ``dtype`` (others unchanged)."""
+  def cast(a):
+    dt = getattr(a, "dtype", None)
+    if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.dtype(dt) != dtype:
+      return jnp.asarray(a, dtype)
+    return a
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def _config(layer) -> str:
+  """``field=value`` for a module's scalar attributes (for error messages)."""
+  items = []
+  for f in dataclasses.fields(layer):
+    val = getattr(layer, f.name, None)
+    if f.name not in ("parent", "name") and isinstance(val, (bool, int, float, str)):
+      items.append(f"{f.name}={val}")
+  return ", ".join(items)
+
+
+def _check_not_empty(layer, name, layer_in, out) -> None:
+  """A one-line error for a layer whose input or output has no element."""
+  if math.prod(layer_in) and math.prod(out):
+    return
+  check = getattr(layer, "check_shape", None)
+  if check is not None and len(layer_in) == 3:
+    check(layer_in, label=name)   # raises the layer's own message
+  raise ValueError(
+      f"{name}: input shape {tuple(layer_in)} gives output shape {tuple(out)}, which is "
+      f"empty ({_config(layer)})")
+
+
 def _params_of(variables, i):
   params = variables.get("params", {}) if hasattr(variables, "get") else {}
   return params.get(f"layers_{i}", {})
@@ -77,18 +132,22 @@ def _describe(layer) -> str:
   return f"{type(layer).__module__}.{type(layer).__name__}"
 
 
-def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
+def trace(model, variables, in_shape: Tuple[int, ...], dtype=None) -> List[Stage]:
   """Splits ``model`` into stages.
 
   Args:
     model: a :class:`lipjax.nn.Sequential`.
     variables: its Flax variables (``{"params": ...}``).
     in_shape: shape of one input example.
+    dtype: working precision; the stages' parameters are cast to it
+      (default: :func:`working_dtype` of ``variables``).
 
   Raises:
     UnsupportedModelError: for any layer outside the protocol, a model that
       does not end with a linear layer, or an activation before the first
       linear layer.
+    ValueError: for a layer whose output is empty (e.g. a kernel larger than
+      the padded input), naming the layer and the shapes.
   """
   if not isinstance(model, lnn.Sequential):
     raise UnsupportedModelError(
@@ -96,6 +155,7 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
         f"Supported layers: {', '.join(SUPPORTED)}.")
   if not isinstance(variables, dict) and not hasattr(variables, "get"):
     raise TypeError("variables must be the dict returned by model.init")
+  dtype = working_dtype(variables) if dtype is None else jnp.dtype(dtype)
   layers = list(model.layers)
   if not layers:
     raise UnsupportedModelError("the model has no layers")
@@ -106,20 +166,24 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
 
   def close(activation, act_params):
     nonlocal current
-    stages.append(Stage(activation=activation, act_params=act_params, **current))
+    stages.append(Stage(activation=activation, act_params=cast_floating(act_params, dtype),
+                        dtype=dtype, **current))
     current = None
 
   for i, layer in enumerate(layers):
     if isinstance(layer, lnn.LinearLayer):
       if current is not None:
         close(lnn.Identity(), {})
-      params = _params_of(variables, i)
+      params = cast_floating(_params_of(variables, i), dtype)
       stage_in = shape
       probe = Stage(len(stages), f"layers_{i} ({type(layer).__name__})", layer, params,
-                    tuple(pending_reshapes), stage_in, (), None, None)
+                    tuple(pending_reshapes), stage_in, (), None, None, dtype)
+      if math.prod(stage_in) and getattr(layer, "check_shape", None) is not None \
+          and len(probe.layer_in_shape) == 3:
+        layer.check_shape(probe.layer_in_shape, label=probe.name)   # one line if empty
       try:
         out = jax.eval_shape(probe.linear,
-                             jax.ShapeDtypeStruct((1,) + stage_in, jnp.float32))
+                             jax.ShapeDtypeStruct((1,) + stage_in, dtype))
       except KeyError as e:
         top = variables.get("params", {}) if hasattr(variables, "get") else {}
         raise UnsupportedModelError(
@@ -128,6 +192,7 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
             "lipjax model held as a submodule named NAME, pass "
             "{'params': variables['params'][NAME]}") from None
       shape = tuple(out.shape[1:])
+      _check_not_empty(layer, probe.name, probe.layer_in_shape, shape)
       current = dict(index=len(stages), name=probe.name, layer=layer, params=params,
                      reshapes=tuple(pending_reshapes), in_shape=stage_in,
                      out_shape=shape)

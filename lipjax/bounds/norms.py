@@ -1,79 +1,300 @@
 """Deterministic spectral-norm upper bounds.
 
-* :func:`dense_global_norm` -- ``||W||_2`` by a singular value decomposition.
+* :func:`dense_global_norm` -- ``||W||_2`` of a dense kernel.
 * :func:`top_singular_value` -- the largest singular value of a batch of
   matrices (float64 on the host, differentiable).
 * :func:`conv_global_norm` -- ``||conv||_2`` of a zero-padded, strided 2-D
   convolution by the exact norm of a circulant operator that contains it
-  (polyphase decomposition + FFT, one small SVD per frequency).
+  (polyphase decomposition + discrete Fourier transform, the largest
+  eigenvalue of one small Gram matrix per frequency).
 * :func:`masked_dense_norm` -- ``||D_r W D_c||_2`` per example for an explicit
   matrix, by a float64 eigensolver on the host.
 
-Every function returns a value multiplied by ``1 + ROUNDING_SLACK`` to cover
-float32 rounding in the computation itself. The guarantees are otherwise exact
-(no randomness).
+The host computations run in float64 and add an explicit bound on their own
+float64 rounding (Gram matrices, eigensolver, Fourier sums; relative ~1e-9 at
+most for the layer sizes of the model zoo). Every function then multiplies
+its value by ``1 + ROUNDING_SLACK``. The guarantees are otherwise exact (no
+randomness). The values come back in the working precision of the inputs
+(float32, or float64 for float64 inputs under ``jax.enable_x64``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
+import os
+import threading
 from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:   # BLAS threads are limited to one per host call when this is available.
+  import threadpoolctl
+except ImportError:   # pragma: no cover - optional dependency
+  threadpoolctl = None
+
 Array = jax.Array
 
 #: Relative margin added to every computed norm to cover float32 rounding.
 ROUNDING_SLACK = 1e-4
 
+_EPS64 = float(np.finfo(np.float64).eps)
+_CHUNK_BYTES = 1 << 25          # matrices per host work item (32 MiB of complex128)
+_MAX_WORKERS = 8
+_BLAS = None
+_BLAS_USERS = 0
+_BLAS_LOCK = threading.Lock()
+
+
+def _real_dtype(dtype) -> jnp.dtype:
+  """float32, or float64 where ``dtype`` is a (complex) float64 type."""
+  dt = jnp.dtype(dtype)
+  wide = dt in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
+  return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def _complex_of(real_dtype) -> jnp.dtype:
+  return jnp.dtype(jnp.complex128 if real_dtype == jnp.float64 else jnp.complex64)
+
+
+@contextlib.contextmanager
+def _single_blas_thread():
+  """Limits BLAS/LAPACK to one thread while host batches run.
+
+  The host work is many small matrices: a multithreaded BLAS spends far more
+  on synchronising its threads than on arithmetic there (10x slower on a busy
+  two-core machine); the chunks run in parallel in Python threads instead.
+  Reference-counted, so that host calls that XLA runs concurrently restore
+  the user's setting only when the last one ends.
+  """
+  global _BLAS, _BLAS_USERS
+  if threadpoolctl is None:
+    yield
+    return
+  with _BLAS_LOCK:
+    if _BLAS_USERS == 0:
+      _BLAS = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    _BLAS_USERS += 1
+  try:
+    yield
+  finally:
+    with _BLAS_LOCK:
+      _BLAS_USERS -= 1
+      if _BLAS_USERS == 0:
+        _BLAS.restore_original_limits()
+        _BLAS = None
+
+
+def _map_chunks(fn, chunks):
+  """``[fn(c) for c in chunks]``, on a few threads (numpy's LAPACK calls release the GIL)."""
+  workers = min(len(chunks), os.cpu_count() or 1, _MAX_WORKERS)
+  with _single_blas_thread():
+    if workers <= 1:
+      return [fn(c) for c in chunks]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      return list(pool.map(fn, chunks))
+
+
+# float64 travels to and from the host callbacks as raw bits: the callbacks
+# run on XLA's threads, where a thread-local ``jax.enable_x64`` context is not
+# active, so JAX would round float64 arguments and results to float32 there.
+_WIDE = {np.dtype(np.float64): 0, np.dtype(np.complex128): 1}
+
+
+def _encode_jax(a: Array) -> Array:
+  dt = np.dtype(a.dtype)
+  if dt not in _WIDE:
+    return a
+  if _WIDE[dt]:
+    a = jnp.stack([jnp.real(a), jnp.imag(a)], axis=-1)
+  return jax.lax.bitcast_convert_type(a, jnp.uint32)
+
+
+def _decode_jax(a: Array, dtype) -> Array:
+  dt = np.dtype(dtype)
+  if dt not in _WIDE:
+    return a
+  a = jax.lax.bitcast_convert_type(a, jnp.float64)
+  return jax.lax.complex(a[..., 0], a[..., 1]) if _WIDE[dt] else a
+
+
+def _wire(shape_dtype):
+  """The ``ShapeDtypeStruct`` that carries ``shape_dtype`` across the callback."""
+  dt = np.dtype(shape_dtype.dtype)
+  if dt not in _WIDE:
+    return shape_dtype
+  return jax.ShapeDtypeStruct(tuple(shape_dtype.shape) + (2,) * (1 + _WIDE[dt]), jnp.uint32)
+
+
+def _decode_host(a, dtype):
+  a = np.asarray(a)
+  dt = np.dtype(dtype)
+  if dt not in _WIDE:
+    return a
+  a = np.ascontiguousarray(a).view(np.float64)[..., 0]
+  return a[..., 0] + 1j * a[..., 1] if _WIDE[dt] else a
+
+
+def _encode_host(a, dtype):
+  dt = np.dtype(dtype)
+  a = np.asarray(a, dt)
+  if dt not in _WIDE:
+    return a
+  if _WIDE[dt]:
+    a = np.stack([a.real, a.imag], axis=-1)
+  a = np.array(a, np.float64)   # a C-contiguous copy that keeps 0-d shapes
+  return a.reshape(a.shape + (1,)).view(np.uint32)
+
+
+def _host_call(fn, result_shapes, *args):
+  """``jax.pure_callback(fn, result_shapes, *args)`` that keeps float64 exact.
+
+  ``fn`` receives numpy arrays of the arguments' dtypes and returns arrays of
+  ``result_shapes``' dtypes, whatever the x64 setting of the thread XLA runs
+  it on. Arguments are taken under ``stop_gradient``.
+  """
+  in_dtypes = tuple(np.dtype(a.dtype) for a in args)
+  out_dtypes = tuple(np.dtype(r.dtype) for r in result_shapes)
+
+  def host(*wire_args):
+    vals = fn(*(_decode_host(a, d) for a, d in zip(wire_args, in_dtypes)))
+    return tuple(_encode_host(v, d) for v, d in zip(vals, out_dtypes))
+
+  wire = jax.pure_callback(host, tuple(_wire(r) for r in result_shapes),
+                           *(_encode_jax(jax.lax.stop_gradient(a)) for a in args),
+                           vmap_method="sequential")
+  return tuple(_decode_jax(w, d) for w, d in zip(wire, out_dtypes))
+
+
+def _gram(m):
+  """``(G, left)``: ``m m^H`` if the rows are fewer (``left``), else ``m^H m``."""
+  mh = np.conj(np.swapaxes(m, -1, -2))
+  if m.shape[-2] <= m.shape[-1]:
+    return m @ mh, True
+  return mh @ m, False
+
+
+def _top_of_chunk(m):
+  """``(largest eigenvalue, index, max squared Frobenius norm)`` of the Grams of ``m``."""
+  g, _ = _gram(m)
+  lam = np.linalg.eigvalsh(g)[:, -1]
+  fro2 = np.einsum("bii->b", g).real
+  i = int(np.argmax(lam))
+  return float(lam[i]), i, float(np.max(fro2))
+
+
+def _top_vectors(m):
+  """Unit top singular vectors ``(u, v)`` of one matrix, from its smaller Gram."""
+  g, left = _gram(m)
+  _, vecs = np.linalg.eigh(g)
+  top = vecs[:, -1]
+  other = np.conj(m.T) @ top if left else m @ top
+  nrm = np.linalg.norm(other)
+  if nrm > 0:
+    other = other / nrm
+  else:   # m = 0: any unit vector
+    other = np.zeros_like(other)
+    if other.size:
+      other[0] = 1.0
+  return (top, other) if left else (other, top)
+
+
+def _eig_rounding(inner: int, n: int, fro2: float) -> float:
+  """Bound on the float64 error of ``lambda_max(m m^H)`` computed as above.
+
+  The Gram's entries carry at most ``gamma_inner |m| |m|^H`` (so at most
+  ``~inner * eps * ||m||_F^2`` in norm) and a backward-stable symmetric
+  eigensolver adds ``~n * eps * ||G||``; a factor 16 covers complex
+  arithmetic and the constants.
+  """
+  return 16.0 * (inner + n + 4) * _EPS64 * fro2
+
+
+def _host_top_of_batches(chunks, make, out_real, out_vec):
+  """Shared host core: the largest ``sigma_max`` over every matrix of every chunk.
+
+  ``make(c)`` returns chunk ``c``'s ``(N_c, p, q)`` float64/complex128 matrices.
+  Returns ``(sigma, chunk, index, u, v)`` where ``sigma`` includes the float64
+  rounding bound of the Gram route (not yet ``ROUNDING_SLACK``).
+  """
+  results = _map_chunks(lambda c: _top_of_chunk(make(c)), chunks)
+  best = int(np.argmax([r[0] for r in results]))
+  lam, i, _ = results[best]
+  fro2 = max(r[2] for r in results)
+  m = make(chunks[best])[i]
+  p, q = m.shape
+  lam = max(lam, 0.0) + _eig_rounding(max(p, q), min(p, q), fro2)
+  with _single_blas_thread():
+    u, v = _top_vectors(m)
+  return math.sqrt(lam), best, i, u.astype(out_vec), v.astype(out_vec)
+
+
+def _chunks_of(n: int, bytes_per_item: int):
+  per = max(1, _CHUNK_BYTES // max(bytes_per_item, 1))
+  return [(s, min(s + per, n)) for s in range(0, n, per)]
+
+
+def _nan_result(rows, cols, out_real, out_vec, *extra):
+  return ((out_real.type(np.nan),) + tuple(extra)
+          + (np.zeros(rows, out_vec), np.zeros(cols, out_vec)))
+
 
 def _host_top_singular(mats):
-  """Host side of :func:`top_singular_value`: float64 LAPACK, one call."""
+  """Host side of :func:`top_singular_value`: float64 LAPACK on Gram matrices."""
   m = np.asarray(mats)
   complex_in = np.iscomplexobj(m)
+  out_real = np.dtype(_real_dtype(m.dtype))
+  out_vec = np.dtype(_complex_of(out_real)) if complex_in else out_real
   m = m.astype(np.complex128 if complex_in else np.float64)
-  out_dtype = np.complex64 if complex_in else np.float32
-  rows, cols = m.shape[1], m.shape[2]
+  n, rows, cols = m.shape
   if not np.all(np.isfinite(m)):
-    return (np.float32(np.nan), np.int32(0), np.zeros(rows, out_dtype),
-            np.zeros(cols, out_dtype))
-  mh = np.conj(np.swapaxes(m, 1, 2))
-  gram = m @ mh if rows <= cols else mh @ m
-  lam = np.linalg.eigvalsh(gram)[:, -1]
-  i = int(np.argmax(lam))
-  u, sv, vh = np.linalg.svd(m[i])
-  sigma = max(float(sv[0]), float(np.sqrt(max(lam[i], 0.0))))
-  return (np.float32(sigma * (1.0 + ROUNDING_SLACK)), np.int32(i),
-          u[:, 0].astype(out_dtype), np.conj(vh[0]).astype(out_dtype))
+    return _nan_result(rows, cols, out_real, out_vec, np.int32(0))
+  if n == 0 or rows == 0 or cols == 0:
+    return (out_real.type(0.0), np.int32(0), np.zeros(rows, out_vec),
+            np.zeros(cols, out_vec))
+  chunks = _chunks_of(n, m.itemsize * rows * cols)
+  sigma, c, i, u, v = _host_top_of_batches(
+      chunks, lambda se: m[se[0]:se[1]], out_real, out_vec)
+  i = chunks[c][0] + i
+  return (out_real.type(sigma * (1.0 + ROUNDING_SLACK)), np.int32(i), u, v)
 
 
 def top_singular_value(mats: Array) -> Array:
   """Upper bound on ``max_i sigma_max(mats[i])``, with the gradient of ``sigma_max``.
 
-  The value is computed on the host (``jax.pure_callback``) in float64 with
-  LAPACK, then multiplied by ``1 + ROUNDING_SLACK``; no LAPACK call runs inside
-  the XLA computation (batched LAPACK kernels there have been seen to
-  deadlock when two computations run at once on the CPU). The derivative is
-  that of the top singular value, ``Re(u^H dM_i v)`` at the maximising matrix
-  and its top singular vectors. NaN or inf entries give NaN.
+  The value is computed on the host (``jax.pure_callback``) in float64: the
+  largest eigenvalue of each matrix's Gram matrix on its smaller side
+  (LAPACK, one thread per chunk of matrices), plus a bound on the float64
+  rounding of that route, then multiplied by ``1 + ROUNDING_SLACK``. No
+  LAPACK call runs inside the XLA computation (batched LAPACK kernels there
+  have been seen to deadlock when two computations run at once on the CPU).
+  The derivative is that of the returned value, ``(1 + ROUNDING_SLACK)
+  Re(u^H dM_i v)`` at the maximising matrix and its top singular vectors.
+  NaN or inf entries give NaN.
 
   Args:
     mats: ``(N, m, n)`` real or complex matrices.
 
   Returns:
-    A float32 scalar.
+    A scalar: float32, or float64 for float64/complex128 ``mats``.
   """
   _, rows, cols = mats.shape
-  vec_dtype = jnp.complex64 if jnp.iscomplexobj(mats) else jnp.float32
-  shapes = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
+  real = _real_dtype(mats.dtype)
+  vec_dtype = _complex_of(real) if jnp.iscomplexobj(mats) else real
+  shapes = (jax.ShapeDtypeStruct((), real), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((rows,), vec_dtype), jax.ShapeDtypeStruct((cols,), vec_dtype))
-  sigma, i, u, v = jax.pure_callback(_host_top_singular, shapes, jax.lax.stop_gradient(mats),
-                                     vmap_method="sequential")
+  sigma, i, u, v = _host_call(_host_top_singular, shapes, mats)
   mi = jax.lax.dynamic_index_in_dim(mats, i, axis=0, keepdims=False)
   lin = jnp.real(jnp.vdot(u, mi @ v))
-  return sigma + (lin - jax.lax.stop_gradient(lin))
+  return sigma + (1.0 + ROUNDING_SLACK) * (lin - jax.lax.stop_gradient(lin))
+
+
+def _working(a: Array) -> Array:
+  """``a`` in its working precision: float32, or float64 if it is float64."""
+  return a.astype(_real_dtype(a.dtype))
 
 
 def dense_global_norm(kernel: Array) -> Array:
@@ -82,7 +303,46 @@ def dense_global_norm(kernel: Array) -> Array:
   Exact largest singular value (float64 on the host, see
   :func:`top_singular_value`) times ``1 + ROUNDING_SLACK``; differentiable.
   """
-  return top_singular_value(kernel.astype(jnp.float32)[None])
+  return top_singular_value(_working(kernel)[None])
+
+
+def _phases(freq: int, taps: int, period: int) -> np.ndarray:
+  """``exp(-2 pi i freq a / period)`` for ``a < taps``, the product reduced mod ``period``."""
+  a = (int(freq) * np.arange(taps)) % period
+  return np.exp(-2j * np.pi * a / period)
+
+
+def _host_conv_top(poly, m_h: int, m_w: int):
+  """Host side of :func:`conv_global_norm`.
+
+  ``poly``: ``(a_h, a_w, P, Q)`` polyphase kernel. The real kernel's transform
+  satisfies ``K(-w) = conj(K(w))`` (same singular values), so the frequencies
+  ``w_2 <= m_w // 2`` cover every value. The transform is an explicit float64
+  sum over the few taps (error bounded below), by chunks of ``w_1``.
+  """
+  k = np.asarray(poly)
+  out_real = np.dtype(_real_dtype(k.dtype))
+  out_vec = np.dtype(_complex_of(out_real))
+  k = k.astype(np.float64)
+  a_h, a_w, p, q = k.shape
+  if not np.all(np.isfinite(k)):
+    return _nan_result(p, q, out_real, out_vec, np.int32(0), np.int32(0))
+  half = m_w // 2 + 1
+  ph_w = np.stack([_phases(w, a_w, m_w) for w in range(half)])         # (half, a_w)
+  k_w = np.einsum("wb,abpq->awpq", ph_w, k)                            # (a_h, half, P, Q)
+  ph_h = np.stack([_phases(w, a_h, m_h) for w in range(m_h)])          # (m_h, a_h)
+
+  def make(rows):
+    return np.einsum("ca,awpq->cwpq", ph_h[rows[0]:rows[1]], k_w).reshape(-1, p, q)
+
+  chunks = _chunks_of(m_h, 16 * half * p * q)
+  sigma, c, i, u, v = _host_top_of_batches(chunks, make, out_real, out_vec)
+  w1, w2 = chunks[c][0] + i // half, i % half
+  # Fourier sums: |error| <= gamma_{taps+4} sum_a |k_a| entrywise, whose
+  # spectral norm is at most sqrt(taps) ||k||_F.
+  taps = a_h * a_w
+  sigma += 4.0 * (taps + 4) * math.sqrt(taps) * _EPS64 * float(np.linalg.norm(k))
+  return (out_real.type(sigma * (1.0 + ROUNDING_SLACK)), np.int32(w1), np.int32(w2), u, v)
 
 
 def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
@@ -98,46 +358,69 @@ def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
   exactly ``max_omega sigma_max(K_hat(omega))`` over the ``M x M`` grid of
   frequencies.
 
+  The maximum is computed on the host in float64 over half of the
+  frequencies (the kernel is real, so ``K_hat(-omega)`` is the conjugate of
+  ``K_hat(omega)``), as the largest eigenvalue of each frequency's Gram
+  matrix on its smaller side, plus explicit bounds on the float64 rounding
+  of the Fourier sums, the Gram matrices and the eigensolver; the result is
+  multiplied by ``1 + ROUNDING_SLACK``. The gradient is that of the returned
+  value: ``(1 + ROUNDING_SLACK) Re(u^H dK_hat v)`` at the maximising
+  frequency and its top singular vectors.
+
   Args:
-    kernel: ``(k, k, C_in, C_out)`` (HWIO).
+    kernel: ``(k, k, C_in, C_out)`` (HWIO), float32 (or float64 under
+      ``jax.enable_x64``).
     spatial: ``(H, W)`` of the layer's input.
     stride: the convolution's stride ``s``.
     padding: zero padding on every side.
 
   Returns:
-    A scalar ``>= ||conv||_2``.
+    A scalar ``>= ||conv||_2`` in the kernel's working precision.
   """
   kh, kw, cin, cout = kernel.shape
   s = int(stride)
   ka_h, ka_w = -(-kh // s), -(-kw // s)
   m_h = max(-(-(int(spatial[0]) + 2 * padding) // s), ka_h)
   m_w = max(-(-(int(spatial[1]) + 2 * padding) // s), ka_w)
-  k = jnp.pad(kernel.astype(jnp.float32),
-              ((0, ka_h * s - kh), (0, ka_w * s - kw), (0, 0), (0, 0)))
+  k = jnp.pad(_working(kernel), ((0, ka_h * s - kh), (0, ka_w * s - kw), (0, 0), (0, 0)))
   # k[s*a1 + b1, s*a2 + b2, ci, co] -> poly[a1, a2, (b1, b2, ci), co]
   k = k.reshape(ka_h, s, ka_w, s, cin, cout).transpose(0, 2, 1, 3, 4, 5)
   k = k.reshape(ka_h, ka_w, s * s * cin, cout)
-  khat = jnp.fft.fft2(k, s=(m_h, m_w), axes=(0, 1))
-  mats = khat.reshape(m_h * m_w, s * s * cin, cout)
-  return top_singular_value(mats)
+  real = k.dtype
+  cplx = _complex_of(real)
+  p = s * s * cin
+  shapes = (jax.ShapeDtypeStruct((), real), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((p,), cplx),
+            jax.ShapeDtypeStruct((cout,), cplx))
+  host = lambda poly: _host_conv_top(poly, m_h, m_w)
+  sigma, w1, w2, u, v = _host_call(host, shapes, k)
+  # K_hat at the maximising frequency, in JAX, for the derivative.
+  ph_h = jnp.exp(-2j * jnp.pi * ((w1 * jnp.arange(ka_h)) % m_h).astype(real) / m_h)
+  ph_w = jnp.exp(-2j * jnp.pi * ((w2 * jnp.arange(ka_w)) % m_w).astype(real) / m_w)
+  khat = jnp.einsum("a,b,abpq->pq", ph_h.astype(cplx), ph_w.astype(cplx), k.astype(cplx))
+  lin = jnp.real(jnp.vdot(u, khat @ v))
+  return sigma + (1.0 + ROUNDING_SLACK) * (lin - jax.lax.stop_gradient(lin))
 
 
 def _host_masked_dense_norm(matrix, rows, cols):
+  out_real = np.dtype(_real_dtype(np.asarray(matrix).dtype))
   m = np.asarray(matrix, np.float64)
   rows = np.asarray(rows, np.float64)
   cols = np.asarray(cols, np.float64)
-  out = np.empty(rows.shape[0], np.float64)
-  for b in range(rows.shape[0]):
+
+  def one(b):
     mb = m[rows[b] > 0][:, cols[b] > 0]
     if not np.all(np.isfinite(mb)):
-      out[b] = np.nan
-      continue
+      return np.nan
     if mb.size == 0:
-      out[b] = 0.0
-      continue
-    g = mb @ mb.T if mb.shape[0] <= mb.shape[1] else mb.T @ mb
-    out[b] = np.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0))
-  return (out * (1.0 + ROUNDING_SLACK)).astype(np.float32)
+      return 0.0
+    g, _ = _gram(mb)
+    lam = max(float(np.linalg.eigvalsh(g)[-1]), 0.0)
+    lam += _eig_rounding(max(mb.shape), min(mb.shape), float(np.trace(g)))
+    return math.sqrt(lam)
+
+  out = np.asarray(_map_chunks(one, list(range(rows.shape[0]))), np.float64)
+  return (out * (1.0 + ROUNDING_SLACK)).astype(out_real)
 
 
 def masked_dense_norm(matrix: Array, rows: Array, cols: Array) -> Array:
@@ -146,8 +429,10 @@ def masked_dense_norm(matrix: Array, rows: Array, cols: Array) -> Array:
   Computed on the host in float64: the submatrix of varying rows and columns
   is extracted, and the largest eigenvalue of its Gram matrix (in the smaller
   dimension) is found with LAPACK's symmetric eigensolver. The result is
-  multiplied by ``1 + ROUNDING_SLACK`` before it is returned as float32.
-  Works under ``jit`` (through ``jax.pure_callback``), not under ``grad``.
+  multiplied by ``1 + ROUNDING_SLACK`` (after a bound on the float64
+  rounding) before it is returned in the matrix's working precision (float32,
+  or float64 for a float64 matrix). Works under ``jit`` (through
+  ``jax.pure_callback``), not under ``grad``.
 
   Args:
     matrix: explicit ``(out, in)`` matrix ``W``.
@@ -155,17 +440,16 @@ def masked_dense_norm(matrix: Array, rows: Array, cols: Array) -> Array:
     cols: ``(B, in)`` 0/1 column mask.
 
   Returns:
-    ``(B,)`` float32 upper bounds.
+    ``(B,)`` upper bounds.
   """
-  shape = jax.ShapeDtypeStruct((rows.shape[0],), jnp.float32)
-  return jax.pure_callback(_host_masked_dense_norm, shape,
-                           jax.lax.stop_gradient(matrix), rows, cols,
-                           vmap_method="sequential")
+  shape = jax.ShapeDtypeStruct((rows.shape[0],), _real_dtype(matrix.dtype))
+  return _host_call(lambda *a: (_host_masked_dense_norm(*a),), (shape,),
+                    matrix, rows, cols)[0]
 
 
-def explicit_jacobian(fn, in_shape: Tuple[int, ...]) -> Array:
+def explicit_jacobian(fn, in_shape: Tuple[int, ...], dtype=jnp.float32) -> Array:
   """The ``(out_size, in_size)`` matrix of a linear map on one example."""
   size = math.prod(in_shape)
-  basis = jnp.eye(size, dtype=jnp.float32).reshape((size,) + tuple(in_shape))
+  basis = jnp.eye(size, dtype=dtype).reshape((size,) + tuple(in_shape))
   out = fn(basis)
   return out.reshape(size, -1).T

@@ -250,7 +250,8 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
     the Ritz estimate ``sqrt(theta)`` (a lower bound).
   """
-  g = jax.random.normal(key, in_shape_batch, jnp.float32) * col_mask
+  dtype = jnp.promote_types(col_mask.dtype, jnp.float32)   # the working precision
+  g = jax.random.normal(key, in_shape_batch, dtype) * col_mask
   opt = adjoint(adjoint_of or op, g)
   theta, done = _lanczos(lambda q: opt(op(q)), g, steps)
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
