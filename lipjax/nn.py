@@ -92,6 +92,18 @@ class LinearLayer(nn.Module):
     del params
     return None
 
+  def fan_in(self, params: Params, in_shape: Tuple[int, ...]) -> Optional[int]:
+    """Largest number of products summed into one output of :meth:`linear`.
+
+    Used by the bounds on float32 rounding (:mod:`lipjax.bounds.rounding`),
+    which assume every output is computed as a float32 sum of at most this
+    many products (any order), possibly followed by one scaling and the bias
+    addition. ``None`` (the default) means the whole input size, which is
+    always sound for such a layer.
+    """
+    del params, in_shape
+    return None
+
 
 class Activation(nn.Module):
   """Base class of 1-Lipschitz, monotone activations (the protocol's role).
@@ -227,6 +239,10 @@ class Dense(LinearLayer):
   def explicit_matrix(self, params):
     return params["kernel"].T
 
+  def fan_in(self, params, in_shape):
+    del in_shape
+    return int(params["kernel"].shape[0])
+
 
 def conv_init(kernel_size: int, features: int) -> Callable:
   """The paper's conv init: ``N(0, 2 / (k^2 * C_out))``."""
@@ -345,12 +361,21 @@ class Conv(LinearLayer):
     return norms.conv_global_norm(
         params["kernel"], in_shape[:2], stride=self.stride, padding=self.padding)
 
+  def fan_in(self, params, in_shape):
+    del in_shape
+    k = params["kernel"].shape
+    return int(k[0] * k[1] * k[2])
+
 
 class AvgPool(LinearLayer):
-  """Average pooling as a linear layer (no parameters).
+  """Average pooling as a linear layer (no parameters), VALID windows.
 
-  Only :meth:`linear` is implemented: every other rule of the protocol comes
-  from lipjax's generic, sound defaults (adjoint by ``jax.linear_transpose``).
+  Input ``(B, H, W, C)``; output ``(B, H', W', C)`` with
+  ``H' = (H - window) // stride + 1``. Each output channel averages the same
+  channel only, so the map is block diagonal with one identical block per
+  channel: a single-channel convolution with the constant kernel
+  ``1 / window^2``. The protocol's exact rules follow from that (the weights
+  are nonnegative, so ``|W| = W``).
   """
 
   window: int = 2
@@ -376,6 +401,33 @@ class AvgPool(LinearLayer):
     s = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, self.window, self.window, 1),
                               (1, self.stride, self.stride, 1), "VALID")
     return s / (self.window * self.window)
+
+  def abs_linear(self, params, h):
+    return self.linear(params, h)
+
+  def row_norms(self, params, in_shape):
+    out_shape = jax.eval_shape(
+        lambda x: self.linear(params, x),
+        jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32)).shape[1:]
+    return jnp.full(out_shape, 1.0 / self.window, jnp.float32)
+
+  def global_norm(self, params, in_shape):
+    """Exact norm of the circulant operator that contains the pooling.
+
+    The per-channel map is a VALID (unpadded) strided convolution with the
+    ``(window, window)`` kernel ``1 / window^2``;
+    :func:`lipjax.bounds.norms.conv_global_norm` bounds it deterministically
+    (polyphase split + FFT). Block diagonal over channels: the same norm.
+    """
+    del params
+    from lipjax.bounds import norms
+    k = jnp.full((self.window, self.window, 1, 1), 1.0 / (self.window * self.window),
+                 jnp.float32)
+    return norms.conv_global_norm(k, in_shape[:2], stride=self.stride, padding=0)
+
+  def fan_in(self, params, in_shape):
+    del params, in_shape
+    return self.window * self.window
 
 
 class Flatten(Reshape):

@@ -6,9 +6,10 @@ Nothing here knows about training; every function takes a model description
 
 from lipjax.bounds.certify import Certificate, certify, certify_arrays
 from lipjax.bounds.intervals import LayerBounds, propagate
-from lipjax.bounds.lipschitz import (LocalBound, PowerState, global_lipschitz_bound,
-                                     local_lipschitz_bound)
+from lipjax.bounds.lipschitz import (Guarantee, LocalBound, PowerState, bound_guarantee,
+                                     global_lipschitz_bound, local_lipschitz_bound)
 from lipjax.bounds.network import Stage, UnsupportedModelError, trace
 from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_norm,
                                  masked_dense_norm)
+from lipjax.bounds.rounding import operand_roundoff
 from lipjax.bounds.power import lanczos_norm_bound, lanczos_top, power_iteration

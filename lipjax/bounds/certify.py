@@ -1,19 +1,26 @@
 """Certificates and certified radii.
 
 For an example with label ``y`` and a bound ``R(x) = eps * prod_{l<L} s_l(x)``
-on how far the penultimate activation can move inside ``B(x, eps)``, the gap
-``z_y - z_i`` can shrink by at most
+on how far the penultimate activation can move inside ``B(x, eps)``, the
+exact gap ``z_y - z_i`` anywhere in the ball is at least
 
-  ``Delta_iy = min(R ||D_{L-1} (w_i - w_y)||_2,  IBP_iy)``
+  ``L_iy = max(g_iy - E_iy - R ||D_{L-1} (w_i - w_y)||_2,  IBP_iy)``
 
-where ``D_{L-1}`` deletes the last layer's constant columns and ``IBP_iy`` is
-the exact maximum of ``(w_i - w_y) . (h - h(x))`` over the penultimate box
-(both are sound, so their minimum is). The example is *certified* when it is
-classified correctly and ``z_y - z_i > Delta_iy`` for every ``i != y``. Any
-NaN or inf on the way makes it *not* certified.
+where ``g_iy`` is the float32 gap at ``x``, ``D_{L-1}`` deletes the last
+layer's constant columns, ``IBP_iy`` is the exact minimum of the gap over the
+penultimate box, and ``E_iy`` bounds ``|fl(z_y - z_i) - (z_y - z_i)|`` at
+every point of the ball: the float32 rounding of the whole forward pass
+(:mod:`lipjax.bounds.rounding`), which grows with the magnitudes summed
+(``sum |W| |h| + |b|`` per logit), not with the gap. The example is
+*certified* when ``L_iy - E_iy > 0`` for every ``i != y`` (every float32
+evaluation ``model.apply(x')`` and the exact network then predict ``y`` on
+the whole ball), with every computed quantity rounded the safe way. Any NaN
+or inf on the way (logits, margins, norms, their product, the radius scale)
+makes it *not* certified.
 
-With ``bound="global"`` the GloRo certificate with exact global norms is
-used instead (no masks, no boxes), the baseline of the paper.
+With ``bound="global"`` the GloRo certificate with global norms is used
+instead (no masks, no interval bound; the boxes only bound the rounding),
+the baseline of the paper.
 """
 
 from __future__ import annotations
@@ -26,12 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import lipschitz, network, norms
+from lipjax.bounds import lipschitz, network, norms, rounding
 
 Array = jax.Array
-
-_REL_TOL = 1e-5
-_ABS_TOL = 1e-6
 
 
 @jax.tree_util.register_dataclass
@@ -41,25 +45,33 @@ class Certificate:
 
   Attributes:
     predicted: ``(B,)`` int32 argmax of the logits.
-    certified: ``(B,)`` bool; ``predicted == y`` and no point of ``B(x, eps)``
-      changes the prediction (with probability ``>= 1 - failure_probability``
-      over the Lanczos start vectors where that is nonzero).
+    certified: ``(B,)`` bool; ``predicted == y`` and at every point ``x'`` of
+      ``B(x, eps)`` both the float32 forward pass ``model.apply`` (on this
+      backend and matmul precision, see :mod:`lipjax.bounds.rounding`) and
+      the exact network predict ``y`` (with probability
+      ``>= 1 - failure_probability`` over the Lanczos start vectors where
+      that is nonzero).
     radius: ``(B,)`` certified radius for the label: ``eps`` where certified,
       0 elsewhere (masks hold only inside ``B(x, eps)``, so no larger radius
       is claimed).
-    robust_radius: ``(B,)`` certified radius of the *prediction*:
-      ``min(eps, min_i (z_p - z_i) / (||D (w_p - w_i)|| prod s_l))`` with ``p``
-      the predicted class (``eps`` where the prediction is certified at
-      ``eps``); valid for wrong predictions too.
-    margin: ``(B,)`` ``min_{i != y} (z_y - z_i - Delta_iy)``; > 0 iff robust.
+    robust_radius: ``(B,)`` certified radius of the *prediction* ``p``:
+      ``eps`` where the prediction is certified at ``eps``, else
+      ``min(eps, min_i (g_pi - 2 E_pi) / (||D (w_p - w_i)|| prod_{l<L} s_l))``
+      (rounding terms as in the module docstring); valid for wrong
+      predictions too.
+    margin: ``(B,)`` ``min_{i != y} (L_iy - E_iy)``: a lower bound on
+      ``fl(z_y(x')) - fl(z_i(x'))`` and on the exact gap over the ball; > 0
+      iff certified (``-inf`` where something is not finite).
     lipschitz: ``(B,)`` the bound on the logits' Lipschitz constant used.
-    failure_probability: ``(B,)`` see :class:`~lipjax.bounds.lipschitz.LocalBound`.
+    failure_probability: ``(B,)`` probability over the Lanczos start vectors
+      that the certificate's norms fail to be upper bounds; 0 where every
+      norm used is deterministic (see :func:`lipjax.bound_guarantee`).
     local: ``(B,)`` bool, whether the sound local bound was computed for the
       example. With ``certify(..., triage=True)`` (the default) it is not for
-      examples the triage decides: those are reported with the exact global
+      examples the triage decides: those are reported with the global
       certificate (``lipschitz`` the global bound, ``failure_probability``
-      0), which is sound and, for an example it certifies, implies the local
-      certificate.
+      that of the global norms: 0 for built-in layers), which is sound and,
+      for an example it certifies, implies the local certificate.
   """
 
   predicted: Array
@@ -91,22 +103,90 @@ def pair_terms(mat, col, labels):
   return diff * col[:, None, :]
 
 
-def _margins(logits, labels, diff, radius_scale, ibp):
-  """Gaps, Lipschitz deltas and the certificate for ``labels``."""
-  c = logits.shape[-1]
-  pn = jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))                    # (B, C)
-  delta = radius_scale[:, None] * pn * (1.0 + norms.ROUNDING_SLACK)
-  if ibp is not None:
-    mid_off, half = ibp
-    d_ibp = (jnp.einsum("bch,bh->bc", diff, mid_off)
-             + jnp.einsum("bch,bh->bc", jnp.abs(diff), half))
-    delta = jnp.minimum(delta, d_ibp)
-  gap = jnp.take_along_axis(logits, labels[:, None], axis=1) - logits  # (B, C)
-  tol = _REL_TOL * (jnp.abs(gap) + delta) + _ABS_TOL
-  other = jnp.arange(c)[None, :] != labels[:, None]
-  slack = jnp.where(other, gap - delta - tol, jnp.inf)
-  margin = jnp.min(slack, axis=1)
-  return gap, pn, margin, other
+def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
+             rows=None, last_norm=None, depth=1):
+  """Lower bounds on ``z_y - z_i`` over the ball, net of float32 rounding.
+
+  Args:
+    logits: ``(B, C)`` float32 logits at the centres.
+    labels: ``(B,)`` the class ``y`` whose gaps are bounded.
+    mat: explicit ``(C, m)`` last-layer matrix, or None (generic last layer).
+    col: ``(B, m)`` column mask of the last layer.
+    scale: ``(B,)`` bound on ``||h(x') - h(x)||_2`` per unit of ``||D w||``
+      (``eps * prod_{l<L} s_l``).
+    fwd: ``(e, d, rho)``: bounds on the float32 penultimate activation's
+      error over the ball (``(B, m)`` elementwise, ``(B,)`` in l2) and on the
+      rounding of the last layer (``(B, C)``), from
+      :func:`lipjax.bounds.intervals.propagate`.
+    box: ``(lo, hi)``, ``(B, m)`` box of the exact penultimate activation
+      over the ball, for the interval lower bound (``mat`` needed).
+    bias: ``(C,)`` last-layer bias or None.
+    rows: ``(C,)`` bounds on the last layer's row norms (generic last layer).
+    last_norm: ``(B,)`` bound on the masked last-layer norm (generic layer).
+    depth: number of norms multiplied into ``scale``.
+
+  Returns:
+    ``(num, den, margin, other)``: ``num - r * den > 0`` (``den`` without
+    ``scale``'s ``eps``) proves robustness of class ``y`` against class ``i``
+    at radius ``r <= eps``; ``margin`` ``(B,)`` is ``min_{i != y}`` of the
+    certified lower bound on ``fl(z_y(x')) - fl(z_i(x'))`` and on the exact
+    gap over the ball (positive iff certified); ``other`` masks ``i != y``.
+  """
+  u = rounding.U
+  v = rounding.operand_roundoff()
+  b, c = logits.shape
+  e, d, rho = fwd
+  lab = labels[:, None]
+  other = jnp.arange(c)[None, :] != lab
+  gap = jnp.take_along_axis(logits, lab, axis=1) - logits            # (B, C)
+  rho_y = jnp.take_along_axis(rho, lab, axis=1)
+  if mat is not None:
+    m = mat.shape[1]
+    diff = pair_terms(mat, col, labels)
+    pn = jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))                 # (B, C)
+    a = mat[None, :, :] - mat[labels][:, None, :]                       # w_i - w_y
+    an = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * rounding.upper_factor(m + 4)
+    vecs = [e] if box is None else [e, 0.5 * (box[1] - box[0])]
+    prods = jnp.einsum("bch,bkh->bkc", jnp.abs(a), jnp.stack(vecs, axis=1))
+    prods = prods * rounding.upper_factor(m + 4, v)
+    through = jnp.minimum(prods[:, 0], an * d[:, None] * (1 + 4 * u))
+    kd = rounding.upper_factor(m + depth + 8)
+  else:
+    pn = jnp.broadcast_to((jnp.sqrt(2.0) * last_norm)[:, None], (b, c))
+    through = (rows[None, :] + rows[labels][:, None]) * d[:, None] * (1 + 4 * u)
+    kd = rounding.upper_factor(depth + 8)
+  # |fl(z_y - z_i) - (z_y - z_i)| at any point of the ball (centre included).
+  err = (through + rho + rho_y) * (1 + 4 * u)
+  den = pn * (1.0 + norms.ROUNDING_SLACK) * kd
+  delta = scale[:, None] * den
+  # Lower bounds on the exact gap over the ball; each chain of float32
+  # subtractions of k terms is off by at most k u (sum of |terms|).
+  lower = gap - err - delta - 6 * u * (jnp.abs(gap) + err + delta)      # Lipschitz
+  num = gap - 2 * err - 6 * u * (jnp.abs(gap) + 2 * err + delta)        # robust radius
+  if box is not None:                                                   # intervals
+    lo, hi = box
+    mid = 0.5 * (lo + hi)
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) + rounding.FLOOR
+    zmid = mid @ mat.T                                                  # (B, C)
+    amid = zmid - jnp.take_along_axis(zmid, lab, axis=1)                # a . mid
+    size = mag @ jnp.abs(mat).T
+    size = size + jnp.take_along_axis(size, lab, axis=1)
+    if bias is None:
+      db = jnp.zeros((b, c), logits.dtype)
+    else:
+      bb = jnp.broadcast_to(bias, (b, c))
+      db = jnp.take_along_axis(bb, lab, axis=1) - bb
+      size = size + jnp.abs(bb) + jnp.abs(jnp.take_along_axis(bb, lab, axis=1))
+    mag_max = jnp.max(mag, axis=1, keepdims=True)
+    err_ibp = (rounding.dot_coefficient(m + 8, v) * size
+               + 2 * rounding.underflow_term(m, mag_max))
+    ibp = db - amid - prods[:, 1] - err_ibp
+    ibp = ibp - 6 * u * (jnp.abs(db) + jnp.abs(amid) + prods[:, 1] + err_ibp)
+    lower = jnp.maximum(lower, ibp)
+  # The float32 gap at any point of the ball is within err of the exact one.
+  slack = lower - err - 3 * u * (jnp.abs(lower) + err)
+  margin = jnp.min(jnp.where(other, slack, jnp.inf), axis=1)
+  return num, den, margin, other
 
 
 def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
@@ -115,10 +195,11 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   variables = network.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
+  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  last = stages[-1]
   if bound == "local":
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps, **options)
-    stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
-    last, layers = stages[-1], lb.layers
+    layers = lb.layers
     logits = lb.logits
     col = (last._pre(layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
            if len(layers) > 1 else jnp.ones((b, int(np.prod(x.shape[1:])))))
@@ -126,25 +207,27 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
         else jnp.ones((b,))
     lo = last._pre(layers[-1].input_lower).reshape(b, -1)  # pylint: disable=protected-access
     hi = last._pre(layers[-1].input_upper).reshape(b, -1)  # pylint: disable=protected-access
-    ctr = last._pre(layers[-1].input_center).reshape(b, -1)  # pylint: disable=protected-access
-    ibp = (0.5 * (lo + hi) - ctr, 0.5 * (hi - lo))
+    box = (lo, hi)
     lip, fail = lb.bound, lb.failure_probability
+    last_norm, last_global = lb.layer_norms[-1], lb.global_norms[-1]
     finite_extra = jnp.all(jnp.isfinite(jnp.stack(lb.layer_norms)), axis=0)
   elif bound == "global":
     if options.get("mode", "sound") != "sound":
       raise ValueError("bound='global' is always sound; do not pass mode")
     options = {k: v for k, v in options.items() if k in ("key", "failure_probability")}
-    stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
-    last = stages[-1]
     _, gn = lipschitz.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
                                              per_layer=True, **options)
+    layers = lipschitz.ball_bounds(stages, x, eps, gn)
     logits = model.apply(variables, x)
     inner = jnp.full((b,), jnp.prod(jnp.stack(gn[:-1])) if len(gn) > 1 else 1.0)
     col = jnp.ones((b, int(np.prod(last.layer_in_shape))))
-    ibp = None
+    box = None
     lip = jnp.full((b,), jnp.prod(jnp.stack(gn)))
-    fail = jnp.zeros((b,), jnp.float32)
-    finite_extra = jnp.isfinite(lip)
+    probabilistic = any(lipschitz.needs_probabilistic_global(st) for st in stages)
+    fail = jnp.full((b,), options.get("failure_probability", 1e-9) if probabilistic
+                    else 0.0, jnp.float32)
+    last_norm, last_global = jnp.full((b,), gn[-1]), gn[-1]
+    finite_extra = jnp.all(jnp.isfinite(jnp.stack(gn)))
   else:
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
 
@@ -153,28 +236,32 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   mat = last.layer.explicit_matrix(last.params)
   predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scale = eps * inner
+  fwd = (last._pre(layers[-1].input_error).reshape(b, -1),  # pylint: disable=protected-access
+         layers[-1].input_error_l2, layers[-1].rounding)
+  rows = None
+  if mat is None:
+    rows = lipschitz.row_norm_bounds(last, last_global)
+  bias = last.layer.bias(last.params)
 
   def for_labels(labels):
-    if mat is not None:
-      diff = pair_terms(mat, col, labels)
-    else:   # generic last layer: ||(e_i - e_y)^T W D|| <= sqrt(2) s_L
-      sl = lip / jnp.maximum(inner, 1e-30)
-      diff = jnp.zeros((b, num_classes, 1)) + (jnp.sqrt(2.0) * sl)[:, None, None]
-    return _margins(logits, labels, diff, scale, ibp if mat is not None else None)
+    return _margins(logits, labels, mat, col, scale, fwd,
+                    box=box if mat is not None else None, bias=bias, rows=rows,
+                    last_norm=last_norm, depth=len(stages))
 
   _, _, margin, _ = for_labels(y)
+  # Any NaN or inf on the way means "not certified".
   finite = (jnp.all(jnp.isfinite(logits), axis=1) & jnp.isfinite(margin)
-            & jnp.isfinite(scale) & finite_extra)
+            & jnp.isfinite(scale) & jnp.isfinite(lip) & finite_extra)
   certified = (predicted == y) & (margin > 0) & finite
   radius = jnp.where(certified, eps, 0.0)
 
-  gap_p, pn_p, margin_p, other_p = for_labels(predicted)   # for robust_radius
-  denom = pn_p * inner[:, None] * (1.0 + norms.ROUNDING_SLACK)
-  ratio = jnp.where(other_p, gap_p / jnp.maximum(denom, 1e-30), jnp.inf)
-  ratio = jnp.where(other_p & (denom <= 0), jnp.where(gap_p > 0, jnp.inf, 0.0), ratio)
-  rr = jnp.clip(jnp.min(ratio, axis=1) * (1.0 - _REL_TOL), 0.0, eps)
+  num_p, den_p, margin_p, other_p = for_labels(predicted)   # for robust_radius
+  denom = den_p * inner[:, None]
+  ratio = jnp.where(other_p, jnp.maximum(num_p, 0.0) / jnp.maximum(denom, 1e-30), jnp.inf)
+  ratio = jnp.where(other_p & (denom <= 0), jnp.where(num_p > 0, jnp.inf, 0.0), ratio)
+  rr = jnp.clip(jnp.min(ratio, axis=1) * (1.0 - 16 * rounding.U), 0.0, eps)
   rr = jnp.where(margin_p > 0, eps, rr)
-  rr = jnp.where(finite & jnp.isfinite(rr), rr, 0.0)
+  rr = jnp.where(finite & jnp.isfinite(rr) & jnp.isfinite(margin_p), rr, 0.0)
   return Certificate(predicted=predicted, certified=certified, radius=radius,
                      robust_radius=rr, margin=jnp.where(finite, margin, -jnp.inf),
                      lipschitz=lip, failure_probability=fail,
@@ -277,8 +364,9 @@ def _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, op
 
 
 def _certify_triaged(model, variables, x, y, eps, batch_size, key, jit, steps, options):
+  glob_opts = {k: v for k, v in options.items() if k == "failure_probability"}
   glob = _certify_chunks(model, variables, x, y, eps, "global", batch_size,
-                         jax.random.fold_in(key, 1), jit, {})
+                         jax.random.fold_in(key, 1), jit, glob_opts)
   undecided = np.asarray((glob.predicted == y) & ~glob.certified)
   idx = np.nonzero(undecided)[0]
   if idx.size:
@@ -287,8 +375,9 @@ def _certify_triaged(model, variables, x, y, eps, batch_size, key, jit, steps, o
     low = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
                           jax.random.fold_in(key, 2), jit, lower_opts, bucket=True)
     # A margin that is not positive with the lower estimates cannot be with
-    # the sound bound; NaN stays undecided (the sound run then says no).
-    hopeless = np.asarray(low.margin <= 0)
+    # the sound bound. A non-finite lower run (margin -inf, e.g. an overflow
+    # in the estimates) stays undecided: the sound run decides.
+    hopeless = np.asarray((low.margin <= 0) & jnp.isfinite(low.margin))
     idx = idx[~hopeless]
   if not idx.size:
     return glob

@@ -9,24 +9,35 @@ For each example the propagation carries three things (the paper's interval boun
 At an affine layer the box goes through interval arithmetic and is intersected
 with the ball projection ``z_k(x) +- r ||w_k||``; then ``r <- r ||W||`` with a
 *sound* norm. Activations map the box monotonically and produce the masks.
-Boxes are widened by a relative ``1e-5`` (plus ``1e-7``) at every layer so
-that float32 rounding cannot mark a varying neuron as constant.
+
+Rounding. The boxes contain the *exact* (real-arithmetic) pre-activations of
+every point of the ball although they are computed in float32: each box is
+widened by a rigorous bound on the rounding of the sums that produced it,
+``c_n (|W| max(|lb|, |ub|) + |b|)`` with ``c_n`` from
+:func:`lipjax.bounds.rounding.dot_coefficient` (it grows with the fan-in
+``n`` and with the magnitudes summed, not with the result, so a cancelling
+sum whose float32 value has the wrong sign is still marked varying). The
+propagation also carries, per layer, a bound on how far the float32 forward
+pass (``model.apply``) can be from the exact one anywhere in the ball
+(``error``, ``input_error``, ``input_error_l2``, ``rounding``), which the
+certificate uses; the centre ``z_k(x)`` of the ball projection is the float32
+one, so that projection is widened by that error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lipjax import nn as lnn
+from lipjax.bounds import rounding
 from lipjax.bounds.network import Stage
 
 Array = jax.Array
-
-_REL_WIDEN = 1e-5
-_ABS_WIDEN = 1e-7
 
 
 @jax.tree_util.register_dataclass
@@ -44,6 +55,14 @@ class LayerBounds:
       last stage).
     col_mask: ``(B, *out)`` 0/1, activation outputs that vary (ones for the
       last stage); the next stage's column mask.
+    rounding: ``(B, *out)`` bound on the rounding of this stage's affine map
+      evaluated in float32 at any float32 input the forward pass can reach
+      from the ball.
+    error: ``(B, *out)`` bound on ``|float32 pre-activation - exact|`` at
+      every point of the ball (the stage's own rounding included).
+    input_error: ``(B, *in)`` the same for the stage's input (0 for the
+      network input).
+    input_error_l2: ``(B,)`` bound on the l2 norm of the input error vector.
   """
 
   center: Array
@@ -55,6 +74,10 @@ class LayerBounds:
   input_center: Array
   row_mask: Array
   col_mask: Array
+  rounding: Array
+  error: Array
+  input_error: Array
+  input_error_l2: Array
 
 
 def _bcast(s: Array, like: Array) -> Array:
@@ -67,10 +90,50 @@ def _l2(x: Array) -> Array:
 
 RadiusNorm = Callable[[int, "LayerBounds", Array], Array]
 
+# Activations evaluated elementwise: an input error e gives an output error <= e.
+_ELEMENTWISE = (lnn.ReLU, lnn.ClippedReLU, lnn.Identity)
+
+
+def _fan_in(st: Stage) -> int:
+  n = st.layer.fan_in(st.params, st.layer_in_shape)
+  return int(np.prod(st.in_shape)) if n is None else int(n)
+
+
+def _abs_apply(st: Stage, v: Array, rnorm: Array, like: Array) -> Array:
+  """An upper bound on ``|W| v`` for ``v >= 0`` (exact map up to rounding, or
+  the generic ``||w_k|| ||v||_2``)."""
+  a = st.abs_linear(v)
+  if a is None:
+    n = int(np.prod(v.shape[1:]))
+    return rnorm[None] * _bcast(_l2(v) * rounding.upper_factor(n), like)
+  return a
+
+
+def _activation_error(act, params, z_lo, z_hi, ez, dz):
+  """Bound on ``|act(z_float) - act(z)|`` when ``z`` is in the box and
+  ``|z_float - z| <= ez`` (``||z_float - z||_2 <= dz``).
+
+  Two sound rules, the smaller is kept: the activation's own interval rule on
+  the box widened by ``ez`` (both values lie in it), and 1-Lipschitz
+  continuity (elementwise for the built-in elementwise activations, over
+  channel pairs for ClippedMaxMin, in l2 for any other).
+  """
+  lo, hi = act.interval(params, rounding.down(z_lo - ez), rounding.up(z_hi + ez))
+  width = rounding.up(hi - lo)
+  if type(act) in _ELEMENTWISE:   # pylint: disable=unidiomatic-typecheck
+    point = ez
+  elif type(act) is lnn.ClippedMaxMin:   # pylint: disable=unidiomatic-typecheck
+    c = ez.shape[-1] // 2
+    m = jnp.maximum(ez[..., :c], ez[..., c:])
+    point = jnp.concatenate([m, m], axis=-1)
+  else:
+    point = jnp.broadcast_to(_bcast(dz, width), width.shape)
+  return jnp.minimum(width, point)
+
 
 def propagate(stages: Sequence[Stage], x: Array, eps: Array,
-              row_norms: Sequence[Array], radius_norm: RadiusNorm
-              ) -> List[LayerBounds]:
+              row_norms: Sequence[Array], radius_norm: RadiusNorm,
+              error_norms: Optional[Sequence[Array]] = None) -> List[LayerBounds]:
   """Propagates the ball ``B(x_b, eps_b)`` through every stage.
 
   Args:
@@ -83,40 +146,75 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       affine map followed by its activation on the ball, used for
       ``r <- r * norm``: the global ``||W_l||`` or the sound local
       ``||D_l W_l D_{l-1}||``. It is called once per hidden stage, in order.
+    error_norms: optional, per stage, a scalar upper bound on ``||W_l||``
+      (valid everywhere, not only on the ball), used to carry the l2 norm of
+      the forward-pass rounding error through the layers.
 
   Returns:
     One :class:`LayerBounds` per stage. Every box contains the exact set of
-    reachable pre-activations, provided ``radius_norm`` and ``row_norms`` return
-    upper bounds.
+    reachable pre-activations, and every error field bounds the float32
+    forward pass's deviation from the exact one (see
+    :mod:`lipjax.bounds.rounding` for the arithmetic model), provided
+    ``radius_norm``, ``row_norms`` and ``error_norms`` return upper bounds.
   """
+  v = rounding.operand_roundoff()
+  u = rounding.U
   c = x
   col_prev = jnp.ones_like(x)
-  lo = x - _bcast(eps, x)
-  hi = x + _bcast(eps, x)
+  eb = _bcast(eps, x)
+  lo, hi = rounding.down(x - eb), rounding.up(x + eb)
   r = eps
+  e = jnp.zeros_like(x)      # |float32 activation - exact| over the ball
+  d = jnp.zeros_like(eps)    # its l2 norm
   out = []
-  for st, rnorm in zip(stages, row_norms):
+  norms_ = error_norms if error_norms is not None else [None] * len(stages)
+  for st, rnorm, gnorm in zip(stages, row_norms, norms_):
+    n = _fan_in(st)
     zc = st.affine(c)
     mid = 0.5 * (lo + hi)
     half = 0.5 * (hi - lo)
-    abs_half = st.abs_linear(half)
-    if abs_half is None:   # generic rule: |W| h <= ||w_k|| ||h||_2
-      abs_half = rnorm[None] * _bcast(_l2(half), zc)
+    abs_half = _abs_apply(st, half, rnorm, zc)
     zmid = st.affine(mid)
-    ball = _bcast(r, zc) * rnorm[None]
-    z_lo = jnp.maximum(zmid - abs_half, zc - ball)
-    z_hi = jnp.minimum(zmid + abs_half, zc + ball)
-    widen = _REL_WIDEN * (jnp.abs(zc) + (z_hi - z_lo)) + _ABS_WIDEN
-    z_lo, z_hi = z_lo - widen, z_hi + widen
+    # Rounding of this stage's sums at any float input |h| <= M + e (the
+    # float forward pass) or |h| <= M (the box's midpoint and half-width,
+    # whose own rounding n + 4 covers), M = max(|lb|, |ub|).
+    bias = st.layer.bias(st.params)
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) + e + rounding.FLOOR
+    s = _abs_apply(st, mag, rnorm, zc)
+    if bias is not None:
+      s = s + jnp.abs(bias)
+    mag_max = jnp.max(mag.reshape(mag.shape[0], -1), axis=1)
+    rho = (rounding.dot_coefficient(n + 4, v) * s
+           + _bcast(rounding.underflow_term(n, mag_max), zc))
+    # Error of the float pre-activation: own rounding + W (h_float - h).
+    row_up = rnorm[None] * rounding.upper_factor(n + 4)
+    through = row_up * _bcast(d, zc)
+    abs_e = st.abs_linear(e) if st.index > 0 else None
+    if abs_e is not None:
+      through = jnp.minimum(through, abs_e * rounding.upper_factor(n, v))
+    ez = (through + rho) * (1.0 + 4 * u)
+    ball = _bcast(r, zc) * row_up
+    z_lo = jnp.maximum(zmid - abs_half - rho - 3 * u * (jnp.abs(zmid) + abs_half + rho),
+                       zc - ball - ez - 3 * u * (jnp.abs(zc) + ball + ez))
+    z_hi = jnp.minimum(zmid + abs_half + rho + 3 * u * (jnp.abs(zmid) + abs_half + rho),
+                       zc + ball + ez + 3 * u * (jnp.abs(zc) + ball + ez))
+    size = int(np.prod(zc.shape[1:]))
+    dz = _l2(ez) * rounding.upper_factor(size)
+    if gnorm is not None:
+      dz = jnp.minimum(dz, (gnorm * d + _l2(rho) * rounding.upper_factor(size)) * (1 + 4 * u))
+    fields = dict(rounding=rho, error=ez, input_error=e, input_error_l2=d)
     if st.activation is None:
       ones = jnp.ones_like(zc)
-      out.append(LayerBounds(zc, z_lo, z_hi, r, lo, hi, c, ones, ones))
+      out.append(LayerBounds(zc, z_lo, z_hi, r, lo, hi, c, ones, ones, **fields))
       break
     row, col = st.activation.varying(st.act_params, z_lo, z_hi)
-    lb = LayerBounds(zc, z_lo, z_hi, r, lo, hi, c, row, col)
+    lb = LayerBounds(zc, z_lo, z_hi, r, lo, hi, c, row, col, **fields)
     out.append(lb)
-    r = r * radius_norm(st.index, lb, col_prev)
+    r = r * radius_norm(st.index, lb, col_prev) * (1.0 + 4 * u)
     col_prev = col
     c = st.activation.activate(st.act_params, zc)
     lo, hi = st.activation.interval(st.act_params, z_lo, z_hi)
+    e = jax.lax.stop_gradient(_activation_error(st.activation, st.act_params, z_lo, z_hi,
+                                                ez, dz))
+    d = jax.lax.stop_gradient(jnp.minimum(dz, _l2(e) * rounding.upper_factor(size)))
   return out

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import intervals, network, norms, power
+from lipjax.bounds import intervals, network, norms, power, rounding
 
 Array = jax.Array
 
@@ -166,10 +166,19 @@ def _size(shape) -> int:
   return int(math.prod(shape))
 
 
-def _needs_probabilistic_global(stage: network.Stage) -> bool:
+def needs_probabilistic_global(stage: network.Stage) -> bool:
+  """Whether the stage's global norm is a Lanczos bound (not deterministic).
+
+  True only for a layer without its own ``global_norm`` whose explicit
+  Jacobian would have more than ``2^24`` entries (every built-in layer has
+  an exact or deterministic rule).
+  """
   if type(stage.layer).global_norm is not network.lnn.LinearLayer.global_norm:
     return False   # the layer supplies its own (deterministic) global norm
   return _size(stage.in_shape) * _size(stage.out_shape) > _GENERIC_EXPLICIT_LIMIT
+
+
+_needs_probabilistic_global = needs_probabilistic_global
 
 
 def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array:
@@ -248,11 +257,28 @@ def running_global_norms(stages, global_state: PowerState, iterations: int,
   return out, PowerState(tuple(vecs))
 
 
-def _row_norms(stage: network.Stage, gnorm: Array) -> Array:
+def row_norm_bounds(stage: network.Stage, gnorm: Array) -> Array:
+  """Upper bounds on the row norms of the stage's map (shape ``out_shape``):
+  the layer's own rule, else the global norm ``gnorm`` for every row."""
   rn = stage.layer.row_norms(stage.params, stage.layer_in_shape)
   if rn is None:
     return jnp.broadcast_to(gnorm, stage.out_shape)
   return jnp.reshape(rn, stage.out_shape)
+
+
+_row_norms = row_norm_bounds
+
+
+def ball_bounds(stages, x: Array, eps: Array, gnorms) -> list:
+  """Boxes and forward-pass rounding bounds over ``B(x, eps)`` with global norms.
+
+  :func:`lipjax.bounds.intervals.propagate` with ``r <- r ||W_l||`` (no local
+  norms): what the global certificate needs to bound the float32 rounding of
+  the forward pass over the ball. ``gnorms`` are upper bounds on ``||W_l||``.
+  """
+  rnorms = [row_norm_bounds(st, g) for st, g in zip(stages, gnorms)]
+  return intervals.propagate(stages, x, eps, rnorms, lambda l, lb, col: gnorms[l],
+                             error_norms=list(gnorms))
 
 
 def _masked_op(stage: network.Stage, row: Array, col: Array):
@@ -430,7 +456,8 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
         return jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
 
-  layers = intervals.propagate(stages, x, eps, rnorms, radius_norm)
+  layers = intervals.propagate(stages, x, eps, rnorms, radius_norm,
+                               error_norms=[jax.lax.stop_gradient(g) for g in gnorms])
   chex.assert_shape(layers[-1].center, (b, stages[-1].out_shape[0]))
 
   layer_norms, estimates, vectors = [], [], []
@@ -498,16 +525,22 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   """Upper bound on the l2 Lipschitz constant of the logits over all inputs.
 
   The product of per-layer bounds on ``||W_l||_2``: exact SVD for dense
-  layers, the circulant (FFT) bound for convolutions, and for generic user
-  layers the SVD of the explicit Jacobian when it has at most 2^24 entries
-  (otherwise Lanczos with ``failure_probability``). Deterministic for every
-  built-in layer.
+  layers, the circulant (FFT) bound for convolutions and average pooling, a
+  layer's own ``global_norm`` when it has one, and for other user layers the
+  SVD of the explicit Jacobian when it has at most 2^24 entries. Deterministic
+  for every built-in layer. Only a user layer without its own ``global_norm``
+  whose Jacobian is larger gets a Lanczos bound, which fails with probability
+  at most ``failure_probability`` over the start vector (``key``); see
+  :func:`bound_guarantee` (``bound="global"``) for which case applies.
 
   Args:
     model: a :class:`lipjax.nn.Sequential`.
     variables: its variables.
     input_shape: shape of one example (defaults to ``model.input_shape``).
     per_layer: also return the tuple of per-layer norms.
+    key: PRNG key of the Lanczos start vectors (default ``PRNGKey(0)``).
+    failure_probability: total failure probability of the Lanczos bounds
+      (split over the layers that need one; unused when none does).
 
   Returns:
     A scalar (or ``(scalar, per_layer_norms)``).
@@ -530,3 +563,77 @@ def _global_core(model, shape, failure_probability, variables, key):
   keys = jax.random.split(key, len(stages))
   gn = tuple(_global_norms(stages, keys, failure_probability / n_prob))
   return jnp.prod(jnp.stack(gn)), gn
+
+
+@dataclasses.dataclass(frozen=True)
+class Guarantee:
+  """What a bound's guarantee rests on (see :func:`bound_guarantee`).
+
+  Attributes:
+    failure_probability: probability over the Lanczos start vectors that the
+      bound fails to be an upper bound (per example for the local bound); 0
+      when every per-layer norm is deterministic.
+    layers: per linear layer, ``(name, rule)`` with rule one of ``"exact"``
+      (SVD or float64 eigensolver of the explicit matrix),
+      ``"deterministic"`` (the layer's own upper bound, e.g. the circulant
+      FFT bound) or ``"probabilistic"`` (Lanczos upper bound).
+    operand_roundoff: unit roundoff assumed for the operands of float32
+      products in the forward pass that certificates cover
+      (:func:`lipjax.bounds.rounding.operand_roundoff`).
+  """
+
+  failure_probability: float
+  layers: Tuple[Tuple[str, str], ...]
+  operand_roundoff: float = 0.0
+
+  @property
+  def deterministic(self) -> bool:
+    return self.failure_probability == 0.0
+
+
+def bound_guarantee(model, variables, *, bound: str = "local", input_shape=None,
+                    dense: str = "exact", failure_probability: float = 1e-9) -> Guarantee:
+  """Which per-layer norms of a bound are exact, deterministic or probabilistic.
+
+  Follows the rules of :func:`local_lipschitz_bound` (sound mode, the default
+  ``intermediate="local"``) for ``bound="local"`` and of
+  :func:`global_lipschitz_bound` (and ``certify(bound="global")``, and the
+  points ``certify``'s triage decides with the global certificate) for
+  ``bound="global"``.
+
+  Args:
+    model: a :class:`lipjax.nn.Sequential`.
+    variables: its variables.
+    bound: ``"local"`` or ``"global"``.
+    input_shape: shape of one example (defaults to ``model.input_shape``).
+    dense: as in :func:`local_lipschitz_bound`.
+    failure_probability: the failure probability the bound is computed with.
+
+  Returns:
+    A :class:`Guarantee`.
+  """
+  if bound not in ("local", "global"):
+    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
+  if dense not in ("exact", "lanczos"):
+    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  shape = resolve_input_shape(model, input_shape)
+  stages = network.trace(model, variables, shape)
+  rows, probabilistic = [], False
+  for st in stages:
+    if needs_probabilistic_global(st):
+      glob = "probabilistic"
+    elif st.layer.explicit_matrix(st.params) is not None:
+      glob = "exact"
+    elif type(st.layer).global_norm is not network.lnn.LinearLayer.global_norm:
+      glob = "deterministic"
+    else:
+      glob = "exact"   # SVD of the explicit Jacobian
+    if bound == "global":
+      rule = glob
+    else:
+      rule = "probabilistic" if (_uses_lanczos(st, dense) or glob == "probabilistic") \
+          else "exact"
+    probabilistic |= rule == "probabilistic"
+    rows.append((st.name, rule))
+  return Guarantee(failure_probability=float(failure_probability) if probabilistic else 0.0,
+                   layers=tuple(rows), operand_roundoff=rounding.operand_roundoff())
