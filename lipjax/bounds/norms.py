@@ -16,7 +16,10 @@ float32 rounding in the computation itself. The guarantees are otherwise exact
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
+import os
 from typing import Sequence, Tuple
 
 import jax
@@ -122,21 +125,62 @@ def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
   return top_singular_value(mats)
 
 
+def _masked_norm_one(m, rows, cols):
+  """``||m[rows][:, cols]||_2`` in float64 (NaN for non-finite entries)."""
+  mb = m[rows][:, cols]
+  if not np.all(np.isfinite(mb)):
+    return np.nan
+  if mb.size == 0:
+    return 0.0
+  g = mb @ mb.T if mb.shape[0] <= mb.shape[1] else mb.T @ mb
+  return np.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0))
+
+
+_POOL = None
+
+
+def _host_pool():
+  """Worker threads for per-example host work (LAPACK releases the GIL)."""
+  global _POOL
+  if _POOL is None:
+    try:
+      workers = len(os.sched_getaffinity(0))
+    except AttributeError:
+      workers = os.cpu_count() or 1
+    _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(workers, 1),
+                                                  thread_name_prefix="lipjax-host")
+  return _POOL
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+  """Limits BLAS/LAPACK to one thread per call, when threadpoolctl is installed.
+
+  Yields True when the limit is in place. The per-example problems here are
+  small (a few hundred rows): a multi-threaded BLAS gains little on them and,
+  on a loaded machine, its threads' synchronisation can make a call ten times
+  slower. Examples then run in parallel, one per core.
+  """
+  try:
+    from threadpoolctl import threadpool_limits  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    yield False
+    return
+  with threadpool_limits(limits=1, user_api="blas"):
+    yield True
+
+
 def _host_masked_dense_norm(matrix, rows, cols):
   m = np.asarray(matrix, np.float64)
-  rows = np.asarray(rows, np.float64)
-  cols = np.asarray(cols, np.float64)
-  out = np.empty(rows.shape[0], np.float64)
-  for b in range(rows.shape[0]):
-    mb = m[rows[b] > 0][:, cols[b] > 0]
-    if not np.all(np.isfinite(mb)):
-      out[b] = np.nan
-      continue
-    if mb.size == 0:
-      out[b] = 0.0
-      continue
-    g = mb @ mb.T if mb.shape[0] <= mb.shape[1] else mb.T @ mb
-    out[b] = np.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0))
+  rows = np.asarray(rows, np.float64) > 0
+  cols = np.asarray(cols, np.float64) > 0
+  one = lambda b: _masked_norm_one(m, rows[b], cols[b])
+  with _one_blas_thread() as limited:
+    if limited and rows.shape[0] > 1:
+      out = list(_host_pool().map(one, range(rows.shape[0])))
+    else:
+      out = [one(b) for b in range(rows.shape[0])]
+  out = np.asarray(out, np.float64)
   return (out * (1.0 + ROUNDING_SLACK)).astype(np.float32)
 
 
