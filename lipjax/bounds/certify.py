@@ -18,9 +18,11 @@ used instead (no masks, no boxes), the baseline of the paper.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Optional
 
@@ -209,42 +211,85 @@ def _call_plain(model, bound, options, variables, gnorms, x, y, eps, key):
                         global_norms=gnorms, **options)
 
 
+_NORM_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_NORM_CACHE_SIZE = 8
+
+
+def parameter_fingerprint(variables) -> Optional[bytes]:
+  """A hash of every parameter's path, dtype, shape and bytes (None under tracing).
+
+  Two parameter sets with the same fingerprint are bitwise identical (up to
+  a BLAKE2b collision), so a quantity computed for one holds for the other.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  h = hashlib.blake2b(digest_size=32)
+  h.update(str(treedef).encode())
+  for path, leaf in leaves:
+    if isinstance(leaf, jax.core.Tracer):
+      return None
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.digest()
+
+
 class _ParameterNorms:
   """The per-layer global norms of one parameter set, each computed at most once.
 
   They depend only on the parameters (and, for a generic layer bounded by
-  Lanczos, on its failure share), so one :func:`certify` call computes them
-  once and hands them to every chunk of every pass instead of recomputing
-  them per chunk.
+  Lanczos, on its failure share and key), so one :func:`certify` call
+  computes them once and hands them to every chunk of every pass instead of
+  recomputing them per chunk. With ``cache`` they are also kept across calls,
+  keyed by :func:`parameter_fingerprint` (the parameters' bytes, never their
+  identity), the model and the input shape.
   """
 
-  def __init__(self, model, variables, input_shape, key, timer):
+  def __init__(self, model, variables, input_shape, key, timer, cache=False):
     self.model, self.variables, self.shape, self.key = model, variables, input_shape, key
-    self.timer = timer
+    self.timer, self.cache = timer, cache
     stages = network.trace(model, variables, input_shape)
     self.stages = stages
     # Built-in layers have deterministic global norms: one set serves all passes.
     self.random = any(lipschitz._needs_probabilistic_global(st)  # pylint: disable=protected-access
                       for st in stages)
     self.computed = {}
+    self._fingerprint = None
+
+  def _cache_key(self, slot):
+    if self._fingerprint is None:
+      self._fingerprint = parameter_fingerprint(self.variables) or b""
+    if not self._fingerprint:
+      return None
+    key_bytes = np.asarray(jax.random.key_data(self.key)).tobytes() if self.random else b""
+    return (self.model, self.shape, slot, key_bytes, self._fingerprint)
 
   def get(self, mode: str, dense: str = "exact", failure_probability: float = 1e-9):
     """Norms for a pass of ``mode`` (``"global"``, ``"sound"`` or ``"lower"``)."""
     delta = lipschitz.failure_share(self.stages, mode, dense, float(failure_probability))
     slot = delta if self.random else None
-    if slot not in self.computed:
-      fn = lipschitz._compiled_norms(self.model, self.shape, delta)  # pylint: disable=protected-access
-      with self.timer.stage("norms", 0) as done:
-        self.computed[slot] = fn(self.variables,
-                                 jax.random.fold_in(self.key, len(self.computed)))
-        done(self.computed[slot])
-    return self.computed[slot]
+    if slot in self.computed:
+      return self.computed[slot]
+    ckey = self._cache_key(slot) if self.cache else None
+    if ckey is not None and ckey in _NORM_CACHE:
+      _NORM_CACHE.move_to_end(ckey)
+      self.computed[slot] = _NORM_CACHE[ckey]
+      return self.computed[slot]
+    fn = lipschitz._compiled_norms(self.model, self.shape, delta)  # pylint: disable=protected-access
+    with self.timer.stage("norms", 0) as done:
+      gn = fn(self.variables, self.key)
+      done(gn)
+    self.computed[slot] = gn
+    if ckey is not None:
+      _NORM_CACHE[ckey] = gn
+      while len(_NORM_CACHE) > _NORM_CACHE_SIZE:
+        _NORM_CACHE.popitem(last=False)
+    return gn
 
 
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
             jit: bool = True, triage: bool = True, triage_steps: int = 8,
-            stats: Optional[dict] = None, **options) -> Certificate:
+            cache: bool = False, stats: Optional[dict] = None, **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
 
   With ``bound="local"`` and ``triage`` (the default) three cheap tests run
@@ -282,6 +327,12 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       without the sound local bound (see ``Certificate.local``). False runs
       the sound local bound on every example.
     triage_steps: Lanczos steps of the lower estimates in test 3.
+    cache: keep the per-layer global norms for later calls with the same
+      parameters (e.g. a sweep over ``eps``). The cache is keyed by a hash of
+      the parameters' bytes (and the model, input shape and, for generic
+      layers bounded by Lanczos, ``key``), so parameters that changed in any
+      way, in place included, never get a stale bound; hashing costs one pass
+      over the parameters. Holds the last 8 parameter sets.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"``, ``"triage"``, ``"sound"``;
       timing waits for each stage's results).
@@ -309,7 +360,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   key = jax.random.PRNGKey(0) if key is None else key
   timer = _Stats(stats)
   pnorms = _ParameterNorms(model, variables, tuple(x.shape[1:]), jax.random.fold_in(key, 4),
-                           timer)
+                           timer, cache=bool(cache))
   if bound == "local" and triage:
     return _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit,
                             int(triage_steps), options, timer)
