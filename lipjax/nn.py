@@ -61,6 +61,18 @@ class LinearLayer(nn.Module):
     """
     return self.linear(params, h)
 
+  def adjoint(self, params: Params, z: Array, in_shape: Tuple[int, ...]) -> Optional[Array]:
+    """Applies ``W^T`` to ``z`` of shape ``(B, *out_shape)``, or returns ``None``.
+
+    Optional: the bounds otherwise take the adjoint from
+    ``jax.linear_transpose`` of :meth:`linear_for_adjoint`. A layer may give
+    an explicit formulation that runs faster inside the Lanczos loop (see
+    :class:`Conv`); it must be the exact transpose of :meth:`linear` on inputs
+    of shape ``(B, *in_shape)``, since the bounds' guarantees rest on it.
+    """
+    del params, z, in_shape
+    return None
+
   def abs_linear(self, params: Params, h: Array) -> Optional[Array]:
     """Applies ``|W|`` (elementwise absolute value) to ``h``, or ``None``.
 
@@ -244,6 +256,11 @@ class Dense(LinearLayer):
     return int(params["kernel"].shape[0])
 
 
+def _flip_kernel(kernel: Array) -> Array:
+  """HWIO kernel of the transposed correlation: flipped in space, I and O swapped."""
+  return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+
+
 def conv_init(kernel_size: int, features: int) -> Callable:
   """The paper's conv init: ``N(0, 2 / (k^2 * C_out))``."""
   std = float(np.sqrt(2.0 / (kernel_size * kernel_size * features)))
@@ -322,23 +339,55 @@ class Conv(LinearLayer):
     transpose (from ``jax.linear_transpose``) is a stride-1 convolution, which
     XLA runs several times faster on CPU than the transpose of a strided one.
     """
-    s = self.stride
-    if s == 1:
+    if self.stride == 1:
       return self.linear(params, h)
+    return self._valid_conv(self._polyphase(h), self._polyphase_kernel(params["kernel"]))
+
+  def adjoint(self, params, z, in_shape):
+    """``W^T z`` as a plain NHWC/HWIO convolution with the flipped kernel.
+
+    The transpose of a stride-1 correlation with padding ``p`` is the
+    correlation of ``z`` with the spatially flipped kernel (input and output
+    channels swapped) and padding ``k - 1 - p``; a strided one goes through
+    its polyphase form (a stride-1 VALID correlation, whose transpose has
+    padding ``ceil(k/s) - 1``) and the transpose of the polyphase split (a
+    permutation and a crop of the padded input). Unlike the transposed
+    convolution ``jax.linear_transpose`` emits, this is a forward convolution
+    in XLA's canonical layout, which XLA:CPU runs as fast inside a loop (the
+    Lanczos iteration) as outside.
+    """
     kernel = params["kernel"]
+    if self.stride == 1:
+      pad = self.kernel_size - 1 - self.padding
+      return self._valid_conv(z, _flip_kernel(kernel), pad=pad)
+    kp = self._polyphase_kernel(kernel)
+    x = self._valid_conv(z, _flip_kernel(kp), pad=kp.shape[0] - 1)
+    spec = jax.ShapeDtypeStruct((z.shape[0],) + tuple(in_shape), z.dtype)
+    return jax.linear_transpose(self._polyphase, spec)(x)[0]
+
+  def _polyphase(self, h):
+    """``(B, H, W, C)`` -> ``(B, lh / s, lw / s, s * s * C)``: the padded input's sub-grids."""
+    s, p, k = self.stride, self.padding, self.kernel_size
     b, hh, ww, c = h.shape
-    k, o = kernel.shape[0], kernel.shape[3]
-    p = self.padding
     ka = -(-k // s)
     ho, wo = (hh + 2 * p - k) // s + 1, (ww + 2 * p - k) // s + 1
     lh, lw = s * (ho - 1 + ka), s * (wo - 1 + ka)
     hp = jnp.pad(h, ((0, 0), (p, p + max(lh - hh - 2 * p, 0)),
                      (p, p + max(lw - ww - 2 * p, 0)), (0, 0)))[:, :lh, :lw]
     x = hp.reshape(b, lh // s, s, lw // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, lh // s, lw // s, s * s * c)
+    return x.reshape(b, lh // s, lw // s, s * s * c)
+
+  def _polyphase_kernel(self, kernel):
+    """``(k, k, C, O)`` -> ``(ceil(k/s), ceil(k/s), s * s * C, O)`` matching :meth:`_polyphase`."""
+    s = self.stride
+    k, c, o = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+    ka = -(-k // s)
     kp = jnp.pad(kernel, ((0, ka * s - k), (0, ka * s - k), (0, 0), (0, 0)))
-    kp = kp.reshape(ka, s, ka, s, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(ka, ka, s * s * c, o)
-    return jax.lax.conv_general_dilated(x, kp, (1, 1), "VALID",
+    return kp.reshape(ka, s, ka, s, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(ka, ka, s * s * c, o)
+
+  @staticmethod
+  def _valid_conv(x, kernel, pad=0):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def bias(self, params):

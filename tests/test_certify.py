@@ -416,6 +416,106 @@ def test_batching_and_jit_do_not_change_results():
 
 
 # ---------------------------------------------------------------------------
+# Parameter-only work: once per call, reused across calls only for the same bytes
+# ---------------------------------------------------------------------------
+
+
+def _clear_compiled():
+  import importlib
+  from lipjax.bounds import lipschitz
+  cmod = importlib.import_module("lipjax.bounds.certify")
+  for f in (cmod._jitted, lipschitz._compiled_norms, lipschitz._compiled_local):
+    f.cache_clear()
+  jax.clear_caches()
+  cmod._NORM_CACHE.clear()
+
+
+@pytest.fixture
+def host_svd_calls(monkeypatch):
+  """Records every host SVD of a global norm (one per layer per computation)."""
+  from lipjax.bounds import norms
+  calls = []
+  original = norms._host_top_singular
+
+  def spy(mats):
+    calls.append(np.shape(mats))
+    return original(mats)
+
+  monkeypatch.setattr(norms, "_host_top_singular", spy)
+  _clear_compiled()   # compiled code holds the callback it was traced with
+  yield calls
+  monkeypatch.undo()
+  _clear_compiled()
+
+
+@pytest.mark.parametrize("kw", [dict(bound="global"), dict(), dict(triage=False)],
+                         ids=["global", "triage", "local"])
+def test_global_norms_are_computed_once_per_call_not_per_chunk(host_svd_calls, kw):
+  t = _trained("mlp")
+  model, v, x, y = t.model, t.variables, t.x[:20], t.y[:20]
+  stats = {}
+  cert = lipjax.certify(model, v, x, y, t.eps, batch_size=4, stats=stats, **kw)  # 5 chunks
+  assert len(host_svd_calls) == 3, host_svd_calls   # three dense layers, once each
+  assert stats["norms"]["seconds"] >= 0
+  if kw.get("triage", True) and "bound" not in kw:
+    assert stats["global"]["examples"] == 20
+    assert stats.get("sound", {"examples": 0})["examples"] == int(np.sum(cert.local))
+  # The same call again recomputes them (no cache unless asked for).
+  lipjax.certify(model, v, x, y, t.eps, batch_size=4, **kw)
+  assert len(host_svd_calls) == 6
+
+
+def test_norm_cache_never_serves_changed_parameters(host_svd_calls):
+  t = _trained("mlp")
+  model, x, y, eps = t.model, t.x[:12], t.y[:12], t.eps
+  v = jax.tree_util.tree_map(np.array, t.variables)   # mutable numpy leaves
+  first = lipjax.certify(model, v, x, y, eps, cache=True)
+  calls = len(host_svd_calls)
+  assert calls == 3
+  for bound in ("local", "global"):   # same bytes: served from the cache
+    again = lipjax.certify(model, v, x, y, eps, bound=bound, cache=True)
+  assert len(host_svd_calls) == calls
+  np.testing.assert_array_equal(np.asarray(again.lipschitz),
+                                np.asarray(lipjax.certify(model, v, x, y, eps,
+                                                          bound="global").lipschitz))
+  calls = len(host_svd_calls)
+  # In place (same objects, new bytes): the cache must notice.
+  v["params"]["layers_4"]["kernel"] *= 3.0
+  changed = lipjax.certify(model, v, x, y, eps, bound="global", cache=True)
+  assert len(host_svd_calls) == calls + 3
+  fresh = lipjax.certify(model, v, x, y, eps, bound="global")
+  np.testing.assert_array_equal(np.asarray(changed.lipschitz), np.asarray(fresh.lipschitz))
+  np.testing.assert_allclose(np.asarray(changed.lipschitz),
+                             3.0 * np.asarray(again.lipschitz), rtol=1e-4)
+  # A new parameter set with one threshold changed: the local certificate
+  # equals the uncached one.
+  v2 = jax.tree_util.tree_map(np.array, v)
+  v2["params"]["layers_3"] = jax.tree_util.tree_map(lambda a: a * 0.5, v2["params"]["layers_3"])
+  for kw in (dict(), dict(triage=False)):
+    c = lipjax.certify(model, v2, x, y, eps, cache=True, **kw)
+    u = lipjax.certify(model, v2, x, y, eps, **kw)
+    for f in ("certified", "margin", "lipschitz"):
+      np.testing.assert_array_equal(np.asarray(getattr(c, f)), np.asarray(getattr(u, f)))
+
+
+def test_local_bound_with_precomputed_global_norms_is_unchanged():
+  from lipjax.bounds import lipschitz
+  t = _trained("conv")
+  model, v, x = t.model, t.variables, t.x[:8]
+  gn = lipschitz.layer_global_norms(model, v)
+  _, per_layer = lipjax.global_lipschitz_bound(model, v, per_layer=True)
+  np.testing.assert_allclose(np.asarray(gn), np.asarray(per_layer), rtol=1e-6)
+  for mode in ("sound", "lower"):
+    a = lipjax.local_lipschitz_bound(model, v, x, t.eps, mode=mode)
+    b = lipjax.local_lipschitz_bound(model, v, x, t.eps, mode=mode, global_norms=gn)
+    np.testing.assert_allclose(np.asarray(b.bound), np.asarray(a.bound), rtol=1e-6)
+  with pytest.raises(ValueError, match="3 scalars"):
+    lipjax.local_lipschitz_bound(model, v, x, t.eps, global_norms=gn[:2])
+  with pytest.raises(ValueError, match="global_norms"):
+    lipjax.certify(model, v, x, t.y[:8], t.eps, global_norms=gn)
+
+
+# ---------------------------------------------------------------------------
 # NaN parameters
 # ---------------------------------------------------------------------------
 

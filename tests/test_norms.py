@@ -413,6 +413,47 @@ def test_conv_polyphase_form_is_the_same_map_and_gives_the_same_adjoint(size, ks
   np.testing.assert_allclose(float(jnp.vdot(a, v)), float(jnp.vdot(x, tb)), rtol=1e-4)
 
 
+@pytest.mark.parametrize("size,ksize,stride,padding", [
+    (7, 4, 2, 1), (8, 4, 2, 1), (7, 3, 2, 0), (9, 3, 3, 1), (6, 5, 2, 2), (5, 2, 2, 0),
+    (6, 3, 1, 1), (6, 3, 1, 0), (6, 3, 1, 2), (5, 1, 1, 0), (7, 5, 3, 3)])
+def test_conv_explicit_adjoint_is_the_transpose_of_the_explicit_matrix(size, ksize, stride,
+                                                                       padding):
+  # Lanczos runs on op^T op with this adjoint: any error in it voids the bound.
+  from lipjax import nn as lnn
+  layer = lnn.Conv(features=3, kernel_size=ksize, stride=stride, padding=padding)
+  in_shape = (size, size + 1, 2)
+  params = layer.init(jax.random.PRNGKey(1), jnp.zeros((1,) + in_shape))["params"]
+  mat = explicit_conv_matrix(params["kernel"], in_shape[:2], stride, padding)  # float64
+  out = layer.linear(params, jnp.zeros((1,) + in_shape))
+  v = jax.random.normal(jax.random.PRNGKey(2), (3,) + out.shape[1:])
+  got = np.asarray(layer.adjoint(params, v, in_shape), np.float64)
+  want = (np.asarray(v, np.float64).reshape(3, -1) @ mat).reshape((3,) + in_shape)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_adjoint_matches_linear_transpose_through_reshapes():
+  from lipjax import nn as lnn
+  from lipjax.bounds import network
+
+  class ToImage(lnn.Reshape):
+    def reshape(self, x):
+      return x.reshape(x.shape[0], 6, 6, 1)
+
+  model = lnn.Sequential((lnn.Dense(36), lnn.ReLU(), ToImage(), lnn.Conv(4, 4, 2, 1),
+                          lnn.ReLU(), lnn.Flatten(), lnn.Dense(3)), input_shape=(8,))
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
+  stages = network.trace(model, v, (8,))
+  assert stages[1].reshapes and stages[1].layer.adjoint(
+      stages[1].params, jnp.zeros((1, 3, 3, 4)), (6, 6, 1)) is not None
+  for st in stages:
+    spec = jax.ShapeDtypeStruct((2,) + st.in_shape, jnp.float32)
+    z = jax.random.normal(jax.random.PRNGKey(st.index), (2,) + st.out_shape)
+    want = jax.linear_transpose(st.linear, spec)(z)[0]
+    np.testing.assert_allclose(np.asarray(st.adjoint(z)), np.asarray(want), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_lanczos_rank_bound_accepts_a_krylov_space_that_cannot_grow():
   # op = diag(3, 1) Q with Q 2 x 600 orthonormal: op^T op has rank 2, so the
   # Krylov space has dimension <= 3 and the run stops after 3 steps. Knowing

@@ -25,8 +25,12 @@ the baseline of the paper.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import time
 from typing import Optional
 
 import jax
@@ -190,15 +194,23 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
 
 
 def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
-                   **options) -> Certificate:
-  """Un-batched core of :func:`certify` (jit-compatible; one call, one batch)."""
+                   global_norms=None, **options) -> Certificate:
+  """Un-batched core of :func:`certify` (jit-compatible; one call, one batch).
+
+  ``global_norms``: optionally the per-layer global norms of *these*
+  ``variables``, computed once by the caller for many batches
+  (:func:`lipjax.bounds.lipschitz.layer_global_norms` with the same options
+  for ``bound="local"``, ``global_lipschitz_bound(per_layer=True)`` for
+  ``bound="global"``); computed here when None.
+  """
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   variables = network.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
   stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   last = stages[-1]
   if bound == "local":
-    lb = lipschitz.local_lipschitz_bound(model, variables, x, eps, **options)
+    lb = lipschitz.local_lipschitz_bound(model, variables, x, eps,
+                                         global_norms=global_norms, **options)
     layers = lb.layers
     logits = lb.logits
     col = (last._pre(layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
@@ -215,8 +227,11 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     if options.get("mode", "sound") != "sound":
       raise ValueError("bound='global' is always sound; do not pass mode")
     options = {k: v for k, v in options.items() if k in ("key", "failure_probability")}
-    _, gn = lipschitz.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
-                                             per_layer=True, **options)
+    if global_norms is None:
+      _, gn = lipschitz.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
+                                               per_layer=True, **options)
+    else:
+      gn = lipschitz.check_global_norms(stages, global_norms)
     layers = lipschitz.ball_bounds(stages, x, eps, gn)
     logits = model.apply(variables, x)
     inner = jnp.full((b,), jnp.prod(jnp.stack(gn[:-1])) if len(gn) > 1 else 1.0)
@@ -272,16 +287,100 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
 def _jitted(model, bound, options_items):
   options = dict(options_items)
 
-  def fn(variables, x, y, eps, key):
-    return certify_arrays(model, variables, x, y, eps, bound=bound, key=key, **options)
+  def fn(variables, gnorms, x, y, eps, key):
+    return certify_arrays(model, variables, x, y, eps, bound=bound, key=key,
+                          global_norms=gnorms, **options)
 
   return jax.jit(fn)
+
+
+def _call_plain(model, bound, options, variables, gnorms, x, y, eps, key):
+  return certify_arrays(model, variables, x, y, eps, bound=bound, key=key,
+                        global_norms=gnorms, **options)
+
+
+_NORM_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_NORM_CACHE_SIZE = 8
+
+
+def parameter_fingerprint(variables) -> Optional[bytes]:
+  """A hash of every parameter's path, dtype, shape and bytes (None under tracing).
+
+  Two parameter sets with the same fingerprint are bitwise identical (up to
+  a BLAKE2b collision), so a quantity computed for one holds for the other.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  h = hashlib.blake2b(digest_size=32)
+  h.update(str(treedef).encode())
+  for path, leaf in leaves:
+    if isinstance(leaf, jax.core.Tracer):
+      return None
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.digest()
+
+
+class _ParameterNorms:
+  """The per-layer global norms of one parameter set, each computed at most once.
+
+  They depend only on the parameters (and, for a generic layer bounded by
+  Lanczos, on its failure share and key), so one :func:`certify` call
+  computes them once and hands them to every chunk of every pass instead of
+  recomputing them per chunk. With ``cache`` they are also kept across calls,
+  keyed by :func:`parameter_fingerprint` (the parameters' bytes, never their
+  identity), the model and the input shape.
+  """
+
+  def __init__(self, model, variables, input_shape, key, timer, cache=False):
+    self.model, self.variables, self.shape, self.key = model, variables, input_shape, key
+    self.timer, self.cache = timer, cache
+    stages = network.trace(model, variables, input_shape)
+    self.stages = stages
+    # Built-in layers have deterministic global norms: one set serves all passes.
+    self.random = any(lipschitz._needs_probabilistic_global(st)  # pylint: disable=protected-access
+                      for st in stages)
+    self.computed = {}
+    self._fingerprint = None
+
+  def _cache_key(self, slot):
+    if self._fingerprint is None:
+      self._fingerprint = parameter_fingerprint(self.variables) or b""
+    if not self._fingerprint:
+      return None
+    key_bytes = np.asarray(jax.random.key_data(self.key)).tobytes() if self.random else b""
+    return (self.model, self.shape, slot, key_bytes, self._fingerprint)
+
+  def get(self, mode: str, dense: str = "exact", failure_probability: float = 1e-9):
+    """Norms for a pass of ``mode`` (``"global"``, ``"sound"`` or ``"lower"``)."""
+    delta = lipschitz.failure_share(self.stages, mode, dense, float(failure_probability))
+    # A generic layer's Lanczos global norm: an upper bound for the sound
+    # passes, the estimate from below for the lower pass.
+    lower = mode == "lower" and self.random
+    slot = (delta, lower) if self.random else None
+    if slot in self.computed:
+      return self.computed[slot]
+    ckey = self._cache_key(slot) if self.cache else None
+    if ckey is not None and ckey in _NORM_CACHE:
+      _NORM_CACHE.move_to_end(ckey)
+      self.computed[slot] = _NORM_CACHE[ckey]
+      return self.computed[slot]
+    fn = lipschitz._compiled_norms(self.model, self.shape, delta, lower)  # pylint: disable=protected-access
+    with self.timer.stage("norms", 0) as done:
+      gn = fn(self.variables, self.key)
+      done(gn)
+    self.computed[slot] = gn
+    if ckey is not None:
+      _NORM_CACHE[ckey] = gn
+      while len(_NORM_CACHE) > _NORM_CACHE_SIZE:
+        _NORM_CACHE.popitem(last=False)
+    return gn
 
 
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
             jit: bool = True, triage: bool = True, triage_steps: int = 8,
-            **options) -> Certificate:
+            cache: bool = False, stats: Optional[dict] = None, **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
 
   With ``bound="local"`` and ``triage`` (the default) three cheap tests run
@@ -297,6 +396,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
 
   The triage never certifies anything the global certificate does not; it
   only saves the Lanczos runs whose outcome is known.
+
+  Everything that depends only on the parameters (the per-layer global
+  norms, with their host-side SVDs) is computed once per call and shared by
+  every chunk and every pass.
 
   Args:
     model: a :class:`lipjax.nn.Sequential`.
@@ -315,6 +418,15 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       without the sound local bound (see ``Certificate.local``). False runs
       the sound local bound on every example.
     triage_steps: Lanczos steps of the lower estimates in test 3.
+    cache: keep the per-layer global norms for later calls with the same
+      parameters (e.g. a sweep over ``eps``). The cache is keyed by a hash of
+      the parameters' bytes (and the model, input shape and, for generic
+      layers bounded by Lanczos, ``key``), so parameters that changed in any
+      way, in place included, never get a stale bound; hashing costs one pass
+      over the parameters. Holds the last 8 parameter sets.
+    stats: optional dict, filled with the seconds and number of examples of
+      each stage (``"norms"``, ``"global"``, ``"triage"``, ``"sound"``;
+      timing waits for each stage's results).
     **options: passed to :func:`lipjax.local_lipschitz_bound` (sound mode
       only: ``lanczos_steps``, ``failure_probability``, ``dense``, ...).
 
@@ -324,68 +436,136 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   if options.get("mode", "sound") != "sound":
     raise ValueError("certify uses sound bounds only; estimate mode is for training")
   options.pop("mode", None)
+  if "global_norms" in options:
+    raise ValueError("certify computes the global norms itself; do not pass global_norms")
   if triage_steps < 2:
     raise ValueError(f"triage_steps must be >= 2, got {triage_steps}")
+  if bound not in ("local", "global"):
+    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
+  if bound == "local":
+    lipschitz.check_local_options(**options)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   n = x.shape[0]
   num_classes = network.trace(model, variables, tuple(x.shape[1:]),
                               x.dtype)[-1].out_shape[0]
   y = check_labels(y, n, num_classes)
   key = jax.random.PRNGKey(0) if key is None else key
+  timer = _Stats(stats)
+  pnorms = _ParameterNorms(model, variables, tuple(x.shape[1:]), jax.random.fold_in(key, 4),
+                           timer, cache=bool(cache))
   if bound == "local" and triage:
-    return _certify_triaged(model, variables, x, y, eps, batch_size, key, jit,
-                            int(triage_steps), options)
-  return _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options)
+    return _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit,
+                            int(triage_steps), options, timer)
+  if bound == "global":
+    options = {k: v for k, v in options.items() if k == "failure_probability"}
+    gn = pnorms.get("global", failure_probability=options.get("failure_probability", 1e-9))
+    stage = "global"
+  else:
+    gn = pnorms.get("sound", options.get("dense", "exact"),
+                    options.get("failure_probability", 1e-9))
+    stage = "sound"
+  with timer.stage(stage, n) as done:
+    out = _certify_chunks(model, variables, gn, x, y, eps, bound, batch_size, key, jit,
+                          options)
+    done(out)
+  return out
 
 
-def _certify_chunks(model, variables, x, y, eps, bound, batch_size, key, jit, options,
-                    bucket=False):
+class _Stats:
+  """Per-stage seconds and example counts for ``certify(..., stats=...)``."""
+
+  def __init__(self, target: Optional[dict]):
+    self.target = target
+
+  @contextlib.contextmanager
+  def stage(self, name: str, count: int):
+    if self.target is None:
+      yield lambda result: None
+      return
+    start = time.perf_counter()
+    yield lambda result: jax.block_until_ready(result)
+    entry = self.target.setdefault(name, {"seconds": 0.0, "examples": 0})
+    entry["seconds"] += time.perf_counter() - start
+    entry["examples"] += int(count)
+
+
+def _bucket(n: int, limit: Optional[int]) -> int:
+  """Padded size of a chunk of ``n`` examples: ``8 * 2^k`` or ``12 * 2^k``, at most ``limit``.
+
+  Subsets of any size then share a few compiled shapes, and padding wastes
+  at most a third of a chunk.
+  """
+  size = 8
+  while size < n:
+    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+  return size if limit is None else min(size, limit)
+
+
+def _certify_chunks(model, variables, gnorms, x, y, eps, bound, batch_size, key, jit,
+                    options, bucket=False):
+  """Certifies ``x`` chunk by chunk with the compiled per-chunk function.
+
+  Chunks hold ``batch_size`` examples; with ``bucket`` (subsets of varying
+  size) the last one is padded to a bucket size only (see :func:`_bucket`),
+  else to ``batch_size``. Padding repeats the last example with ``eps = 0``,
+  whose bounds are cheapest, and is dropped from the result.
+  """
   n = x.shape[0]
   limit = batch_size
   if batch_size is None or batch_size >= n:
-    batch_size = n
-    if bucket:   # subsets of any size share a few compiled shapes: 8, 16, 32, ...
-      batch_size = max(8, 1 << (n - 1).bit_length())
-      batch_size = batch_size if limit is None else min(batch_size, limit)
+    batch_size = _bucket(n, limit) if bucket else n
   fn = (_jitted(model, bound, tuple(sorted(options.items()))) if jit else
         functools.partial(_call_plain, model, bound, options))
   out = []
   for i, start in enumerate(range(0, n, batch_size)):
     stop = min(start + batch_size, n)
     xs, ys, es = x[start:stop], y[start:stop], eps[start:stop]
-    pad = batch_size - (stop - start)
+    size = _bucket(stop - start, batch_size) if bucket else batch_size
+    pad = size - (stop - start)
     if pad:
       xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, 0)])
       ys = jnp.concatenate([ys, jnp.repeat(ys[-1:], pad, 0)])
-      es = jnp.concatenate([es, jnp.repeat(es[-1:], pad, 0)])
-    res = fn(variables, xs, ys, es, jax.random.fold_in(key, i))
+      es = jnp.concatenate([es, jnp.zeros((pad,), es.dtype)])
+    res = fn(variables, gnorms, xs, ys, es, jax.random.fold_in(key, i))
     out.append(jax.tree_util.tree_map(lambda a, m=stop - start: a[:m], res))
+  if len(out) == 1:
+    return out[0]
   return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out)
 
 
-def _certify_triaged(model, variables, x, y, eps, batch_size, key, jit, steps, options):
+def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, steps,
+                     options, timer):
+  n = x.shape[0]
   glob_opts = {k: v for k, v in options.items() if k == "failure_probability"}
-  glob = _certify_chunks(model, variables, x, y, eps, "global", batch_size,
-                         jax.random.fold_in(key, 1), jit, glob_opts)
-  undecided = np.asarray((glob.predicted == y) & ~glob.certified)
+  gn_global = pnorms.get("global", failure_probability=glob_opts.get("failure_probability",
+                                                                      1e-9))
+  with timer.stage("global", n) as done:
+    glob = _certify_chunks(model, variables, gn_global, x, y, eps, "global", batch_size,
+                           jax.random.fold_in(key, 1), jit, glob_opts)
+    undecided = np.asarray((glob.predicted == y) & ~glob.certified)
+    done(glob)
   idx = np.nonzero(undecided)[0]
   if idx.size:
     lower_opts = dict(options, mode="lower", lanczos_steps=steps)
     lower_opts.pop("dense", None)
-    low = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
-                          jax.random.fold_in(key, 2), jit, lower_opts, bucket=True)
-    # A margin that is not positive with the lower estimates cannot be with
-    # the sound bound. A non-finite lower run (margin -inf, e.g. an overflow
-    # in the estimates) stays undecided: the sound run decides.
-    hopeless = np.asarray((low.margin <= 0) & jnp.isfinite(low.margin))
+    gn_lower = pnorms.get("lower", failure_probability=options.get("failure_probability",
+                                                                   1e-9))
+    with timer.stage("triage", idx.size):
+      low = _certify_chunks(model, variables, gn_lower, x[idx], y[idx], eps[idx], "local",
+                            batch_size, jax.random.fold_in(key, 2), jit, lower_opts,
+                            bucket=True)
+      # A margin that is not positive with the lower estimates cannot be with
+      # the sound bound; NaN or inf stays undecided (the sound run then says no).
+      hopeless = np.asarray((low.margin <= 0) & jnp.isfinite(low.margin))
     idx = idx[~hopeless]
   if not idx.size:
     return glob
-  sound = _certify_chunks(model, variables, x[idx], y[idx], eps[idx], "local", batch_size,
-                          jax.random.fold_in(key, 3), jit, options, bucket=True)
-  ji = jnp.asarray(idx)
-  return jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), glob, sound)
-
-
-def _call_plain(model, bound, options, variables, x, y, eps, key):
-  return certify_arrays(model, variables, x, y, eps, bound=bound, key=key, **options)
+  gn_sound = pnorms.get("sound", options.get("dense", "exact"),
+                        options.get("failure_probability", 1e-9))
+  with timer.stage("sound", idx.size) as done:
+    sound = _certify_chunks(model, variables, gn_sound, x[idx], y[idx], eps[idx], "local",
+                            batch_size, jax.random.fold_in(key, 3), jit, options, bucket=True)
+    ji = jnp.asarray(idx)
+    out = jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), glob, sound)
+    done(out)
+  return out

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import chex
 import jax
@@ -201,6 +202,20 @@ def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array
   return est[0] if lower else upper[0]
 
 
+def failure_share(stages, mode: str, dense: str, failure_probability: float) -> float:
+  """Failure probability of each probabilistic computation of a bound.
+
+  ``failure_probability`` split evenly over the probabilistic global norms
+  (generic layers too large for an explicit Jacobian) and, in ``"sound"``
+  mode, the layers whose local norm uses Lanczos. ``mode="global"`` counts
+  the global norms only (as :func:`global_lipschitz_bound` does).
+  """
+  n_prob = sum(_needs_probabilistic_global(st) for st in stages)
+  if mode == "sound":
+    n_prob += sum(_uses_lanczos(st, dense) for st in stages)
+  return failure_probability / max(n_prob, 1)
+
+
 def _global_norms(stages, keys, delta, differentiable=True, lower=False):
   """Per-stage global norms (the SVDs run on the host, see ``norms.top_singular_value``)."""
   out = []
@@ -289,6 +304,11 @@ def _masked_op_for_adjoint(stage: network.Stage, row: Array, col: Array):
   return lambda u: row * stage.linear_for_adjoint(col * u)
 
 
+def _masked_adjoint(stage: network.Stage, row: Array, col: Array):
+  """The exact transpose of :func:`_masked_op`: ``v -> D_c W^T (D_r v)``."""
+  return lambda v: col * stage.adjoint(row * v)
+
+
 def _uses_lanczos(stage: network.Stage, dense: str) -> bool:
   return not (dense == "exact" and stage.layer.explicit_matrix(stage.params) is not None)
 
@@ -305,7 +325,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
   if lower:
     _, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
                                       col, steps, delta,
-                                      _masked_op_for_adjoint(stage, row, col))
+                                      transpose=_masked_adjoint(stage, row, col))
     est = jnp.minimum(est, gnorm)
     return est, est
   if dense == "exact" and mat is not None:
@@ -315,14 +335,57 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
   upper, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
                                         col, steps, delta,
-                                        _masked_op_for_adjoint(stage, row, col),
-                                        rank_bound=jnp.sum(row.reshape(b, -1), axis=1))
+                                        rank_bound=jnp.sum(row.reshape(b, -1), axis=1),
+                                        transpose=_masked_adjoint(stage, row, col))
   return jnp.minimum(upper, gnorm), jnp.minimum(est, gnorm)
 
 
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
+
+
+def _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
+                   intermediate, dense, global_state, global_iterations) -> str:
+  """Raises (one line) for bad options; returns the resolved ``intermediate``."""
+  if mode not in ("sound", "estimate", "lower"):
+    raise ValueError(f"mode must be 'sound', 'estimate' or 'lower', got {mode!r}")
+  if grad not in ("constant", "through"):
+    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
+  if dense not in ("exact", "lanczos"):
+    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  if intermediate is None:
+    intermediate = "global" if mode == "estimate" else "local"
+  if intermediate not in ("local", "global"):
+    raise ValueError(f"intermediate must be 'local' or 'global', got {intermediate!r}")
+  if mode == "estimate" and intermediate == "local":
+    raise ValueError("intermediate='local' needs mode='sound' (estimates are not "
+                     "upper bounds, so they cannot give sound masks)")
+  if not 0 < failure_probability < 1:
+    raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
+  if iterations < 0 or lanczos_steps < 2 or global_iterations < 0:
+    raise ValueError("iterations and global_iterations must be >= 0 and "
+                     "lanczos_steps >= 2")
+  if global_state is not None and mode != "estimate":
+    raise ValueError("global_state is for mode='estimate' (sound mode uses exact "
+                     "global norms)")
+  return intermediate
+
+
+def check_local_options(**options) -> None:
+  """Raises (one line) for options :func:`local_lipschitz_bound` would reject.
+
+  Cheap (nothing is computed), so a caller can fail before expensive work.
+  """
+  try:
+    args = inspect.signature(local_lipschitz_bound).bind(None, None, None, None, **options)
+  except TypeError as e:
+    raise TypeError(f"bad option for local_lipschitz_bound: {e}") from None
+  args.apply_defaults()
+  a = args.arguments
+  _check_options(a["mode"], a["iterations"], a["lanczos_steps"], a["failure_probability"],
+                 a["grad"], a["intermediate"], a["dense"], a["global_state"],
+                 a["global_iterations"])
 
 
 def local_lipschitz_bound(model, variables, x, eps, *,
@@ -336,7 +399,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                           intermediate: Optional[str] = None,
                           dense: str = "exact",
                           global_state: Optional[PowerState] = None,
-                          global_iterations: int = 2) -> LocalBound:
+                          global_iterations: int = 2,
+                          global_norms: Optional[Sequence[Array]] = None) -> LocalBound:
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
@@ -381,40 +445,46 @@ def local_lipschitz_bound(model, variables, x, eps, *,
       column mask (unless ``state`` is given). The result's ``global_state``
       carries the updated vectors.
     global_iterations: power iterations per call on the global maps.
+    global_norms: per linear layer, the global norms of *these* ``variables``
+      from :func:`layer_global_norms` (same ``mode``, ``dense``,
+      ``failure_probability`` and input shape), to skip recomputing them when
+      the same parameters are bounded batch after batch. They are used as
+      given (no gradient flows through them); norms of other parameters void
+      the guarantee. Not with ``global_state``.
 
   Returns:
     A :class:`LocalBound`; ``.bound`` has shape ``(B,)``.
   """
-  if mode not in ("sound", "estimate", "lower"):
-    raise ValueError(f"mode must be 'sound', 'estimate' or 'lower', got {mode!r}")
-  if grad not in ("constant", "through"):
-    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
-  if dense not in ("exact", "lanczos"):
-    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
-  if intermediate is None:
-    intermediate = "global" if mode == "estimate" else "local"
-  if intermediate not in ("local", "global"):
-    raise ValueError(f"intermediate must be 'local' or 'global', got {intermediate!r}")
-  if mode == "estimate" and intermediate == "local":
-    raise ValueError("intermediate='local' needs mode='sound' (estimates are not "
-                     "upper bounds, so they cannot give sound masks)")
-  if not 0 < failure_probability < 1:
-    raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
-  if iterations < 0 or lanczos_steps < 2 or global_iterations < 0:
-    raise ValueError("iterations and global_iterations must be >= 0 and "
-                     "lanczos_steps >= 2")
-  if global_state is not None and mode != "estimate":
-    raise ValueError("global_state is for mode='estimate' (sound mode uses exact "
-                     "global norms)")
+  intermediate = _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
+                                intermediate, dense, global_state, global_iterations)
   x, eps = check_inputs(model, x, eps, variables)
-  network.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
+  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
+  if global_norms is not None:
+    if global_state is not None:
+      raise ValueError("pass global_norms or global_state, not both")
+    global_norms = check_global_norms(stages, global_norms)
   key = jax.random.PRNGKey(0) if key is None else key
   opts = (("mode", mode), ("iterations", int(iterations)),
           ("lanczos_steps", int(lanczos_steps)),
           ("failure_probability", float(failure_probability)), ("grad", grad),
           ("intermediate", intermediate), ("dense", dense),
           ("global_iterations", int(global_iterations)))
-  return _compiled_local(model, opts)(variables, x, eps, key, state, global_state)
+  return _compiled_local(model, opts)(variables, x, eps, key, state, global_state,
+                                      global_norms)
+
+
+def check_global_norms(stages, global_norms) -> Tuple[Array, ...]:
+  """Checks that ``global_norms`` has one scalar per stage; returns them as float32."""
+  try:
+    norms_ = tuple(global_norms)
+  except TypeError:
+    raise TypeError("global_norms must be a sequence of scalars, one per linear layer, "
+                    f"got {type(global_norms).__name__}") from None
+  if len(norms_) != len(stages) or any(jnp.ndim(g) != 0 for g in norms_):
+    raise ValueError(f"global_norms must hold {len(stages)} scalars (one per linear "
+                     f"layer), got {len(norms_)} values of shapes "
+                     f"{[tuple(jnp.shape(g)) for g in norms_]}")
+  return tuple(jnp.asarray(g, jnp.float32) for g in norms_)
 
 
 @functools.lru_cache(maxsize=64)
@@ -422,8 +492,8 @@ def _compiled_local(model, opts):
   return jax.jit(functools.partial(_local_core, model, **dict(opts)))
 
 
-def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode,
-                iterations, lanczos_steps, failure_probability, grad, intermediate,
+def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
+                *, mode, iterations, lanczos_steps, failure_probability, grad, intermediate,
                 dense, global_iterations=2) -> LocalBound:
   stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   b = x.shape[0]
@@ -434,12 +504,14 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
   n_prob = sum(_needs_probabilistic_global(st) for st in stages)
   if mode == "sound":
     n_prob += sum(_uses_lanczos(st, dense) for st in stages)
-  delta = failure_probability / max(n_prob, 1)
+  delta = failure_share(stages, mode, dense, failure_probability)
 
   # Estimate mode uses the global norms only for the masks: no gradient (and
   # no SVD derivative, which needs the full singular vectors).
   new_global = None
-  if global_state is not None:
+  if global_norms is not None:   # computed once for these parameters by the caller
+    gnorms = [jax.lax.stop_gradient(g) for g in global_norms]
+  elif global_state is not None:
     gnorms, new_global = running_global_norms(stages, global_state, global_iterations)
   else:
     gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"),
@@ -546,23 +618,51 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
     A scalar (or ``(scalar, per_layer_norms)``).
   """
   shape = resolve_input_shape(model, input_shape)
-  network.trace(model, variables, shape)
+  stages = network.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
-  total, gn = _compiled_global(model, shape, float(failure_probability))(variables, key)
+  delta = failure_share(stages, "global", "exact", float(failure_probability))
+  gn = _compiled_norms(model, shape, delta)(variables, key)
+  total = jnp.prod(jnp.stack(gn))
   return (total, gn) if per_layer else total
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_global(model, shape, failure_probability):
-  return jax.jit(functools.partial(_global_core, model, shape, failure_probability))
+def layer_global_norms(model, variables, *, input_shape=None, key=None,
+                       mode: str = "sound", dense: str = "exact",
+                       failure_probability: float = 1e-9) -> Tuple[Array, ...]:
+  """The per-layer global norms :func:`local_lipschitz_bound` would compute.
 
+  They depend on the parameters only, so a caller that bounds many batches
+  with the same ``variables`` computes them once and passes them back as
+  ``local_lipschitz_bound(..., global_norms=...)``. For built-in layers they
+  are deterministic and equal to ``global_lipschitz_bound(per_layer=True)``;
+  a generic layer too large for an explicit Jacobian gets a Lanczos bound
+  with the failure share of ``mode``, ``dense`` and ``failure_probability``.
 
-def _global_core(model, shape, failure_probability, variables, key):
+  Returns:
+    A tuple of float32 scalars, one per linear layer.
+  """
+  if mode not in ("sound", "estimate", "lower"):
+    raise ValueError(f"mode must be 'sound', 'estimate' or 'lower', got {mode!r}")
+  if dense not in ("exact", "lanczos"):
+    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  if not 0 < failure_probability < 1:
+    raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
+  shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
-  n_prob = max(sum(_needs_probabilistic_global(st) for st in stages), 1)
+  key = jax.random.PRNGKey(0) if key is None else key
+  delta = failure_share(stages, mode, dense, float(failure_probability))
+  return _compiled_norms(model, shape, delta, mode == "lower")(variables, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_norms(model, shape, delta, lower=False):
+  return jax.jit(functools.partial(_norms_core, model, shape, delta, lower))
+
+
+def _norms_core(model, shape, delta, lower, variables, key):
+  stages = network.trace(model, variables, shape)
   keys = jax.random.split(key, len(stages))
-  gn = tuple(_global_norms(stages, keys, failure_probability / n_prob))
-  return jnp.prod(jnp.stack(gn)), gn
+  return tuple(_global_norms(stages, keys, delta, lower=lower))
 
 
 @dataclasses.dataclass(frozen=True)

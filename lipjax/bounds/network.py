@@ -61,6 +61,20 @@ class Stage:
     """The same map as :meth:`linear`, in the layer's transpose-friendly form."""
     return self.layer.linear_for_adjoint(self.params, self._pre(h))
 
+  def adjoint(self, z: Array) -> Array:
+    """``W^T z`` for ``z`` of shape ``(B, *out_shape)``; returns ``(B, *in_shape)``.
+
+    The layer's explicit :meth:`~lipjax.nn.LinearLayer.adjoint` when it has
+    one, else ``jax.linear_transpose`` of :meth:`linear_for_adjoint`.
+    """
+    spec = jax.ShapeDtypeStruct((z.shape[0],) + tuple(self.in_shape), z.dtype)
+    h = self.layer.adjoint(self.params, z, self.layer_in_shape)
+    if h is None:
+      return jax.linear_transpose(self.linear_for_adjoint, spec)(z)[0]
+    if not self.reshapes:
+      return h
+    return jax.linear_transpose(self._pre, spec)(h)[0]
+
   def affine(self, h: Array) -> Array:
     z = self.linear(h)
     b = self.layer.bias(self.params)

@@ -217,7 +217,8 @@ def kw_relative_error(n: Array, steps, delta: float) -> Array:
 def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...],
                        col_mask: Array, steps: int, delta: float,
                        adjoint_of: Optional[Operator] = None,
-                       rank_bound: Optional[Array] = None) -> Tuple[Array, Array]:
+                       rank_bound: Optional[Array] = None,
+                       transpose: Optional[Operator] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -245,6 +246,8 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
       number of unmasked rows ``r``): the Krylov space of ``op^T op`` then has
       dimension at most ``r + 1``, so a run that completed that many steps
       cannot have stopped too early.
+    transpose: optional explicit adjoint ``op^T`` (must be exactly the
+      transpose of ``op``); replaces ``adjoint_of``.
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
@@ -252,7 +255,7 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   """
   dtype = jnp.promote_types(col_mask.dtype, jnp.float32)   # the working precision
   g = jax.random.normal(key, in_shape_batch, dtype) * col_mask
-  opt = adjoint(adjoint_of or op, g)
+  opt = transpose if transpose is not None else adjoint(adjoint_of or op, g)
   theta, done = _lanczos(lambda q: opt(op(q)), g, steps)
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
   # The number of steps an example completes depends on its start vector, so
