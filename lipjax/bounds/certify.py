@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import lipschitz, network, norms
+from lipjax.bounds import graph, lipschitz, network, norms
 
 Array = jax.Array
 
@@ -112,6 +112,7 @@ def _margins(logits, labels, diff, radius_scale, ibp):
 def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
                    **options) -> Certificate:
   """Un-batched core of :func:`certify` (jit-compatible; one call, one batch)."""
+  model = graph.as_model(model)
   x, eps = lipschitz.check_inputs(model, x, eps)
   b = x.shape[0]
   if bound == "local":
@@ -236,6 +237,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   if options.get("mode", "sound") != "sound":
     raise ValueError("certify uses sound bounds only; estimate mode is for training")
   options.pop("mode", None)
+  model = graph.as_model(model)
   if triage_steps < 2:
     raise ValueError(f"triage_steps must be >= 2, got {triage_steps}")
   x, eps = lipschitz.check_inputs(model, x, eps)

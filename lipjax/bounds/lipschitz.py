@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import intervals, network, norms, power
+from lipjax.bounds import graph, intervals, network, norms, power
 
 Array = jax.Array
 
@@ -120,7 +120,7 @@ def resolve_input_shape(model, input_shape=None):
 def check_inputs(model, x, eps) -> Tuple[Array, Array]:
   """Validates ``x`` and ``eps``; returns ``(x, eps)`` with ``eps`` of shape ``(B,)``."""
   if not isinstance(model, network.lnn.Sequential):
-    network.trace(model, {}, ())   # raises the descriptive error
+    graph.check_model(model)
   if _concrete(x):
     x_host = np.asarray(x)
     if x_host.dtype.kind == "f" and not np.all(np.isfinite(x_host)):
@@ -364,6 +364,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   if global_state is not None and mode != "estimate":
     raise ValueError("global_state is for mode='estimate' (sound mode uses exact "
                      "global norms)")
+  model = graph.as_model(model)
   x, eps = check_inputs(model, x, eps)
   network.trace(model, variables, tuple(x.shape[1:]))   # validates the model early
   key = jax.random.PRNGKey(0) if key is None else key
@@ -495,6 +496,7 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   Returns:
     A scalar (or ``(scalar, per_layer_norms)``).
   """
+  model = graph.as_model(model)
   shape = resolve_input_shape(model, input_shape)
   network.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key

@@ -1,8 +1,11 @@
-"""Reads a :class:`lipjax.nn.Sequential` into a list of bound stages.
+"""Reads a model into a list of bound stages.
 
 A *stage* is one linear layer (with any reshapes before it folded into its
-map) followed by its activation (``None`` for the last layer). Consecutive
-linear layers get an :class:`lipjax.nn.Identity` activation between them.
+map) followed by its activation (``None`` for the last layer). A
+:class:`lipjax.nn.Sequential` is read layer by layer (consecutive linear
+layers get an :class:`lipjax.nn.Identity` activation between them); any other
+Flax module or function ``fn(variables, x)`` is traced to a jaxpr by
+:mod:`lipjax.bounds.graph`.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class Stage:
     return self.layer.linear_for_adjoint(self.params, self._pre(h))
 
   def affine(self, h: Array) -> Array:
+    """``W h + b``; a traced layer replays the user's own primitives instead."""
+    replay = getattr(self.layer, "affine_replay", None)
+    if replay is not None:
+      return replay(self.params, self._pre(h))
     z = self.linear(h)
     b = self.layer.bias(self.params)
     return z if b is None else z + b
@@ -81,7 +88,8 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
   """Splits ``model`` into stages.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, any other Flax module, or a
+      function ``fn(variables, x) -> logits`` (see :func:`lipjax.bounds.graph.trace`).
     variables: its Flax variables (``{"params": ...}``).
     in_shape: shape of one input example.
 
@@ -91,9 +99,8 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[Stage]:
       linear layer.
   """
   if not isinstance(model, lnn.Sequential):
-    raise UnsupportedModelError(
-        f"lipjax bounds need a lipjax.nn.Sequential model, got {_describe(model)}. "
-        f"Supported layers: {', '.join(SUPPORTED)}.")
+    from lipjax.bounds import graph   # pylint: disable=import-outside-toplevel
+    return graph.trace(model, variables, in_shape)
   if not isinstance(variables, dict) and not hasattr(variables, "get"):
     raise TypeError("variables must be the dict returned by model.init")
   layers = list(model.layers)

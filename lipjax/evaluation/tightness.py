@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import nn as lnn
-from lipjax.bounds import network
+from lipjax.bounds import graph, network
 from lipjax.evaluation import pgd
 
 Array = jax.Array
@@ -180,6 +180,7 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
   """
   if steps < 0 or iterations < 1:
     raise ValueError(f"need steps >= 0 and iterations >= 1, got {steps}, {iterations}")
+  model = graph.as_model(model)
   x = jnp.asarray(x, jnp.float32)
   e_host = np.asarray(eps, np.float64)
   if not np.all(np.isfinite(e_host)) or np.any(e_host < 0):

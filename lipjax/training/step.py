@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lipjax.bounds import graph
 from lipjax.training import losses
 
 _THRESHOLDS = ("theta",)
@@ -121,6 +122,7 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
   """
   if loss not in ("gloro", "bcp", "ce"):
     raise ValueError(f"loss must be 'gloro', 'bcp' or 'ce', got {loss!r}")
+  model = graph.as_model(model)
   if bound not in ("local", "global"):
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if grad not in ("constant", "through"):
