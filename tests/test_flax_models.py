@@ -80,28 +80,54 @@ def _to_flax(kind, lnn_variables):
   return {"params": out}
 
 
+def _random_variables(model, seed):
+  """Variables of ``model`` with random values (numpy; no eager Flax init).
+
+  Kernels ``N(0, 1/fan_in)``, biases ``N(0, 0.3^2)``, thresholds named
+  ``theta*`` / ``threshold`` uniform in ``[0.1, 1]``, ``upper*`` in
+  ``[0.05, 0.6]``, ``lower*`` in ``[-0.6, -0.05]``.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    name = str(path[-1].key)
+    if name == "kernel":
+      v = rng.normal(size=a.shape) / np.sqrt(np.prod(a.shape[:-1]))
+    elif name == "bias":
+      v = 0.3 * rng.normal(size=a.shape)
+    elif name.startswith(("theta", "threshold")):
+      v = rng.uniform(0.1, 1.0, size=a.shape)
+    elif name.startswith("upper"):
+      v = rng.uniform(0.05, 0.6, size=a.shape)
+    elif name.startswith("lower"):
+      v = -rng.uniform(0.05, 0.6, size=a.shape)
+    else:
+      raise ValueError(name)
+    return jnp.asarray(v, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 @functools.lru_cache(maxsize=None)
 def _pair(kind):
   model = U.conv_model(kind, input_shape=SHAPE, classes=CLASSES)
-  v = U.init_random(model, jax.random.PRNGKey(3))
+  v = _random_variables(model, 3)
   flax_model = FlaxConvNet(kind)
   fv = _to_flax(kind, v)
-  # The Flax form initialises to the same structure.
-  ref = flax_model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+  # The Flax form has the same variables, under its own names.
+  ref = jax.eval_shape(flax_model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
   assert (jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(fv))
   x = jax.random.uniform(jax.random.PRNGKey(4), (B,) + SHAPE)
   return model, v, flax_model, fv, x
 
 
-@pytest.mark.parametrize("kind", ["clipped_relu", "clipped_maxmin"])
-def test_flax_and_lipjax_forms_agree(kind):
-  model, v, fm, fv, x = _pair(kind)
-  np.testing.assert_allclose(fm.apply(fv, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
-  stages = network.trace(fm, fv, SHAPE)
-  native = network.trace(model, v, SHAPE)
-  # The same layers with the same parameters: every bound then runs the same code.
+def _assert_same_stages(stages, native):
+  """The same layers with the same parameters: every bound then runs the same
+  code on the same arrays."""
   assert [type(s.layer) for s in stages] == [type(s.layer) for s in native]
   assert [type(s.activation) for s in stages] == [type(s.activation) for s in native]
+  assert [s.out_shape for s in stages] == [s.out_shape for s in native]
   for s, t in zip(stages, native):
     np.testing.assert_array_equal(s.params["kernel"], t.params["kernel"])
     bias = lambda st: jnp.broadcast_to(st.layer.bias(st.params), st.out_shape)
@@ -110,23 +136,26 @@ def test_flax_and_lipjax_forms_agree(kind):
       assert sorted(s.act_params) == sorted(t.act_params)
       for k in t.act_params:
         np.testing.assert_array_equal(s.act_params[k], t.act_params[k])
-  eps = 0.3
-  a = lipjax.local_lipschitz_bound(fm, fv, x, eps)
-  b = lipjax.local_lipschitz_bound(model, v, x, eps)
-  np.testing.assert_allclose(a.bound, b.bound, rtol=1e-5)
-  for la, lb in zip(a.layer_norms, b.layer_norms):
-    np.testing.assert_allclose(la, lb, rtol=1e-5)
-  np.testing.assert_array_equal(a.failure_probability, b.failure_probability)
+
+
+@pytest.mark.parametrize("kind", ["clipped_relu", "clipped_maxmin"])
+def test_flax_and_lipjax_forms_agree(kind):
+  model, v, fm, fv, x = _pair(kind)
+  np.testing.assert_allclose(fm.apply(fv, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
+  _assert_same_stages(network.trace(fm, fv, SHAPE), network.trace(model, v, SHAPE))
   if kind != "clipped_relu":
-    return   # the other checks take the same code path for both activations
+    return   # the end-to-end checks below run the same code for both activations
+  y = jnp.argmax(model.apply(v, x), -1)
+  # certify's local bound (sound mode) is local_lipschitz_bound's.
+  ca = lipjax.certify(fm, fv, x, y, 0.1, triage=False)
+  cb = lipjax.certify(model, v, x, y, 0.1, triage=False)
+  np.testing.assert_allclose(ca.lipschitz, cb.lipschitz, rtol=1e-5)
+  np.testing.assert_array_equal(ca.failure_probability, cb.failure_probability)
+  np.testing.assert_array_equal(ca.certified, cb.certified)
+  np.testing.assert_allclose(ca.margin, cb.margin, rtol=1e-4, atol=1e-6)
   ga = lipjax.global_lipschitz_bound(fm, fv, input_shape=SHAPE)
   gb = lipjax.global_lipschitz_bound(model, v)
   np.testing.assert_allclose(ga, gb, rtol=1e-5)
-  y = jnp.argmax(model.apply(v, x), -1)
-  ca = lipjax.certify(fm, fv, x, y, 0.05, triage=False)
-  cb = lipjax.certify(model, v, x, y, 0.05, triage=False)
-  np.testing.assert_array_equal(ca.certified, cb.certified)
-  np.testing.assert_allclose(ca.margin, cb.margin, rtol=1e-4, atol=1e-6)
 
 
 def test_lipjax_layers_inside_a_traced_function_agree():
@@ -135,14 +164,12 @@ def test_lipjax_layers_inside_a_traced_function_agree():
   model = lnn.Sequential((lnn.Conv(4, 3, 2, 1), lnn.ClippedMaxMin(0.3),
                           lnn.Conv(4, 3, 1, 1), lnn.ClippedReLU(0.5), lnn.Flatten(),
                           lnn.Dense(CLASSES)), input_shape=SHAPE)
-  v = U.init_random(model, jax.random.PRNGKey(5))
-  x = jax.random.uniform(jax.random.PRNGKey(6), (B,) + SHAPE)
+  v = _random_variables(model, 5)
   fn = lambda variables, xb: model.apply(variables, xb)
-  kinds = [type(s.activation).__name__ for s in network.trace(fn, v, SHAPE)]
-  assert kinds == ["ClippedMaxMin", "ClippedReLU", "NoneType"]
-  a = lipjax.local_lipschitz_bound(fn, v, x, 0.2)
-  b = lipjax.local_lipschitz_bound(model, v, x, 0.2)
-  np.testing.assert_allclose(a.bound, b.bound, rtol=1e-4)
+  stages = network.trace(fn, v, SHAPE)
+  assert [type(s.activation).__name__ for s in stages] == ["ClippedMaxMin", "ClippedReLU",
+                                                           "NoneType"]
+  _assert_same_stages(stages, network.trace(model, v, SHAPE))
 
 
 # ---------------------------------------------------------------------------
@@ -210,20 +237,6 @@ def _mlp_variables(key):
                      "b3": jnp.zeros((CLASSES,))}}
 
 
-def _randomized(model, key):
-  v = model.init(key, jnp.zeros((1,) + SHAPE))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(v)
-  out = []
-  for i, (path, a) in enumerate(leaves):
-    k = jax.random.fold_in(key, 100 + i)
-    if path[-1].key == "bias":
-      a = 0.3 * jax.random.normal(k, a.shape)
-    elif path[-1].key == "threshold":
-      a = jax.random.uniform(k, a.shape, minval=0.1, maxval=1.0)
-    out.append(a)
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
 @functools.lru_cache(maxsize=None)
 def _user_model(name):
   key = jax.random.PRNGKey(11)
@@ -231,7 +244,7 @@ def _user_model(name):
     return mlp_function, _mlp_variables(key)
   model = {"sequential": sequential_model, "compact": CompactNet,
            "linear_residual": LinearResidualNet}[name]()
-  return model, _randomized(model, key)
+  return model, _random_variables(model, 11)
 
 
 USER_MODELS = ("sequential", "compact", "linear_residual", "function")
@@ -416,7 +429,7 @@ def _pgd(apply, v, x, y, eps, key, steps=40, restarts=3):
 def test_trained_flax_model_certificates_survive_pgd():
   model = CompactNet()
   x, y = _clusters(jax.random.PRNGKey(13), 160)
-  v = model.init(jax.random.PRNGKey(0), x[:1])
+  v = _random_variables(model, 0)
   opt = optax.adam(1e-2)
   state = opt.init(v)
 
@@ -432,7 +445,7 @@ def test_trained_flax_model_certificates_survive_pgd():
     v, state = step(v, state)
   xt, yt = x[128:], y[128:]
   eps = 0.2
-  local = np.asarray(lipjax.certify(model, v, xt, yt, eps).certified)
+  local = np.asarray(lipjax.certify(model, v, xt, yt, eps, triage=False).certified)
   assert local.mean() > 0.2, local.mean()       # the test has teeth
   attack = jax.jit(functools.partial(_pgd, model.apply))
   worst = np.asarray(attack(v, xt, yt, eps, jax.random.PRNGKey(14)))
@@ -484,7 +497,8 @@ class _Probe(fnn.Module):
 def test_unsupported_operations_raise_one_line_naming_them(kind, names):
   model = _Probe(kind)
   x = jnp.ones((2,) + SHAPE)
-  v = model.init(jax.random.PRNGKey(0), x)
+  v = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                             jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
   calls = (lambda: lipjax.local_lipschitz_bound(model, v, x, 0.1),
            lambda: lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE),
            lambda: lipjax.certify(model, v, x, jnp.zeros(2, jnp.int32), 0.1))
@@ -545,7 +559,7 @@ class ClippedMLP(fnn.Module):
 def test_training_step_on_a_flax_model():
   model = ClippedMLP()
   x, y = _clusters(jax.random.PRNGKey(16), 32)
-  v = model.init(jax.random.PRNGKey(0), x[:1])
+  v = _random_variables(model, 1)
   opt = optax.adam(1e-2)
   power = lipjax.training.init_power_state(model, v, input_shape=SHAPE)
   state = lipjax.training.create_train_state(v["params"], opt, rng=0, power=power)

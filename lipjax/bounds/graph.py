@@ -425,6 +425,17 @@ def _bias(prog: _Program, params) -> Array:
   return _replay(prog, params, z, "affine")[0]
 
 
+def _bias_sum(terms, params, out_shape) -> Array:
+  """The bias of a dense or conv segment from its additions (per-example shape)."""
+  total = jnp.zeros((), jnp.float32)
+  for sid, sign in terms:
+    v = jnp.asarray(params[_key(sid)], jnp.float32)
+    if v.ndim == len(out_shape) + 1:
+      v = v[0]                      # drop the batch axis of the traced batch of one
+    total = total + v if sign > 0 else total - v
+  return total if total.ndim else jnp.broadcast_to(total, tuple(out_shape[-1:]))
+
+
 # ---------------------------------------------------------------------------
 # Linear layers built from segments
 # ---------------------------------------------------------------------------
@@ -1101,6 +1112,17 @@ def _bias_only(nodes: Sequence[_Node]) -> bool:
   return True
 
 
+def _bias_terms(nodes: Sequence[_Node]) -> Tuple[Tuple[int, float], ...]:
+  """``(static id, sign)`` of the additions in a :func:`_bias_only` tail."""
+  out = []
+  for n in nodes:
+    if n.name in _PASS:
+      continue
+    (sid,) = n.static_ins()
+    out.append((sid, -1.0 if n.name == "sub" else 1.0))
+  return tuple(out)
+
+
 def _chain_order(prog: _Program) -> bool:
   """Every node consumes the previous node's (single) output."""
   cur = prog.input
@@ -1128,10 +1150,12 @@ def _classify(prog: _Program, statics: List[_Static]) -> Tuple[str, Dict[str, An
         if (len(prog.out_shape) == 1 and len(kshape) == 2 and tuple(lc) == (1,)
             and tuple(rc) in ((0,), (1,)) and feats == kshape[rc[0]]):
           return "dense", {"kernel": kernel, "transpose": tuple(rc) == (1,),
-                           "features": prog.out_shape[0], "flat": feats}
+                           "features": prog.out_shape[0], "flat": feats,
+                           "bias": _bias_terms(after)}
       if node.name == "conv_general_dilated" and not before and _bias_only(after):
         info = _conv_info(node, prog, statics)
         if info is not None:
+          info[1]["bias"] = _bias_terms(after)
           return info
   if len(prog.out_shape) == 1:
     n_out, n_in = prog.out_shape[0], math.prod(prog.in_shape)
@@ -1404,14 +1428,15 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[network.Stage]:
       kernel = prog_params[_key(seg.info["kernel"])]
       kernel = kernel.T if seg.info["transpose"] else kernel
       layer = lnn.Dense(seg.info["features"], parent=None)
-      params = {"kernel": kernel, "bias": _bias(prog, prog_params)}
+      params = {"kernel": kernel,
+                "bias": _bias_sum(seg.info["bias"], prog_params, prog.out_shape)}
       if prog.in_shape != (seg.info["flat"],):
         reshapes = (_ToShape(shape=(seg.info["flat"],), parent=None),)
     elif seg.layer == "conv":
       layer = lnn.Conv(seg.info["features"], kernel_size=seg.info["kernel_size"],
                        stride=seg.info["stride"], padding=seg.info["padding"], parent=None)
       params = {"kernel": prog_params[_key(seg.info["kernel"])],
-                "bias": _bias(prog, prog_params)}
+                "bias": _bias_sum(seg.info["bias"], prog_params, prog.out_shape)}
     elif seg.layer == "traced_conv":
       layer = TracedConv(program=prog, kernel_id=seg.info["kernel"],
                          rhs_spec=seg.info["rhs_spec"],
