@@ -96,7 +96,7 @@ def _random_variables(model, seed):
       v = rng.normal(size=a.shape) / np.sqrt(np.prod(a.shape[:-1]))
     elif name == "bias":
       v = 0.3 * rng.normal(size=a.shape)
-    elif name.startswith(("theta", "threshold")):
+    elif name.startswith(("theta", "threshold", "level")):
       v = rng.uniform(0.1, 1.0, size=a.shape)
     elif name.startswith("upper"):
       v = rng.uniform(0.05, 0.6, size=a.shape)
@@ -551,8 +551,8 @@ class ClippedMLP(fnn.Module):
   @fnn.compact
   def __call__(self, x):
     h = fnn.Dense(12)(_flatten(x))
-    theta = self.param("theta", fnn.initializers.constant(1.0), (12,))
-    h = jnp.clip(h, 0.0, theta)
+    level = self.param("level", fnn.initializers.constant(1.0), (12,))
+    h = jnp.clip(h, 0.0, level)
     return fnn.Dense(CLASSES)(h)
 
 
@@ -560,6 +560,9 @@ def test_training_step_on_a_flax_model():
   model = ClippedMLP()
   x, y = _clusters(jax.random.PRNGKey(16), 32)
   v = _random_variables(model, 1)
+  # A threshold that starts infeasible is projected back to >= 0 by the step,
+  # although its name is not lipjax's "theta".
+  v = {"params": {**v["params"], "level": v["params"]["level"].at[:3].set(-0.5)}}
   opt = optax.adam(1e-2)
   power = lipjax.training.init_power_state(model, v, input_shape=SHAPE)
   state = lipjax.training.create_train_state(v["params"], opt, rng=0, power=power)
@@ -570,6 +573,7 @@ def test_training_step_on_a_flax_model():
     state, metrics = step(state, x, y)
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-  assert np.all(np.asarray(state.params["theta"]) >= 0)
+  level = np.asarray(state.params["level"])
+  assert np.all(level >= 0)
   res = lipjax.local_lipschitz_bound(model, {"params": state.params}, x[:4], 0.2)
   assert np.all(np.isfinite(np.asarray(res.bound)))

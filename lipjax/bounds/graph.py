@@ -1460,6 +1460,43 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[network.Stage]:
   return stages
 
 
+_SHAPE_ONLY = ("broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "copy",
+               "copy_p")
+
+
+def _source_leaf(statics: List[_Static], sid: int) -> Optional[int]:
+  """The variable leaf a static value is, up to broadcasts and reshapes."""
+  while True:
+    st = statics[sid]
+    if st.kind == "leaf":
+      return st.leaf
+    if st.kind != "call" or st.value is not None or st.prim.name not in _SHAPE_ONLY:
+      return None
+    sid = st.ins[0]
+
+
+def threshold_leaves(model, variables, in_shape: Tuple[int, ...]) -> List[int]:
+  """Variable leaves used as the threshold ``theta`` of a clipped ReLU.
+
+  For a traced model (not a :class:`lipjax.nn.Sequential`): the indices, in
+  ``jax.tree_util.tree_leaves(variables)`` order, of the leaves that are
+  (up to broadcasting and reshaping) the upper bound of a clipped ReLU
+  ``min(max(z, 0), theta)``. The training step keeps them ``>= 0``.
+  """
+  model = as_model(model)
+  if isinstance(model, lnn.Sequential):
+    return []
+  plan = _plan_for(model, variables, tuple(in_shape))
+  out = set()
+  for seg, kind in zip(plan.segments, plan.activations):
+    if kind != "clipped_relu":
+      continue
+    for op, sids in seg.group.steps:
+      if op == "min":
+        out.update(l for l in (_source_leaf(plan.statics, s) for s in sids) if l is not None)
+  return sorted(out)
+
+
 def check_model(model) -> None:
   """Raises ``TypeError`` unless ``model`` is something :func:`trace` can read."""
   as_model(model)
