@@ -212,7 +212,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   only saves the Lanczos runs whose outcome is known.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables.
     x: ``(B, *input_shape)`` inputs.
     y: ``(B,)`` integer labels in ``[0, num_classes)``.

@@ -299,7 +299,9 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential` (e.g. from :func:`lipjax.models.get`).
+    model: a :class:`lipjax.nn.Sequential` (e.g. from :func:`lipjax.models.get`),
+      any other Flax module or a function ``fn(variables, x) -> logits``, read
+      by tracing (:mod:`lipjax.bounds.graph`).
     variables: its variables, ``{"params": ...}``.
     x: ``(B, *input_shape)`` float inputs.
     eps: scalar or ``(B,)`` l2 radii, ``>= 0``.
@@ -488,9 +490,11 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   built-in layer.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)``.
     variables: its variables.
-    input_shape: shape of one example (defaults to ``model.input_shape``).
+    input_shape: shape of one example (defaults to ``model.input_shape``;
+      required for models without that attribute).
     per_layer: also return the tuple of per-layer norms.
 
   Returns:

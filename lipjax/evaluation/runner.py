@@ -156,7 +156,8 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   """Clean / PGD / certified accuracy at every ``eps``, radii and tightness.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables ``{"params": ...}``.
     images: ``(N, *input_shape)`` float32 in ``[0, 1]`` (host numpy is fine).
     labels: ``(N,)`` integer labels.

@@ -164,7 +164,8 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
   """Lower bound of the local Lipschitz constant of the logits on ``B(x, eps)``.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables.
     x: ``(B, *input_shape)`` points.
     eps: scalar or ``(B,)`` radii ``>= 0``.

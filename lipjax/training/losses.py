@@ -35,7 +35,8 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
   vector, so the first training step already has usable global norms.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables, ``{"params": ...}``.
     input_shape: shape of one example (defaults to ``model.input_shape``).
     key: PRNG key of the random start (default ``PRNGKey(0)``).
