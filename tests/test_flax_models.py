@@ -262,7 +262,7 @@ def test_stages_of_user_models():
                                  ("Dense", "ReLU"), ("Dense", "NoneType")]
   assert kinds("compact") == [("Conv", "ClippedReLU"), ("TracedLinear", "ClippedReLU"),
                               ("Dense", "PairMaxMin"), ("Dense", "NoneType")]
-  assert kinds("linear_residual") == [("Conv", "ReLU"), ("TracedLinear", "ReLU"),
+  assert kinds("linear_residual") == [("Conv", "ReLU"), ("TracedResidualConv", "ReLU"),
                                       ("Dense", "NoneType")]
   assert kinds("function") == [("Dense", "ReLU"), ("Dense", "ClippedReLU"),
                                ("Dense", "NoneType")]
@@ -362,6 +362,20 @@ def test_dense_only_function_is_deterministic_and_hand_set_value_is_exact():
 # ---------------------------------------------------------------------------
 
 
+def _circular_conv_norm(kernel_hwio, n):
+  """Exact norm of the circular correlation with ``kernel`` on an ``n x n``
+  grid (stride 1), from its explicit matrix."""
+  kh, kw, ci, co = kernel_hwio.shape
+  m = np.zeros((n * n * co, n * n * ci))
+  for p in range(n):
+    for q in range(n):
+      for a in range(kh):
+        for b in range(kw):
+          r, c = (p * n + q) * co, (((p + a) % n) * n + (q + b) % n) * ci
+          m[r:r + co, c:c + ci] += kernel_hwio[a, b].T
+  return np.linalg.svd(m, compute_uv=False)[0]
+
+
 def _explicit(st):
   n = int(np.prod(st.in_shape))
   basis = jnp.eye(n).reshape((n,) + st.in_shape)
@@ -382,15 +396,22 @@ def test_traced_segment_rules_against_explicit_matrix(name, index):
   _, per_layer = lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE, per_layer=True)
   g = float(per_layer[index])
   assert sigma * (1 - 1e-5) <= g
-  if name == "linear_residual":
-    # The explicit Jacobian's SVD: exact up to the rounding slack.
+  if name == "compact":
+    # avg-pool then conv: the explicit Jacobian's SVD, exact up to the slack.
     assert g <= sigma * (1 + 2e-4)
-  if name == "sequential":
-    # The circulant bound of a convolution is at most the sum over kernel
-    # taps of each tap's channel-mixing norm (triangle inequality).
-    kernel = np.asarray(v["params"]["layers_2"]["kernel"], np.float64)
-    taps = kernel.reshape(-1, kernel.shape[2], kernel.shape[3])
-    assert g <= sum(np.linalg.svd(t, compute_uv=False)[0] for t in taps) * (1 + 2e-4)
+  else:
+    # A convolution's circulant bound: the exact norm of the circular
+    # correlation on the zero-padded grid (6x6 for a 4x4 SAME kernel on 3x3,
+    # 8x8 for a 3x3 SAME kernel on 6x6); for h + conv(h), of the kernel with
+    # the identity added at the centre tap (never 1 + ||W||).
+    layer = "layers_2" if name == "sequential" else "Conv_1"
+    kernel = np.asarray(v["params"][layer]["kernel"], np.float64)
+    if name == "linear_residual":
+      kernel[1, 1] += np.eye(kernel.shape[2])
+      w_only = w - np.eye(w.shape[0])
+      assert g < 1 + np.linalg.svd(w_only, compute_uv=False)[0]
+    circ = _circular_conv_norm(kernel, 6 if name == "sequential" else 8)
+    assert circ * (1 - 1e-5) <= g <= circ * (1 + 2e-4)
   rows = np.linalg.norm(w, axis=1)
   rn = st.layer.row_norms(st.params, st.layer_in_shape)
   if rn is not None:

@@ -33,8 +33,11 @@ of the same segment, static additions). A segment becomes one stage whose
 whose bias is the segment evaluated at zero. Segments of a single dense or
 convolution primitive become :class:`lipjax.nn.Dense` / :class:`lipjax.nn.Conv`
 (same exact rules, same speed as a ``lipjax.nn`` model); other single
-convolutions get the circulant (FFT) global norm; segments with a small
-vector output get their explicit matrix; the rest use the generic sound rules
+convolutions get the circulant (FFT) global norm; a linear residual block
+``h + conv(h)`` (LiResNet) is the single operator ``I + W``, a convolution
+whose kernel has 1 added at the centre tap, with the circulant norm of that
+kernel; segments with a small vector output get their explicit matrix; the
+rest use the generic sound rules
 of :class:`lipjax.nn.LinearLayer` (adjoint from ``jax.linear_transpose``,
 global norm from an explicit Jacobian or Lanczos with its stated failure
 probability).
@@ -534,6 +537,29 @@ class TracedConv(TracedLinear):
     from lipjax.bounds import norms
     return norms.conv_global_norm(self._hwio(params), self.padded, stride=self.stride,
                                   padding=0)
+
+
+class TracedResidualConv(TracedConv):
+  """A linear residual block ``h + conv(h)`` (plus a bias) as one operator ``I + W``.
+
+  With stride 1, equal input and output channels and the padding that keeps
+  the centre tap aligned, ``I + W`` is itself a convolution: the kernel with
+  1 added at the centre tap between matching channels. Its global norm is
+  the circulant bound of that kernel (computed jointly, never
+  ``1 + ||W||``); row norms and ``|I + W|`` come from it too. ``linear``
+  still replays the traced primitives.
+  """
+
+  def _hwio(self, params):
+    k = super()._hwio(params)
+    kh, kw, c, _ = k.shape
+    return k.at[kh // 2, kw // 2].add(jnp.eye(c, dtype=k.dtype))
+
+  def abs_linear(self, params, h):
+    o, i, hh, ww = self.rhs_spec
+    k = jnp.transpose(jnp.abs(self._hwio(params)), tuple(np.argsort((hh, ww, i, o))))
+    conv = self.program.nodes[0]
+    return jax.vmap(lambda e: _bind(conv.prim, [e[None], k], conv.params)[0][0])(h)
 
 
 class _ToShape(lnn.Reshape):
@@ -1135,6 +1161,9 @@ def _chain_order(prog: _Program) -> bool:
 
 def _classify(prog: _Program, statics: List[_Static]) -> Tuple[str, Dict[str, Any]]:
   nodes = list(prog.nodes)
+  residual = _residual_conv_info(prog, statics)
+  if residual is not None:
+    return "residual_conv", residual
   if _chain_order(prog):
     coef = [i for i, n in enumerate(nodes) if LINEAR_RULES[n.name] == "coef"]
     if len(coef) == 1:
@@ -1190,12 +1219,50 @@ def _conv_info(node: _Node, prog: _Program, statics) -> Optional[Tuple[str, Dict
   s = strides[0]
   nhwc = (tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
           and tuple(dn.out_spec) == (0, 3, 1, 2))
+  info = {"kernel": kernel, "rhs_spec": tuple(dn.rhs_spec), "out_channel_axis": out_axis,
+          "padded": padded, "stride": s, "pads": pads, "kernel_shape": kshape}
   if (nhwc and len(kshape) == 4 and kshape[0] == kshape[1] and pads[0] == pads[1]
       and pads[0][0] == pads[0][1]):
-    return "conv", {"kernel": kernel, "features": int(kshape[3]), "kernel_size": int(kshape[0]),
-                    "stride": s, "padding": pads[0][0]}
-  return "traced_conv", {"kernel": kernel, "rhs_spec": tuple(dn.rhs_spec),
-                         "out_channel_axis": out_axis, "padded": padded, "stride": s}
+    return "conv", dict(info, features=int(kshape[3]), kernel_size=int(kshape[0]),
+                        padding=pads[0][0])
+  return "traced_conv", info
+
+
+def _residual_conv_info(prog: _Program, statics) -> Optional[Dict[str, Any]]:
+  """``h + conv(h)`` (static additions anywhere) with the centre tap on the
+  identity, or None."""
+  nodes = list(prog.nodes)
+  if len(nodes) < 2:
+    return None
+  conv = nodes[0]
+  if (conv.name != "conv_general_dilated" or conv.act_ins() != [prog.input]
+      or len(conv.outs) != 1):
+    return None
+  cur, residual = conv.outs[0], False
+  for n in nodes[1:]:
+    acts = n.act_ins()
+    if len(n.outs) != 1:
+      return None
+    if (not residual and n.name in ("add", "add_any")
+        and sorted(acts) == sorted([prog.input, cur])):
+      residual = True
+    elif acts != [cur] or not _bias_only([n]):
+      return None
+    cur = n.outs[0]
+  if not residual or cur != prog.output:
+    return None
+  base = _conv_info(conv, prog, statics)
+  if base is None:
+    return None
+  info = base[1]
+  dn = conv.params["dimension_numbers"]
+  o, i, h, w = dn.rhs_spec
+  k = info["kernel_shape"]
+  if (info["stride"] != 1 or tuple(dn.lhs_spec) != tuple(dn.out_spec) or k[i] != k[o]
+      or k[h] % 2 == 0 or k[w] % 2 == 0
+      or info["pads"] != (((k[h] - 1) // 2,) * 2, ((k[w] - 1) // 2,) * 2)):
+    return None
+  return info
 
 
 # ---------------------------------------------------------------------------
@@ -1437,8 +1504,9 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[network.Stage]:
                        stride=seg.info["stride"], padding=seg.info["padding"], parent=None)
       params = {"kernel": prog_params[_key(seg.info["kernel"])],
                 "bias": _bias_sum(seg.info["bias"], prog_params, prog.out_shape)}
-    elif seg.layer == "traced_conv":
-      layer = TracedConv(program=prog, kernel_id=seg.info["kernel"],
+    elif seg.layer in ("traced_conv", "residual_conv"):
+      cls = TracedConv if seg.layer == "traced_conv" else TracedResidualConv
+      layer = cls(program=prog, kernel_id=seg.info["kernel"],
                          rhs_spec=seg.info["rhs_spec"],
                          out_channel_axis=seg.info["out_channel_axis"],
                          padded=seg.info["padded"], stride=seg.info["stride"], parent=None)
