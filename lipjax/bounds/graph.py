@@ -60,7 +60,6 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax
-import flax.linen as fnn
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
@@ -187,11 +186,6 @@ def as_model(model):
   except TypeError:
     return _handle(model)
   return model
-
-
-def apply_model(model, variables, x):
-  """``model.apply(variables, x)`` for any model :func:`as_model` accepts."""
-  return as_model(model).apply(variables, x)
 
 
 # ---------------------------------------------------------------------------
