@@ -102,6 +102,10 @@ def _random_variables(model, seed):
       v = rng.uniform(0.05, 0.6, size=a.shape)
     elif name.startswith("lower"):
       v = -rng.uniform(0.05, 0.6, size=a.shape)
+    elif name == "mean":
+      v = 0.3 * rng.normal(size=a.shape)
+    elif name in ("var", "scale"):
+      v = rng.uniform(0.5, 2.0, size=a.shape)
     else:
       raise ValueError(name)
     return jnp.asarray(v, jnp.float32)
@@ -219,6 +223,16 @@ class LinearResidualNet(fnn.Module):
     return fnn.Dense(CLASSES)(_flatten(h))
 
 
+class ConvBatchNormNet(fnn.Module):
+  """Conv -> BatchNorm (running statistics) -> relu: a per-channel scaling."""
+
+  @fnn.compact
+  def __call__(self, x):
+    h = fnn.Conv(4, (3, 3), strides=2, padding=1)(x)
+    h = fnn.relu(fnn.BatchNorm(use_running_average=True)(h))
+    return fnn.Dense(CLASSES)(_flatten(h))
+
+
 def mlp_function(variables, x):
   """A pure function of (variables, x)."""
   p = variables["params"]
@@ -243,7 +257,7 @@ def _user_model(name):
   if name == "function":
     return mlp_function, _mlp_variables(key)
   model = {"sequential": sequential_model, "compact": CompactNet,
-           "linear_residual": LinearResidualNet}[name]()
+           "linear_residual": LinearResidualNet, "conv_bn": ConvBatchNormNet}[name]()
   return model, _random_variables(model, 11)
 
 
@@ -266,13 +280,14 @@ def test_stages_of_user_models():
                                       ("Dense", "NoneType")]
   assert kinds("function") == [("Dense", "ReLU"), ("Dense", "ClippedReLU"),
                                ("Dense", "NoneType")]
+  assert kinds("conv_bn") == [("TracedConv", "ReLU"), ("Dense", "NoneType")]
 
 
 def _apply(model):
   return graph.as_model(model).apply
 
 
-@pytest.mark.parametrize("name", USER_MODELS)
+@pytest.mark.parametrize("name", USER_MODELS + ("conv_bn",))
 def test_stages_replay_the_users_forward_pass(name):
   model, v = _user_model(name)
   x = jax.random.uniform(jax.random.PRNGKey(7), (5,) + SHAPE)
@@ -362,16 +377,18 @@ def test_dense_only_function_is_deterministic_and_hand_set_value_is_exact():
 # ---------------------------------------------------------------------------
 
 
-def _circular_conv_norm(kernel_hwio, n):
+def _circular_conv_norm(kernel_hwio, n, stride=1):
   """Exact norm of the circular correlation with ``kernel`` on an ``n x n``
-  grid (stride 1), from its explicit matrix."""
+  grid with the given stride, from its explicit matrix."""
   kh, kw, ci, co = kernel_hwio.shape
-  m = np.zeros((n * n * co, n * n * ci))
-  for p in range(n):
-    for q in range(n):
+  s, n_out = stride, n // stride
+  m = np.zeros((n_out * n_out * co, n * n * ci))
+  for p in range(n_out):
+    for q in range(n_out):
       for a in range(kh):
         for b in range(kw):
-          r, c = (p * n + q) * co, (((p + a) % n) * n + (q + b) % n) * ci
+          r = (p * n_out + q) * co
+          c = (((s * p + a) % n) * n + (s * q + b) % n) * ci
           m[r:r + co, c:c + ci] += kernel_hwio[a, b].T
   return np.linalg.svd(m, compute_uv=False)[0]
 
@@ -383,7 +400,7 @@ def _explicit(st):
 
 
 @pytest.mark.parametrize("name, index", [("compact", 1), ("linear_residual", 1),
-                                         ("sequential", 1)])
+                                         ("sequential", 1), ("conv_bn", 0)])
 def test_traced_segment_rules_against_explicit_matrix(name, index):
   model, v = _user_model(name)
   st = network.trace(model, v, SHAPE)[index]
@@ -404,13 +421,18 @@ def test_traced_segment_rules_against_explicit_matrix(name, index):
     # correlation on the zero-padded grid (6x6 for a 4x4 SAME kernel on 3x3,
     # 8x8 for a 3x3 SAME kernel on 6x6); for h + conv(h), of the kernel with
     # the identity added at the centre tap (never 1 + ||W||).
-    layer = "layers_2" if name == "sequential" else "Conv_1"
+    layer = {"sequential": "layers_2", "linear_residual": "Conv_1", "conv_bn": "Conv_0"}[name]
     kernel = np.asarray(v["params"][layer]["kernel"], np.float64)
     if name == "linear_residual":
       kernel[1, 1] += np.eye(kernel.shape[2])
       w_only = w - np.eye(w.shape[0])
       assert g < 1 + np.linalg.svd(w_only, compute_uv=False)[0]
-    circ = _circular_conv_norm(kernel, 6 if name == "sequential" else 8)
+    if name == "conv_bn":   # the BatchNorm's per-channel factor, folded in
+      bn, stats = v["params"]["BatchNorm_0"], v["batch_stats"]["BatchNorm_0"]
+      kernel = kernel * np.asarray(bn["scale"]) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
+    # Zero-padded grids: 3 + 1 + 2, 6 + 1 + 1, 6 + 1 + 1 (stride 2).
+    grid, stride = {"sequential": (6, 1), "linear_residual": (8, 1), "conv_bn": (8, 2)}[name]
+    circ = _circular_conv_norm(kernel, grid, stride)
     assert circ * (1 - 1e-5) <= g <= circ * (1 + 2e-4)
   rows = np.linalg.norm(w, axis=1)
   rn = st.layer.row_norms(st.params, st.layer_in_shape)

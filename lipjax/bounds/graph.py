@@ -499,7 +499,8 @@ class TracedMatrix(TracedLinear):
 
 
 class TracedConv(TracedLinear):
-  """A single 2-D convolution (any layout, stride, padding) plus a bias.
+  """A single 2-D convolution (any layout, stride, padding), static additions
+  and per-output-channel scalings (inference BatchNorm).
 
   Global norm: the circulant (FFT) bound of :func:`lipjax.bounds.norms.conv_global_norm`
   on the zero-padded input (a zero padding is an isometric embedding, so any
@@ -512,10 +513,17 @@ class TracedConv(TracedLinear):
   out_channel_axis: int = -1
   padded: Tuple[int, int] = (0, 0)
   stride: int = 1
+  scales: Tuple[Tuple[int, str], ...] = ()
 
   def _hwio(self, params):
+    """The kernel (HWIO), each output channel times its static scalings."""
     o, i, h, w = self.rhs_spec
-    return jnp.transpose(params[_key(self.kernel_id)], (h, w, i, o))
+    k = jnp.transpose(params[_key(self.kernel_id)], (h, w, i, o))
+    for sid, op in self.scales:
+      s = jnp.asarray(params[_key(sid)], k.dtype)
+      s = s.reshape(-1) if s.ndim else s
+      k = k * s if op == "mul" else k / s
+    return k
 
   def row_norms(self, params, in_shape):
     del in_shape
@@ -1158,6 +1166,9 @@ def _classify(prog: _Program, statics: List[_Static]) -> Tuple[str, Dict[str, An
   residual = _residual_conv_info(prog, statics)
   if residual is not None:
     return "residual_conv", residual
+  scaled = _scaled_conv_info(prog, statics)
+  if scaled is not None:
+    return "traced_conv", scaled
   if _chain_order(prog):
     coef = [i for i, n in enumerate(nodes) if LINEAR_RULES[n.name] == "coef"]
     if len(coef) == 1:
@@ -1220,6 +1231,41 @@ def _conv_info(node: _Node, prog: _Program, statics) -> Optional[Tuple[str, Dict
     return "conv", dict(info, features=int(kshape[3]), kernel_size=int(kshape[0]),
                         padding=pads[0][0])
   return "traced_conv", info
+
+
+def _scaled_conv_info(prog: _Program, statics) -> Optional[Dict[str, Any]]:
+  """A convolution followed by static additions and per-output-channel
+  scalings (e.g. inference BatchNorm), or None.
+
+  ``s * conv(h, K) = conv(h, K s)`` with ``s`` scaling output channel ``o``,
+  so the segment is the convolution with the scaled kernel; ``scales`` lists
+  ``(static id, "mul" | "div")``.
+  """
+  if not _chain_order(prog) or not prog.nodes:
+    return None
+  conv, rest = prog.nodes[0], prog.nodes[1:]
+  if conv.name != "conv_general_dilated":
+    return None
+  base = _conv_info(conv, prog, statics)
+  if base is None:
+    return None
+  info = base[1]
+  axis, rank = info["out_channel_axis"], len(prog.out_shape) + 1
+  scales = []
+  for n in rest:
+    if _bias_only([n]):
+      continue
+    if n.name not in ("mul", "div") or (n.name == "div" and n.act_mask != (True, False)):
+      return None
+    (sid,) = n.static_ins()
+    shape = _static_shape(statics, sid)
+    if shape and (len(shape) != rank
+                  or any(d != 1 for a, d in enumerate(shape) if a != axis)):
+      return None
+    scales.append((sid, n.name))
+  if not scales:
+    return None
+  return dict(info, scales=tuple(scales))
 
 
 def _residual_conv_info(prog: _Program, statics) -> Optional[Dict[str, Any]]:
@@ -1503,7 +1549,8 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[network.Stage]:
       layer = cls(program=prog, kernel_id=seg.info["kernel"],
                          rhs_spec=seg.info["rhs_spec"],
                          out_channel_axis=seg.info["out_channel_axis"],
-                         padded=seg.info["padded"], stride=seg.info["stride"], parent=None)
+                         padded=seg.info["padded"], stride=seg.info["stride"],
+                         scales=seg.info.get("scales", ()), parent=None)
       params = prog_params
     elif seg.layer == "matrix":
       layer = TracedMatrix(program=prog, parent=None)
