@@ -3,6 +3,11 @@ r"""Times certified training steps against a plain cross-entropy step.
 Run::
 
   python benchmarks/bench_step.py --models=4c3f,6c2f --batch=256 --repeats=5
+  python benchmarks/bench_step.py --models=4c3f,flax-4c3f --no_tightness
+
+A ``flax-`` prefix times the same architecture written in plain Flax
+(``flax.linen.Conv`` / ``Dense`` and ``jnp.clip`` with a learnable threshold),
+which lipjax reads by tracing it.
 
 Prints, per model, the median time of: a plain forward+backward step (the
 baseline), a global-bound GloRo step, and local-bound GloRo steps at 1, 2 and 5
@@ -20,14 +25,48 @@ import resource
 import statistics
 import time
 
+import flax.linen as fnn
 import jax
 import jax.numpy as jnp
 import optax
 
 import lipjax
-from lipjax import training
+from lipjax import models, training
 
 SHAPES = {"4c3f": (28, 28, 1), "6c2f": (32, 32, 3), "2c2f": (28, 28, 1)}
+
+
+class _Clip(fnn.Module):
+  """``jnp.clip(z, 0, theta)`` with a learnable per-neuron ``theta``."""
+
+  @fnn.compact
+  def __call__(self, z):
+    theta = self.param("theta", fnn.initializers.constant(1.0), z.shape[1:])
+    return jnp.clip(z, 0.0, theta)
+
+
+class FlaxZoo(fnn.Module):
+  """A zoo architecture written in plain Flax."""
+
+  arch: str
+  num_classes: int = 10
+
+  @fnn.compact
+  def __call__(self, x):
+    spec = models._ARCHS[self.arch]   # pylint: disable=protected-access
+    for f, k, s, p in spec["convs"]:
+      x = _Clip()(fnn.Conv(f, (k, k), strides=s, padding=p)(x))
+    x = x.reshape((x.shape[0], -1))
+    for w in spec["dense"]:
+      x = _Clip()(fnn.Dense(w)(x))
+    return fnn.Dense(self.num_classes)(x)
+
+
+def _model(name):
+  if name.startswith("flax-"):
+    return FlaxZoo(name[len("flax-"):]), SHAPES[name[len("flax-"):]]
+  shape = SHAPES[name]
+  return lipjax.models.get(name, input_shape=shape), shape
 
 
 def _time(fn, repeats):
@@ -42,8 +81,7 @@ def _time(fn, repeats):
 
 def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant", "through"),
                 tightness=True):
-  shape = SHAPES[name]
-  model = lipjax.models.get(name, input_shape=shape)
+  model, shape = _model(name)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape)
   y = jnp.arange(batch) % 10

@@ -713,9 +713,10 @@ def test_unsupported_activation_and_model_kinds():
   v = tanh_model.init(jax.random.PRNGKey(0), x)
   with pytest.raises(lipjax.UnsupportedModelError, match="layers_1"):
     lipjax.certify(tanh_model, v, x, y, 0.1)
-  plain = fnn.Dense(CLASSES)
+  # Plain Flax models are traced: a tanh there is named with its module path.
+  plain = fnn.Sequential([fnn.Dense(6), fnn.tanh, fnn.Dense(CLASSES)])
   pv = plain.init(jax.random.PRNGKey(0), x)
-  with pytest.raises(lipjax.UnsupportedModelError, match="Sequential"):
+  with pytest.raises(lipjax.UnsupportedModelError, match="'tanh' at module Sequential"):
     lipjax.certify(plain, pv, x, y, 0.1)
   ends_with_activation = lnn.Sequential((lnn.Dense(6), lnn.ReLU()), input_shape=(8,))
   ev = ends_with_activation.init(jax.random.PRNGKey(0), x)

@@ -1,7 +1,9 @@
 """Pure bound functions: intervals, masks, norms, Lipschitz bounds, certificates.
 
 Nothing here knows about training; every function takes a model description
-(:class:`lipjax.nn.Sequential`), its variables and arrays.
+(a :class:`lipjax.nn.Sequential`, any other Flax module or a function
+``fn(variables, x)``, read by :mod:`lipjax.bounds.graph`), its variables and
+arrays.
 """
 
 from lipjax.bounds.certify import Certificate, certify, certify_arrays

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import lipschitz, network, norms, rounding
+from lipjax.bounds import graph, lipschitz, network, norms, rounding
 
 Array = jax.Array
 
@@ -203,6 +203,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   for ``bound="local"``, ``global_lipschitz_bound(per_layer=True)`` for
   ``bound="global"``); computed here when None.
   """
+  model = graph.as_model(model)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   variables = network.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
@@ -402,7 +403,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   every chunk and every pass.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables.
     x: ``(B, *input_shape)`` inputs.
     y: ``(B,)`` integer labels in ``[0, num_classes)``.
@@ -438,6 +440,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   options.pop("mode", None)
   if "global_norms" in options:
     raise ValueError("certify computes the global norms itself; do not pass global_norms")
+  model = graph.as_model(model)
   if triage_steps < 2:
     raise ValueError(f"triage_steps must be >= 2, got {triage_steps}")
   if bound not in ("local", "global"):

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import intervals, network, norms, power, rounding
+from lipjax.bounds import graph, intervals, network, norms, power, rounding
 
 Array = jax.Array
 
@@ -127,7 +127,7 @@ def check_inputs(model, x, eps, variables=None) -> Tuple[Array, Array]:
   narrower type than it has.
   """
   if not isinstance(model, network.lnn.Sequential):
-    network.trace(model, {}, ())   # raises the descriptive error
+    graph.check_model(model)
   if _concrete(x):
     x_host = np.asarray(x)
     if x_host.dtype.kind == "f" and not np.all(np.isfinite(x_host)):
@@ -404,7 +404,9 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential` (e.g. from :func:`lipjax.models.get`).
+    model: a :class:`lipjax.nn.Sequential` (e.g. from :func:`lipjax.models.get`),
+      any other Flax module or a function ``fn(variables, x) -> logits``, read
+      by tracing (:mod:`lipjax.bounds.graph`).
     variables: its variables, ``{"params": ...}``.
     x: ``(B, *input_shape)`` float inputs.
     eps: scalar or ``(B,)`` l2 radii, ``>= 0``.
@@ -457,6 +459,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   """
   intermediate = _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                                 intermediate, dense, global_state, global_iterations)
+  model = graph.as_model(model)
   x, eps = check_inputs(model, x, eps, variables)
   stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
   if global_norms is not None:
@@ -606,9 +609,11 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   :func:`bound_guarantee` (``bound="global"``) for which case applies.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)``.
     variables: its variables.
-    input_shape: shape of one example (defaults to ``model.input_shape``).
+    input_shape: shape of one example (defaults to ``model.input_shape``;
+      required for models without that attribute).
     per_layer: also return the tuple of per-layer norms.
     key: PRNG key of the Lanczos start vectors (default ``PRNGKey(0)``).
     failure_probability: total failure probability of the Lanczos bounds
@@ -617,6 +622,7 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   Returns:
     A scalar (or ``(scalar, per_layer_norms)``).
   """
+  model = graph.as_model(model)
   shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
@@ -647,6 +653,7 @@ def layer_global_norms(model, variables, *, input_shape=None, key=None,
     raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
   if not 0 < failure_probability < 1:
     raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
+  model = graph.as_model(model)
   shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
@@ -716,6 +723,7 @@ def bound_guarantee(model, variables, *, bound: str = "local", input_shape=None,
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if dense not in ("exact", "lanczos"):
     raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  model = graph.as_model(model)
   shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
   rows, probabilistic = [], False

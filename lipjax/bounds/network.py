@@ -1,8 +1,11 @@
-"""Reads a :class:`lipjax.nn.Sequential` into a list of bound stages.
+"""Reads a model into a list of bound stages.
 
 A *stage* is one linear layer (with any reshapes before it folded into its
-map) followed by its activation (``None`` for the last layer). Consecutive
-linear layers get an :class:`lipjax.nn.Identity` activation between them.
+map) followed by its activation (``None`` for the last layer). A
+:class:`lipjax.nn.Sequential` is read layer by layer (consecutive linear
+layers get an :class:`lipjax.nn.Identity` activation between them); any other
+Flax module or function ``fn(variables, x)`` is traced to a jaxpr by
+:mod:`lipjax.bounds.graph`.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class Stage:
     return jax.linear_transpose(self._pre, spec)(h)[0]
 
   def affine(self, h: Array) -> Array:
+    """``W h + b``; a traced layer replays the user's own primitives instead."""
+    replay = getattr(self.layer, "affine_replay", None)
+    if replay is not None:
+      return replay(self.params, self._pre(h))
     z = self.linear(h)
     b = self.layer.bias(self.params)
     return z if b is None else z + b
@@ -150,7 +157,8 @@ def trace(model, variables, in_shape: Tuple[int, ...], dtype=None) -> List[Stage
   """Splits ``model`` into stages.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, any other Flax module, or a
+      function ``fn(variables, x) -> logits`` (see :func:`lipjax.bounds.graph.trace`).
     variables: its Flax variables (``{"params": ...}``).
     in_shape: shape of one input example.
     dtype: working precision; the stages' parameters are cast to it
@@ -164,9 +172,8 @@ def trace(model, variables, in_shape: Tuple[int, ...], dtype=None) -> List[Stage
       the padded input), naming the layer and the shapes.
   """
   if not isinstance(model, lnn.Sequential):
-    raise UnsupportedModelError(
-        f"lipjax bounds need a lipjax.nn.Sequential model, got {_describe(model)}. "
-        f"Supported layers: {', '.join(SUPPORTED)}.")
+    from lipjax.bounds import graph   # pylint: disable=import-outside-toplevel
+    return graph.trace(model, variables, in_shape)
   if not isinstance(variables, dict) and not hasattr(variables, "get"):
     raise TypeError("variables must be the dict returned by model.init")
   dtype = working_dtype(variables) if dtype is None else jnp.dtype(dtype)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax.bounds import certify as certify_fn
-from lipjax.bounds import lipschitz, network
+from lipjax.bounds import graph, lipschitz, network
 from lipjax.evaluation import pgd, tightness
 
 BOUNDS = ("local", "global")
@@ -158,7 +158,8 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   """Clean / PGD / certified accuracy at every ``eps``, radii and tightness.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables ``{"params": ...}``.
     images: ``(N, *input_shape)`` float32 in ``[0, 1]`` (host numpy is fine).
     labels: ``(N,)`` integer labels.
@@ -172,6 +173,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     when every certified point survived the attacks).
   """
   eps_list = check_eps_list(eps_list)
+  model = graph.as_model(model)
   bounds = tuple(options.bounds)
   if not bounds or any(b not in BOUNDS for b in bounds):
     raise ValueError(f"bounds must be a non-empty subset of {BOUNDS}, got {bounds}")

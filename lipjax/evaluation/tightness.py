@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import nn as lnn
-from lipjax.bounds import network
+from lipjax.bounds import graph, network
 from lipjax.evaluation import pgd
 
 Array = jax.Array
@@ -164,7 +164,8 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
   """Lower bound of the local Lipschitz constant of the logits on ``B(x, eps)``.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables.
     x: ``(B, *input_shape)`` points.
     eps: scalar or ``(B,)`` radii ``>= 0``.
@@ -180,6 +181,7 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
   """
   if steps < 0 or iterations < 1:
     raise ValueError(f"need steps >= 0 and iterations >= 1, got {steps}, {iterations}")
+  model = graph.as_model(model)
   x = jnp.asarray(x, jnp.float32)
   e_host = np.asarray(eps, np.float64)
   if not np.all(np.isfinite(e_host)) or np.any(e_host < 0):

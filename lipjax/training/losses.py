@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lipjax import nn as lnn
-from lipjax.bounds import lipschitz, network, power
+from lipjax.bounds import graph, lipschitz, network, power
 from lipjax.bounds.certify import pair_terms
 
 Array = jax.Array
@@ -35,7 +35,8 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
   vector, so the first training step already has usable global norms.
 
   Args:
-    model: a :class:`lipjax.nn.Sequential`.
+    model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
+      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
     variables: its variables, ``{"params": ...}``.
     input_shape: shape of one example (defaults to ``model.input_shape``).
     key: PRNG key of the random start (default ``PRNGKey(0)``).
@@ -46,6 +47,7 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
   """
   if iterations < 0:
     raise ValueError(f"iterations must be >= 0, got {iterations}")
+  model = graph.as_model(model)
   shape = lipschitz.resolve_input_shape(model, input_shape)
   network.trace(model, variables, shape)   # validates the model
   key = jax.random.PRNGKey(0) if key is None else key
@@ -111,6 +113,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if grad not in ("constant", "through"):
     raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
+  model = graph.as_model(model)
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (b,))

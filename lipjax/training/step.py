@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lipjax.bounds import graph
 from lipjax.training import losses
 
 _THRESHOLDS = ("theta",)
@@ -99,6 +100,18 @@ def create_train_state(params, optimizer: optax.GradientTransformation, *, rng,
                     _key_data(rng), power)
 
 
+def _project_traced_thresholds(model, params, in_shape):
+  """``max(theta, 0)`` for the clipped-ReLU thresholds of a traced model
+  (:func:`lipjax.bounds.graph.threshold_leaves`), whatever their names."""
+  variables = {"params": params}
+  index = set(graph.threshold_leaves(model, variables, in_shape))
+  if not index:
+    return params
+  leaves, treedef = jax.tree_util.tree_flatten(variables)
+  leaves = [jnp.maximum(a, 0.0) if i in index else a for i, a in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)["params"]
+
+
 def _as_schedule(value, name):
   if value is None:
     return None
@@ -121,6 +134,7 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
   """
   if loss not in ("gloro", "bcp", "ce"):
     raise ValueError(f"loss must be 'gloro', 'bcp' or 'ce', got {loss!r}")
+  model = graph.as_model(model)
   if bound not in ("local", "global"):
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if grad not in ("constant", "through"):
@@ -177,6 +191,7 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
     # theta >= 0 whatever the optimiser (idempotent if it already projects).
     updates, _ = _PROJECT.update(updates, optax.EmptyState(), state.params)
     params = optax.apply_updates(state.params, updates)
+    params = _project_traced_thresholds(model, params, tuple(images.shape[1:]))
     metrics = dict(metrics, eps=eps, kappa=kappa)
     return TrainState(state.step + 1, params, opt_state, rng, power), metrics
 
@@ -202,10 +217,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
   only when ``state.power`` is None). The step donates ``state``.
 
   Args:
-    model: a lipjax model (``flax.linen`` module with a dense last layer).
+    model: a lipjax model, a plain Flax module or a function
+      ``fn(variables, x)`` that lipjax's bounds accept (with a dense last
+      layer).
     optimizer: Optax transformation. Every update is followed by the
       projection of :func:`project_thresholds`, so clipped-ReLU thresholds
-      stay ``theta >= 0`` (also during a clean warm-up).
+      stay ``theta >= 0`` (also during a clean warm-up). For a plain Flax
+      model the thresholds are found by tracing it (any parameter used as
+      ``theta`` in ``jnp.clip(z, 0, theta)`` or
+      ``jnp.minimum(jnp.maximum(z, 0), theta)``), whatever their names.
     loss: ``"gloro"``, ``"bcp"`` or ``"ce"`` (plain cross-entropy).
     bound: ``"local"`` or ``"global"`` Lipschitz bound inside the loss.
     iterations: power iterations per step.
