@@ -477,7 +477,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
 
 
 def check_global_norms(stages, global_norms) -> Tuple[Array, ...]:
-  """Checks that ``global_norms`` has one scalar per stage; returns them as float32."""
+  """Checks that ``global_norms`` has one scalar per stage; returns them in the stages' precision."""
   try:
     norms_ = tuple(global_norms)
   except TypeError:
@@ -487,7 +487,7 @@ def check_global_norms(stages, global_norms) -> Tuple[Array, ...]:
     raise ValueError(f"global_norms must hold {len(stages)} scalars (one per linear "
                      f"layer), got {len(norms_)} values of shapes "
                      f"{[tuple(jnp.shape(g)) for g in norms_]}")
-  return tuple(jnp.asarray(g, jnp.float32) for g in norms_)
+  return tuple(jnp.asarray(g, st.dtype) for g, st in zip(norms_, stages))
 
 
 @functools.lru_cache(maxsize=64)
