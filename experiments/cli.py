@@ -27,6 +27,7 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_HELP = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
 
 
 class InputError(ValueError):
@@ -191,7 +192,7 @@ def flags_parser(prog: str, *, config_holders: Sequence = (), required_config: b
 
   def parse(argv):
     try:
-      if config_holders:
+      if config_holders and not any(a.split("=")[0] in _HELP for a in argv[1:]):
         argv = resolve_config_args(argv, required=required_config, default=default_config)
       rest = flags.FLAGS(argv)
       for holder in config_holders:

@@ -70,8 +70,8 @@ def main(argv):
   length = train_lib.length_text(config.to_dict())
   print(f"demo: {config.model} {config.activation} on {config.dataset}, "
         f"{config.train_examples or 'all'} training images ({config.val_examples} held out "
-        f"for validation), batch {config.batch_size}, {length}, eps_train {config.eps_train}, certified at eps {config.eps_test}; runs in {base}",
-        flush=True)
+        f"for validation), batch {config.batch_size}, {length}, eps_train "
+        f"{config.eps_train}, certified at eps {config.eps_test}; runs in {base}", flush=True)
   rows = []
   for bound, run in runs:
     print(f"\ntraining with the {bound} bound ...", flush=True)
@@ -100,8 +100,9 @@ def main(argv):
   n, n_bound = rows[0][1]["test_examples"], rows[0][4]
   which = ("the best on validation" if config.certify_checkpoint == "best"
            else "the latest")
-  print(f"\n{n} {config.dataset} test images, checkpoint: {which}. failure prob.: per-example probability (over Lanczos start vectors) "
-        "that a local certificate is wrong; the global certificate is deterministic. "
+  print(f"\n{n} {config.dataset} test images, checkpoint: {which}. failure prob.: "
+        "per-example probability (over Lanczos start vectors) that a local certificate is "
+        "wrong; the global certificate is deterministic. "
         f"median local bound: the first {n_bound} of these test images.")
   print(f"total time {time.time() - t_start:.0f}s", flush=True)
   if not FLAGS.workdir:

@@ -17,7 +17,6 @@ from pathlib import Path
 import time
 from typing import Any, Dict, Mapping, Optional
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -310,8 +310,7 @@ def test_bad_inputs_raise_one_line_errors(workdir, tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["--workdir={tmp}/missing"], "workdir '{tmp}/missing' does not exist"),
     (["--workdir={tmp}", "--data_dir={tmp}/nodata"], "--data_dir '{tmp}/nodata' does not exist"),
-    (["--workdir={tmp}", "--num_examples=many"], "--num_examples=many"),
-    (["--workdir={tmp}", "extra"], "unexpected arguments ['extra']")])
+    (["--workdir={tmp}", "--num_examples=many"], "--num_examples=many")])
 def test_command_line_error_is_one_line_without_traceback(tmp_path, args, expected):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.certify"] + [a.format(tmp=tmp_path) for a in args],
