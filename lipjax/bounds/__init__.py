@@ -10,7 +10,7 @@ from lipjax.bounds.certify import Certificate, certify, certify_arrays
 from lipjax.bounds.intervals import LayerBounds, propagate
 from lipjax.bounds.lipschitz import (Guarantee, LocalBound, PowerState, bound_guarantee,
                                      global_lipschitz_bound, local_lipschitz_bound)
-from lipjax.bounds.network import Stage, UnsupportedModelError, trace
+from lipjax.bounds.network import Stage, UnsupportedModelError, trace, working_dtype
 from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_norm,
                                  masked_dense_norm)
 from lipjax.bounds.rounding import operand_roundoff
