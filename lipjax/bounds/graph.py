@@ -40,9 +40,10 @@ whose kernel has 1 added at the centre tap, with the circulant norm of that
 kernel; segments with a small vector output get their explicit matrix; the
 rest use the generic sound rules of :class:`lipjax.nn.LinearLayer` (adjoint
 from ``jax.linear_transpose``, global norm from an explicit Jacobian or
-Lanczos with its stated failure probability). The stage's affine map
-replays the model's own primitives in order, so its centres are the model's
-own forward pass.
+Lanczos with its stated failure probability). The affine map of a traced
+stage replays the model's own primitives in order (a dense or conv stage
+adds its summed static additions after the primitive, the same arithmetic
+for the usual single bias).
 
 The network must be a chain: every segment feeds one activation (or the
 logits). Values that skip an activation (residual additions across a
