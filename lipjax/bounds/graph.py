@@ -32,15 +32,18 @@ of the same segment, static additions). A segment becomes one stage whose
 ``linear`` replays the segment's primitives without the static additions, and
 whose bias is the segment evaluated at zero. Segments of a single dense or
 convolution primitive become :class:`lipjax.nn.Dense` / :class:`lipjax.nn.Conv`
-(same exact rules, same speed as a ``lipjax.nn`` model); other single
-convolutions get the circulant (FFT) global norm; a linear residual block
+(same exact rules, same speed as a ``lipjax.nn`` model); other convolutions,
+also followed by per-channel scalings (inference BatchNorm), get the
+circulant (FFT) global norm of the (scaled) kernel; a linear residual block
 ``h + conv(h)`` (LiResNet) is the single operator ``I + W``, a convolution
 whose kernel has 1 added at the centre tap, with the circulant norm of that
 kernel; segments with a small vector output get their explicit matrix; the
-rest use the generic sound rules
-of :class:`lipjax.nn.LinearLayer` (adjoint from ``jax.linear_transpose``,
-global norm from an explicit Jacobian or Lanczos with its stated failure
-probability).
+rest use the generic sound rules of :class:`lipjax.nn.LinearLayer` (adjoint
+from ``jax.linear_transpose``, global norm from an explicit Jacobian or
+Lanczos with its stated failure probability). The affine map of a traced
+stage replays the model's own primitives in order (a dense or conv stage
+adds its summed static additions after the primitive, the same arithmetic
+for the usual single bias).
 
 The network must be a chain: every segment feeds one activation (or the
 logits). Values that skip an activation (residual additions across a
@@ -999,7 +1002,7 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
       raise _unsupported(what, node.where)
     for h in halves_ids:
       if sorted(consumers[h]) != sorted(pair_nodes):
-        raise _unsupported(f"MaxMin whose halves are also used elsewhere", node.where)
+        raise _unsupported("MaxMin whose halves are also used elsewhere", node.where)
     parts = {}
     extra = []
     for m in pair_nodes:
