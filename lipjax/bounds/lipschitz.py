@@ -439,8 +439,10 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, *, mode
         return jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
 
+  # Training estimates need no rounding bounds (they carry no guarantee).
   layers = intervals.propagate(stages, x, eps, rnorms, radius_norm,
-                               error_norms=[jax.lax.stop_gradient(g) for g in gnorms])
+                               error_norms=[jax.lax.stop_gradient(g) for g in gnorms],
+                               rounding_bounds=mode != "estimate")
   chex.assert_shape(layers[-1].center, (b, stages[-1].out_shape[0]))
 
   layer_norms, estimates, vectors = [], [], []
