@@ -428,6 +428,7 @@ def test_operand_roundoff_follows_backend_and_precision():
   assert rounding.operand_roundoff("cpu", "float32") == 0.0
   assert rounding.operand_roundoff("gpu", None) == 2.0 ** -10
   assert rounding.operand_roundoff("gpu", "highest") == 0.0
+  assert rounding.operand_roundoff("gpu", jax.lax.Precision.HIGHEST) == 0.0
   assert rounding.operand_roundoff("tpu", None) == 2.0 ** -7
   assert rounding.operand_roundoff("tpu", "highest") == 2.0 ** -21
   assert rounding.operand_roundoff("cpu", "bfloat16") == 2.0 ** -7

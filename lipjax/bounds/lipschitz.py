@@ -174,15 +174,28 @@ def needs_probabilistic_global(stage: network.Stage) -> bool:
 _needs_probabilistic_global = needs_probabilistic_global
 
 
+def _lanczos(*args, **kwargs):
+  """:func:`lipjax.bounds.power.lanczos_norm_bound` with float32 matrix products.
+
+  Its failure bound is for exact arithmetic, with ``ROUNDING_SLACK`` covering
+  float32 rounding; accelerators' default reduced-precision products
+  (bfloat16 passes, TensorFloat-32) are not covered, so they are turned off
+  here (a no-op on the CPU).
+  """
+  with jax.default_matmul_precision("float32"):
+    return power.lanczos_norm_bound(*args, **kwargs)
+
+
 def _global_norm(stage: network.Stage, key, delta) -> Array:
   g = stage.layer.global_norm(stage.params, stage.layer_in_shape)
   if g is not None:
     return jnp.asarray(g, jnp.float32)
   if not _needs_probabilistic_global(stage):
-    mat = norms.explicit_jacobian(stage.linear, stage.in_shape)
+    with jax.default_matmul_precision("float32"):   # exact weights on accelerators too
+      mat = norms.explicit_jacobian(stage.linear, stage.in_shape)
     return norms.top_singular_value(mat[None])
   shape = (1,) + stage.in_shape
-  upper, _ = power.lanczos_norm_bound(stage.linear, key, shape, jnp.ones(shape),
+  upper, _ = _lanczos(stage.linear, key, shape, jnp.ones(shape),
                                       _GENERIC_GLOBAL_STEPS, delta)
   return upper[0]
 
@@ -288,7 +301,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
   b = col.shape[0]
   mat = stage.layer.explicit_matrix(stage.params)
   if lower:
-    _, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
+    _, est = _lanczos(_masked_op(stage, row, col), key, col.shape,
                                       col, steps, delta,
                                       _masked_op_for_adjoint(stage, row, col))
     est = jnp.minimum(est, gnorm)
@@ -298,7 +311,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     c = stage._pre(col).reshape(b, -1)   # pylint: disable=protected-access
     s = norms.masked_dense_norm(mat, r, c)
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
-  upper, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
+  upper, est = _lanczos(_masked_op(stage, row, col), key, col.shape,
                                         col, steps, delta,
                                         _masked_op_for_adjoint(stage, row, col),
                                         rank_bound=jnp.sum(row.reshape(b, -1), axis=1))
