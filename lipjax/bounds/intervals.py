@@ -21,7 +21,8 @@ propagation also carries, per layer, a bound on how far the float32 forward
 pass (``model.apply``) can be from the exact one anywhere in the ball
 (``error``, ``input_error``, ``input_error_l2``, ``rounding``), which the
 certificate uses; the centre ``z_k(x)`` of the ball projection is the float32
-one, so that projection is widened by that error.
+one, so that projection is widened by that error. Training estimates
+(``rounding_bounds=False``) use a cheap relative widening instead.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
 
 def propagate(stages: Sequence[Stage], x: Array, eps: Array,
               row_norms: Sequence[Array], radius_norm: RadiusNorm,
-              error_norms: Optional[Sequence[Array]] = None) -> List[LayerBounds]:
+              error_norms: Optional[Sequence[Array]] = None,
+              rounding_bounds: bool = True) -> List[LayerBounds]:
   """Propagates the ball ``B(x_b, eps_b)`` through every stage.
 
   Args:
@@ -149,23 +151,31 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     error_norms: optional, per stage, a scalar upper bound on ``||W_l||``
       (valid everywhere, not only on the ball), used to carry the l2 norm of
       the forward-pass rounding error through the layers.
+    rounding_bounds: True (default): widen the boxes by rigorous rounding
+      bounds and compute the error fields. False (training estimates only):
+      widen by a cheap relative ``1e-5 (|z(x)| + width) + 1e-7``, which is
+      not a bound, and fill the error fields with NaN; saves two passes of
+      ``|W|`` per layer.
 
   Returns:
     One :class:`LayerBounds` per stage. Every box contains the exact set of
     reachable pre-activations, and every error field bounds the float32
     forward pass's deviation from the exact one (see
     :mod:`lipjax.bounds.rounding` for the arithmetic model), provided
-    ``radius_norm``, ``row_norms`` and ``error_norms`` return upper bounds.
+    ``radius_norm``, ``row_norms`` and ``error_norms`` return upper bounds
+    (and ``rounding_bounds`` is True).
   """
   v = rounding.operand_roundoff()
   u = rounding.U
   c = x
   col_prev = jnp.ones_like(x)
   eb = _bcast(eps, x)
-  lo, hi = rounding.down(x - eb), rounding.up(x + eb)
+  lo, hi = (rounding.down(x - eb), rounding.up(x + eb)) if rounding_bounds else (x - eb, x + eb)
   r = eps
   e = jnp.zeros_like(x)      # |float32 activation - exact| over the ball
   d = jnp.zeros_like(eps)    # its l2 norm
+  if not rounding_bounds:
+    e, d = e + jnp.nan, d + jnp.nan
   out = []
   norms_ = error_norms if error_norms is not None else [None] * len(stages)
   for st, rnorm, gnorm in zip(stages, row_norms, norms_):
@@ -175,33 +185,42 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     half = 0.5 * (hi - lo)
     abs_half = _abs_apply(st, half, rnorm, zc)
     zmid = st.affine(mid)
-    # Rounding of this stage's sums at any float input |h| <= M + e (the
-    # float forward pass) or |h| <= M (the box's midpoint and half-width,
-    # whose own rounding n + 4 covers), M = max(|lb|, |ub|).
-    bias = st.layer.bias(st.params)
-    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) + e + rounding.FLOOR
-    s = _abs_apply(st, mag, rnorm, zc)
-    if bias is not None:
-      s = s + jnp.abs(bias)
-    mag_max = jnp.max(mag.reshape(mag.shape[0], -1), axis=1)
-    rho = (rounding.dot_coefficient(n + 4, v) * s
-           + _bcast(rounding.underflow_term(n, mag_max), zc))
-    # Error of the float pre-activation: own rounding + W (h_float - h).
-    row_up = rnorm[None] * rounding.upper_factor(n + 4)
-    through = row_up * _bcast(d, zc)
-    abs_e = st.abs_linear(e) if st.index > 0 else None
-    if abs_e is not None:
-      through = jnp.minimum(through, abs_e * rounding.upper_factor(n, v))
-    ez = (through + rho) * (1.0 + 4 * u)
-    ball = _bcast(r, zc) * row_up
-    z_lo = jnp.maximum(zmid - abs_half - rho - 3 * u * (jnp.abs(zmid) + abs_half + rho),
-                       zc - ball - ez - 3 * u * (jnp.abs(zc) + ball + ez))
-    z_hi = jnp.minimum(zmid + abs_half + rho + 3 * u * (jnp.abs(zmid) + abs_half + rho),
-                       zc + ball + ez + 3 * u * (jnp.abs(zc) + ball + ez))
-    size = int(np.prod(zc.shape[1:]))
-    dz = _l2(ez) * rounding.upper_factor(size)
-    if gnorm is not None:
-      dz = jnp.minimum(dz, (gnorm * d + _l2(rho) * rounding.upper_factor(size)) * (1 + 4 * u))
+    if not rounding_bounds:
+      ball = _bcast(r, zc) * rnorm[None]
+      z_lo = jnp.maximum(zmid - abs_half, zc - ball)
+      z_hi = jnp.minimum(zmid + abs_half, zc + ball)
+      widen = 1e-5 * (jnp.abs(zc) + (z_hi - z_lo)) + 1e-7
+      z_lo, z_hi = z_lo - widen, z_hi + widen
+      rho = ez = jnp.full_like(zc, jnp.nan)
+      size = dz = None
+    else:
+      # Rounding of this stage's sums at any float input |h| <= M + e (the
+      # float forward pass) or |h| <= M (the box's midpoint and half-width,
+      # whose own rounding n + 4 covers), M = max(|lb|, |ub|).
+      bias = st.layer.bias(st.params)
+      mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) + e + rounding.FLOOR
+      s = _abs_apply(st, mag, rnorm, zc)
+      if bias is not None:
+        s = s + jnp.abs(bias)
+      mag_max = jnp.max(mag.reshape(mag.shape[0], -1), axis=1)
+      rho = (rounding.dot_coefficient(n + 4, v) * s
+             + _bcast(rounding.underflow_term(n, mag_max), zc))
+      # Error of the float pre-activation: own rounding + W (h_float - h).
+      row_up = rnorm[None] * rounding.upper_factor(n + 4)
+      through = row_up * _bcast(d, zc)
+      abs_e = st.abs_linear(e) if st.index > 0 else None
+      if abs_e is not None:
+        through = jnp.minimum(through, abs_e * rounding.upper_factor(n, v))
+      ez = (through + rho) * (1.0 + 4 * u)
+      ball = _bcast(r, zc) * row_up
+      z_lo = jnp.maximum(zmid - abs_half - rho - 3 * u * (jnp.abs(zmid) + abs_half + rho),
+                         zc - ball - ez - 3 * u * (jnp.abs(zc) + ball + ez))
+      z_hi = jnp.minimum(zmid + abs_half + rho + 3 * u * (jnp.abs(zmid) + abs_half + rho),
+                         zc + ball + ez + 3 * u * (jnp.abs(zc) + ball + ez))
+      size = int(np.prod(zc.shape[1:]))
+      dz = _l2(ez) * rounding.upper_factor(size)
+      if gnorm is not None:
+        dz = jnp.minimum(dz, (gnorm * d + _l2(rho) * rounding.upper_factor(size)) * (1 + 4 * u))
     fields = dict(rounding=rho, error=ez, input_error=e, input_error_l2=d)
     if st.activation is None:
       ones = jnp.ones_like(zc)
@@ -214,6 +233,9 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     col_prev = col
     c = st.activation.activate(st.act_params, zc)
     lo, hi = st.activation.interval(st.act_params, z_lo, z_hi)
+    if not rounding_bounds:
+      e, d = jnp.full_like(c, jnp.nan), jnp.full_like(eps, jnp.nan)
+      continue
     e = jax.lax.stop_gradient(_activation_error(st.activation, st.act_params, z_lo, z_hi,
                                                 ez, dz))
     d = jax.lax.stop_gradient(jnp.minimum(dz, _l2(e) * rounding.upper_factor(size)))

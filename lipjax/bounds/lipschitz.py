@@ -182,6 +182,18 @@ def needs_probabilistic_global(stage: network.Stage) -> bool:
 _needs_probabilistic_global = needs_probabilistic_global
 
 
+def _lanczos(*args, **kwargs):
+  """:func:`lipjax.bounds.power.lanczos_norm_bound` with full-precision matrix products.
+
+  Its failure bound is for exact arithmetic, with ``ROUNDING_SLACK`` covering
+  float32 rounding; accelerators' default reduced-precision products
+  (bfloat16 passes, TensorFloat-32) are not covered, so they are turned off
+  here (a no-op on the CPU).
+  """
+  with jax.default_matmul_precision("float32"):
+    return power.lanczos_norm_bound(*args, **kwargs)
+
+
 def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array:
   """A bound on ``||W||`` (deterministic for built-in layers).
 
@@ -193,12 +205,12 @@ def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array
   if g is not None:
     return jnp.asarray(g, jnp.promote_types(jnp.asarray(g).dtype, stage.dtype))
   if not _needs_probabilistic_global(stage):
-    mat = norms.explicit_jacobian(stage.linear, stage.in_shape, stage.dtype)
+    with jax.default_matmul_precision("float32"):   # exact weights on accelerators too
+      mat = norms.explicit_jacobian(stage.linear, stage.in_shape, stage.dtype)
     return norms.top_singular_value(mat[None])
   shape = (1,) + stage.in_shape
-  upper, est = power.lanczos_norm_bound(stage.linear, key, shape,
-                                        jnp.ones(shape, stage.dtype),
-                                        _GENERIC_GLOBAL_STEPS, delta)
+  upper, est = _lanczos(stage.linear, key, shape, jnp.ones(shape, stage.dtype),
+                        _GENERIC_GLOBAL_STEPS, delta)
   return est[0] if lower else upper[0]
 
 
@@ -323,7 +335,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
   row, col = row.astype(stage.dtype), col.astype(stage.dtype)
   mat = stage.layer.explicit_matrix(stage.params)
   if lower:
-    _, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
+    _, est = _lanczos(_masked_op(stage, row, col), key, col.shape,
                                       col, steps, delta,
                                       transpose=_masked_adjoint(stage, row, col))
     est = jnp.minimum(est, gnorm)
@@ -333,7 +345,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     c = stage._pre(col).reshape(b, -1)   # pylint: disable=protected-access
     s = norms.masked_dense_norm(mat, r, c)
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
-  upper, est = power.lanczos_norm_bound(_masked_op(stage, row, col), key, col.shape,
+  upper, est = _lanczos(_masked_op(stage, row, col), key, col.shape,
                                         col, steps, delta,
                                         rank_bound=jnp.sum(row.reshape(b, -1), axis=1),
                                         transpose=_masked_adjoint(stage, row, col))
@@ -531,8 +543,10 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
         return jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
 
+  # Training estimates need no rounding bounds (they carry no guarantee).
   layers = intervals.propagate(stages, x, eps, rnorms, radius_norm,
-                               error_norms=[jax.lax.stop_gradient(g) for g in gnorms])
+                               error_norms=[jax.lax.stop_gradient(g) for g in gnorms],
+                               rounding_bounds=mode != "estimate")
   chex.assert_shape(layers[-1].center, (b, stages[-1].out_shape[0]))
 
   layer_norms, estimates, vectors = [], [], []

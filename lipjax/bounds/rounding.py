@@ -98,7 +98,11 @@ def operand_roundoff(backend: Optional[str] = None, precision=None) -> float:
   if precision is None:
     precision = jax.config.jax_default_matmul_precision
   if precision is not None and not isinstance(precision, str):
-    precision = getattr(precision, "name", str(precision))
+    precision = getattr(precision, "name", str(precision))   # a lax.Precision
+  if isinstance(precision, str) and precision.lower() in (
+      "default", "fastest", "high", "highest", "float32", "bfloat16", "bfloat16_3x",
+      "tensorfloat32"):
+    precision = precision.lower()
   backend = jax.default_backend() if backend is None else backend
   if precision in _DEFAULT:
     return {"cpu": 0.0, "gpu": _TF32, "cuda": _TF32, "rocm": _TF32}.get(backend, _BF16)
