@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 from lipjax import nn as lnn
 
+__all__ = ["ACTIVATIONS", "NAMES", "get"]
+
 ACTIVATIONS = ("relu", "clipped_relu", "clipped_maxmin")
 
 # (features, kernel, stride, padding) per conv; then dense widths (last excluded).

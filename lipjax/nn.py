@@ -26,6 +26,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "Activation",
+    "AvgPool",
+    "ClippedMaxMin",
+    "ClippedReLU",
+    "Conv",
+    "Dense",
+    "Flatten",
+    "Identity",
+    "LinearLayer",
+    "ReLU",
+    "Reshape",
+    "Sequential",
+    "conv_init",
+]
+
 Array = jax.Array
 Params = Any
 

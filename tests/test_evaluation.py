@@ -19,7 +19,7 @@ import lipjax
 from lipjax import data, training
 from lipjax import nn as lnn
 from lipjax.evaluation import (EvalOptions, evaluate, jacobian_norm_lower_bound, pgd_attack,
-                               perturbation_norm, plots, power_norm, report)
+                               perturbation_norm, plots, power_norm)
 from lipjax.training import checkpoints
 
 from experiments import certify as certify_cli

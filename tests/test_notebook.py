@@ -6,9 +6,7 @@ tests/test_parallel.py).
 """
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest

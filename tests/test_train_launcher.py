@@ -3,7 +3,6 @@
 import glob
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import signal

@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-import lipjax
 from lipjax import nn as lnn
 from lipjax import training
 

@@ -14,4 +14,29 @@ from lipjax.bounds.network import Stage, UnsupportedModelError, trace, working_d
 from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_norm,
                                  masked_dense_norm)
 from lipjax.bounds.rounding import operand_roundoff
-from lipjax.bounds.power import lanczos_norm_bound, lanczos_top, power_iteration
+from lipjax.bounds.power import lanczos_norm_bound, power_iteration
+
+__all__ = [
+    "Certificate",
+    "Guarantee",
+    "LayerBounds",
+    "LocalBound",
+    "PowerState",
+    "ROUNDING_SLACK",
+    "Stage",
+    "UnsupportedModelError",
+    "bound_guarantee",
+    "certify",
+    "certify_arrays",
+    "conv_global_norm",
+    "dense_global_norm",
+    "global_lipschitz_bound",
+    "lanczos_norm_bound",
+    "local_lipschitz_bound",
+    "masked_dense_norm",
+    "operand_roundoff",
+    "power_iteration",
+    "propagate",
+    "trace",
+    "working_dtype",
+]

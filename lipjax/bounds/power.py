@@ -118,21 +118,6 @@ def norm_at(op: Operator, u: Array) -> Array:
   return _batch_norm(op(u))
 
 
-def lanczos_top(matvec: Operator, q0: Array, steps: int) -> Array:
-  """Largest Ritz value of ``steps`` Lanczos steps on a symmetric PSD operator.
-
-  Args:
-    matvec: batched symmetric PSD operator ``(B, *shape) -> (B, *shape)``.
-    q0: ``(B, *shape)`` start vectors (zero rows give 0).
-    steps: Lanczos steps (size of the tridiagonal matrix).
-
-  Returns:
-    ``(B,)`` largest eigenvalue of the Lanczos tridiagonal matrix: a lower
-    bound of ``lambda_max`` (up to rounding).
-  """
-  return _lanczos(matvec, q0, steps)[0]
-
-
 def _lanczos(matvec: Operator, q0: Array, steps: int) -> Tuple[Array, Array]:
   """``(top Ritz value, completed steps)``, both ``(B,)``.
 

@@ -120,37 +120,25 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([a, reps], axis=0)
 
 
+_RULE_TEXT = {
+    "exact": "exact (SVD or float64 eigensolver of the explicit matrix)",
+    "deterministic": "deterministic upper bound (the layer's own global norm, e.g. circulant FFT)",
+    "probabilistic": "probabilistic (Lanczos upper bound)",
+}
+
+
 def describe_guarantee(model, variables, input_shape, bound: str) -> Dict[str, object]:
-  """Which per-layer norms are exact, deterministic bounds or probabilistic.
+  """:func:`lipjax.bound_guarantee` as a JSON-ready dict for the reports.
 
   Returns:
-    ``{"layers": [{"layer", "kind", "norm"}...], "deterministic": bool}``
-    following the rules of :func:`lipjax.local_lipschitz_bound` (sound mode,
-    ``dense="exact"``) and :func:`lipjax.global_lipschitz_bound`.
+    ``{"layers": [{"layer", "rule", "norm"}...], "deterministic": bool,
+    "operand_roundoff": float}``, ``norm`` a readable form of ``rule``.
   """
-  stages = network.trace(model, variables, tuple(input_shape))
-  rows, deterministic = [], True
-  for st in stages:
-    explicit = st.layer.explicit_matrix(st.params) is not None
-    own_global = type(st.layer).global_norm is not network.lnn.LinearLayer.global_norm
-    if bound == "global":
-      if explicit:
-        how = "exact (SVD)"
-      elif own_global:
-        how = "deterministic upper bound (layer's own global norm, e.g. circulant FFT)"
-      elif lipschitz._needs_probabilistic_global(st):   # pylint: disable=protected-access
-        how = "probabilistic (Lanczos upper bound)"
-        deterministic = False
-      else:
-        how = "exact (SVD of the explicit Jacobian)"
-    else:
-      if explicit:
-        how = "exact (masked matrix, float64 eigensolver)"
-      else:
-        how = "probabilistic (Lanczos upper bound, capped by the global norm)"
-        deterministic = False
-    rows.append({"layer": st.name, "norm": how})
-  return {"layers": rows, "deterministic": deterministic}
+  g = lipschitz.bound_guarantee(model, variables, bound=bound,
+                                input_shape=tuple(input_shape))
+  rows = [{"layer": name, "rule": rule, "norm": _RULE_TEXT[rule]} for name, rule in g.layers]
+  return {"layers": rows, "deterministic": g.deterministic,
+          "operand_roundoff": g.operand_roundoff}
 
 
 def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = EvalOptions(),
@@ -326,7 +314,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   if nt > 0:
     t0 = time.perf_counter()
     te = float(options.tightness_eps or max(eps_list))
-    local_b, global_b, emp = [], [], []
+    local_b, emp = [], []
     gbound = float(lipschitz.global_lipschitz_bound(model, variables,
                                                     input_shape=input_shape))
     # The certificates already hold the local bound at every eps of the list.

@@ -152,21 +152,6 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
   return logits, deltas, {"power": new_power, "local_bound": lb}
 
 
-def global_norm_estimates(stages, key=None, iterations: int = 10):
-  """Differentiable power-method estimates of every ``||W_l||`` from random starts.
-
-  Estimates from below, for training only; certification uses the exact
-  bounds of :func:`lipjax.global_lipschitz_bound`.
-  """
-  key = jax.random.PRNGKey(0) if key is None else key
-  out = []
-  for st, k in zip(stages, jax.random.split(key, len(stages))):
-    u0 = jax.random.normal(k, (1,) + st.in_shape, jnp.float32)
-    sigma, _ = power.power_iteration(st.linear, u0, iterations)
-    out.append(sigma[0])
-  return out
-
-
 def gloro_loss(logits: Array, deltas: Array, y: Array) -> Array:
   """GloRo loss: cross-entropy over ``[z_1..z_C, z_bot]`` (mean over the batch).
 
