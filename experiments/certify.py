@@ -38,6 +38,8 @@ flags.DEFINE_integer("pgd_steps", 100, "PGD steps per restart")
 flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts")
 flags.DEFINE_float("pgd_step_size", None, "PGD l2 step length (default eps / 4)")
 flags.DEFINE_enum("pgd_loss", "margin", ["margin", "ce"], "PGD objective")
+flags.DEFINE_integer("pgd_examples", 0, "> 0: PGD (and --cross_check) on the first N examples "
+                     "only; clean and certified accuracy still cover all of them")
 flags.DEFINE_integer("batch_size", 256, "examples per compiled call")
 flags.DEFINE_list("bounds", ["local", "global"], "bounds to certify with: local, global")
 flags.DEFINE_bool("cross_check", False,
@@ -141,6 +143,8 @@ def run(argv_flags) -> int:
     raise InputError(f"--batch_size must be >= 1, got {f.batch_size}")
   if f.pgd_steps < 0 or f.pgd_restarts < 1:
     raise InputError("--pgd_steps must be >= 0 and --pgd_restarts >= 1")
+  if f.pgd_examples < 0:
+    raise InputError(f"--pgd_examples must be >= 0, got {f.pgd_examples}")
   if f.pgd_step_size is not None and not f.pgd_step_size > 0:
     raise InputError(f"--pgd_step_size must be > 0, got {f.pgd_step_size}")
   bounds = tuple(b.strip() for b in f.bounds if b.strip())
@@ -183,7 +187,8 @@ def run(argv_flags) -> int:
   out_dir = f.output_dir or os.path.join(f.workdir, "eval")
   options = EvalOptions(
       bounds=bounds, pgd_steps=f.pgd_steps, pgd_restarts=f.pgd_restarts,
-      pgd_step_size=f.pgd_step_size, pgd_loss=f.pgd_loss, batch_size=f.batch_size,
+      pgd_step_size=f.pgd_step_size, pgd_loss=f.pgd_loss, pgd_examples=f.pgd_examples,
+      batch_size=f.batch_size,
       tightness_examples=f.tightness_examples, tightness_steps=f.tightness_steps,
       cross_check=f.cross_check,
       certify_options={"failure_probability": f.failure_probability,

@@ -19,10 +19,11 @@ import lipjax
 from lipjax import data, training
 from lipjax import nn as lnn
 from lipjax.evaluation import (EvalOptions, evaluate, jacobian_norm_lower_bound, pgd_attack,
-                               perturbation_norm, plots, power_norm)
+                               perturbation_norm, plots, power_norm, report)
 from lipjax.training import checkpoints
 
 from experiments import certify as certify_cli
+from experiments import compare as compare_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,7 +169,7 @@ def workdir(tmp_path_factory):
 def _flags(workdir, tmp, **over):
   f = dict(workdir=workdir, checkpoint="best", split=None, num_examples=48,
            eps=",".join(str(e) for e in EPS), pgd_steps=20, pgd_restarts=1,
-           pgd_step_size=None, pgd_loss="margin", batch_size=48,
+           pgd_step_size=None, pgd_loss="margin", pgd_examples=0, batch_size=48,
            bounds=["local", "global"], cross_check=True, tightness_examples=16,
            tightness_steps=4, failure_probability=1e-9, lanczos_steps=30, output_dir=str(tmp),
            data_dir=None, seed=0, progress=False)
@@ -263,6 +264,32 @@ def test_global_radii_match_direct_certificates(workdir):
     direct = lipjax.certify(model, variables, ds.images, ds.labels, e, bound="global")
     from_radius = np.asarray(res["per_example"]["certified_global"][f"{e:g}"])
     assert np.array_equal(from_radius, np.asarray(direct.certified))
+
+
+def test_pgd_on_the_first_examples_only(workdir):
+  model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
+  variables, _ = checkpoints.restore_variables(workdir)
+  ds = data.load("mnist", "test[:48]")
+  opts = dict(bounds=("global",), pgd_steps=10, batch_size=16, tightness_examples=0,
+              progress=False)
+  full = evaluate(model, variables, ds.images, ds.labels, EPS, EvalOptions(**opts))
+  part = evaluate(model, variables, ds.images, ds.labels, EPS,
+                  EvalOptions(pgd_examples=16, **opts))
+  assert part["summary"]["pgd"]["examples"] == 16
+  assert full["summary"]["pgd"]["examples"] == 48
+  correct = np.asarray(full["per_example"]["predicted"]) == ds.labels
+  for k, e in enumerate(EPS):
+    succ_full = np.asarray(full["per_example"]["pgd_success"][f"{e:g}"])
+    succ_part = np.asarray(part["per_example"]["pgd_success"][f"{e:g}"])
+    np.testing.assert_array_equal(succ_part[:16], succ_full[:16])   # same attacks
+    assert not succ_part[16:].any()                                   # not attacked
+    expected = np.mean(correct[:16] & ~succ_full[:16])
+    assert part["summary"]["pgd"]["accuracy"][k] == pytest.approx(expected)
+  # Clean and certified accuracy still cover every example.
+  assert part["summary"]["clean_accuracy"] == full["summary"]["clean_accuracy"]
+  assert part["summary"]["certified"] == full["summary"]["certified"]
+  assert "48 examples; PGD on the first 16 examples" in report.to_markdown(part, title="t")
+  assert "48 examples; PGD: " in report.to_markdown(full, title="t")
 
 
 # ---------------------------------------------------------------------------
@@ -410,3 +437,35 @@ def test_training_curves_show_only_meaningful_series():
   lr_axes = [ax for ax in fig.axes if any(l.get_label() == "learning rate" for l in ax.lines)]
   assert len(lr_axes) == 1 and lr_axes[0].get_yscale() == "log"
   plt.close(fig)
+
+
+def test_compare_table_and_plot_from_reports(evaluated, tmp_path):
+  _, results, _, out = evaluated
+  runs = [("a", compare_cli.load_report("unused", str(out))),
+          ("b", compare_cli.load_report("unused", str(out)))]
+  text = compare_cli.table(runs)
+  rows = [l for l in text.splitlines() if l.startswith("| a |")]
+  assert len(rows) == len(results["eps"])
+  s = results["summary"]
+  for k, e in enumerate(sorted(float(x) for x in results["eps"])):
+    cells = [c.strip() for c in rows[k].strip("|").split("|")]
+    assert float(cells[1]) == pytest.approx(e)
+    assert cells[2] == f"{100 * s['clean_accuracy']:.1f}"
+    assert cells[4] == f"{100 * s['certified']['local']['accuracy'][k]:.1f}"
+    assert cells[5] == f"{100 * s['certified']['global']['accuracy'][k]:.1f}"
+  png = compare_cli.plot(runs, str(tmp_path / "c.png"), "t")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_bad_input_is_one_line(tmp_path):
+  with pytest.raises(compare_cli.InputError, match="not LABEL=WORKDIR"):
+    compare_cli.parse_runs(["nolabel"])
+  with pytest.raises(compare_cli.InputError, match="unique"):
+    compare_cli.parse_runs(["a=x", "a=y"])
+  with pytest.raises(compare_cli.InputError, match="experiments.certify"):
+    compare_cli.load_report(str(tmp_path))
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "report.json").write_text("{not json")
+  with pytest.raises(compare_cli.InputError, match="not a report"):
+    compare_cli.load_report(str(tmp_path))

@@ -52,7 +52,9 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
   setting = title or "model"
   out = []
   out.append(f"# Evaluation: {setting}\n")
-  out.append(f"{s['num_examples']} examples; PGD: {s['pgd']['steps']} steps, "
+  n_pgd = s["pgd"].get("examples", s["num_examples"])
+  on = "" if n_pgd == s["num_examples"] else f" on the first {n_pgd} examples"
+  out.append(f"{s['num_examples']} examples; PGD{on}: {s['pgd']['steps']} steps, "
              f"{s['pgd']['restarts']} restart(s), step {s['pgd']['step']}, "
              f"{s['pgd']['loss']} loss.\n")
   out.append("## Clean / PGD / certified accuracy (%)\n")

@@ -59,6 +59,10 @@ class EvalOptions:
     tightness_eps: radius of the tightness report (default: the largest eps).
     tightness_steps, tightness_iterations: gradient-ascent steps and power
       iterations of the Jacobian-norm search.
+    pgd_examples: attack only the first ``pgd_examples`` examples (0: all);
+      the PGD accuracy is then over those examples, and ``cross_check``
+      re-attacks the certified points among them. Clean and certified
+      accuracy always cover every example.
     cross_check: attack every certified point again with fresh random starts.
     certify_options: extra keyword arguments of :func:`lipjax.certify`.
     seed: PRNG seed of the attacks and the Lanczos start vectors.
@@ -71,6 +75,7 @@ class EvalOptions:
   pgd_step_scale: float = 0.25
   pgd_step_size: Optional[float] = None
   pgd_loss: str = "margin"
+  pgd_examples: int = 0
   batch_size: int = 256
   radius_cap: Optional[float] = None
   tightness_examples: int = 1000
@@ -198,6 +203,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   local_computed = np.zeros((k_eps, n), bool)   # the local bound ran (not triaged)
   global_rr = np.zeros(n, np.float32)
 
+  n_pgd = n if int(options.pgd_examples) <= 0 else min(int(options.pgd_examples), n)
   num_batches = -(-n // bs)
   for bi in _progress(range(num_batches), options.progress, desc="certify", unit="batch"):
     lo, hi = bi * bs, min((bi + 1) * bs, n)
@@ -211,7 +217,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     predicted[lo:hi] = pred
     timing["clean"] += time.perf_counter() - t0
 
-    for k, e in enumerate(eps_list):
+    for k, e in enumerate(eps_list if lo < n_pgd else ()):
       t0 = time.perf_counter()
       res = pgd.pgd_attack(model.apply, variables, xb, yb, e, steps=options.pgd_steps,
                            restarts=options.pgd_restarts, step_size=options.pgd_step_size,
@@ -255,7 +261,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     timing["local"] += time.perf_counter() - t0
 
   correct = predicted == labels
-  pgd_robust = correct[None, :] & ~pgd_success
+  pgd_robust = (correct[None, :] & ~pgd_success)[:, :n_pgd]
 
   # Nested balls: certified at a larger eps implies certified at a smaller one.
   cert_nested = {}
@@ -288,7 +294,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   if options.cross_check:
     t0 = time.perf_counter()
     for k, e in enumerate(eps_list):
-      idx = np.nonzero(np.any([cert_nested[b][k] for b in bounds], axis=0))[0]
+      idx = np.nonzero(np.any([cert_nested[b][k][:n_pgd] for b in bounds], axis=0))[0]
       for start in _progress(range(0, len(idx), bs), options.progress,
                              desc=f"cross-check eps={e:g}", unit="batch"):
         sel = idx[start:start + bs]
@@ -353,7 +359,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
       "pgd": {"steps": options.pgd_steps, "restarts": options.pgd_restarts,
               "step": (f"{options.pgd_step_size:g}" if options.pgd_step_size
                        else f"{options.pgd_step_scale:g} * eps"),
-              "loss": options.pgd_loss,
+              "loss": options.pgd_loss, "examples": n_pgd,
               "accuracy": [acc(pgd_robust[k]) for k in range(k_eps)]},
       "certified": {}, "radius": {}, "guarantee": {}, "timing_s": timing,
   }
