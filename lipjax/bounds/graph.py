@@ -45,9 +45,18 @@ stage replays the model's own primitives in order (a dense or conv stage
 adds its summed static additions after the primitive, the same arithmetic
 for the usual single bias).
 
-The network must be a chain: every segment feeds one activation (or the
-logits). Values that skip an activation (residual additions across a
-nonlinearity) are rejected with the same one-line error.
+The network is a chain with residual blocks: every segment feeds one
+activation, a residual sum or the logits. A *residual sum* is an addition of
+two values of different segments, one of which (the skip ``h``) is the input
+of its segment: the output of an activation, of another residual block, or
+the model input. ``y = h + f(h)``, optionally followed by an activation
+(``relu(h + f(h))``), where the branch ``f`` is a chain of stages ending
+with a linear map or an activation, becomes a
+:class:`~lipjax.bounds.network.BlockEnd` on the branch's last stage (the
+block's bound is ``1 +`` the branch's, see
+:func:`lipjax.bounds.network.chain_product`). Skips through a linear map
+(projection shortcuts), nested blocks, and skip values used elsewhere are
+rejected with a one-line error.
 
 The traced function is the model applied to a batch of one; examples must
 not interact (a primitive that mixes the batch axis is rejected).
@@ -79,7 +88,8 @@ SUPPORTED = (
     "padding, slicing, concatenation, sums and scalings by parameters or constants, "
     "sums of two values computed from the same activation, relu, clipped relu "
     "(jnp.clip / jnp.minimum(jnp.maximum(z, 0), theta) with a constant or a "
-    "parameter), MaxMin over the two halves of the channel axis")
+    "parameter), MaxMin over the two halves of the channel axis, residual blocks "
+    "h + f(h) (optionally activated) with h an activation output or the input")
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "named_call")
@@ -854,7 +864,7 @@ def _check_activation(name, eqn, ins, where):
 class _Group:
   """An activation: its input (pre-activation) and output activation ids."""
 
-  kind: str                       # "clamp" or "maxmin"
+  kind: str                       # "clamp", "maxmin", "identity" or "residual"
   input: int
   output: int
   nodes: List[int]
@@ -863,6 +873,7 @@ class _Group:
   max_steps: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()        # maxmin parts
   min_steps: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
   max_first: bool = True
+  skip: int = -1                  # residual: the skip value (input is the branch value)
 
 
 @dataclasses.dataclass(eq=False)
@@ -872,6 +883,9 @@ class _SegmentSpec:
   name: str
   info: Dict[str, Any]
   group: Optional[_Group]
+  block_start: int = -1            # >= 0: this stage ends a residual block
+  post: Optional[_Group] = None    # the activation after the residual sum
+  post_kind: Optional[str] = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -900,7 +914,26 @@ def _clamp_steps(node: _Node) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
   return ((node.name, tuple(node.static_ins())),)
 
 
-def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Optional[_Group]]]:
+def _residual_group(b: _Builder, n: int, node: _Node, seg_of, seg_input) -> _Group:
+  """A residual sum ``h + f(h)``: an addition of two values of different
+  segments, one of which (``h``, the skip) is the input of its segment."""
+  acts = node.act_ins()
+  what = (f"{node.name} of values from different layers (lipjax bounds support "
+          "residual sums h + f(h) with h the output of an activation, of a residual "
+          "block or the model input)")
+  if node.name not in ("add", "add_any") or len(acts) != 2 or len(node.ins) != 2:
+    raise _unsupported(what, node.where)
+  a0, a1 = acts
+  skip, branch = (a0, a1) if seg_of[a0] < seg_of[a1] else (a1, a0)
+  if seg_input[seg_of[skip]] != skip:
+    raise _unsupported(what, node.where)
+  if not (b.shapes[skip] == b.shapes[branch] == b.shapes[node.outs[0]]):
+    raise _unsupported(f"a residual sum of shapes {b.shapes[skip][1:]} and "
+                       f"{b.shapes[branch][1:]} (broadcast)", node.where)
+  return _Group("residual", branch, node.outs[0], [n], node.where, skip=skip)
+
+
+def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[List[Any]]:
   nodes = b.nodes
   # Live nodes: those the output depends on.
   live = set()
@@ -1067,9 +1100,15 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
                            "activation", node.where)
       segs.add(seg_of[a])
     if len(segs) > 1:
-      raise _unsupported(
-          f"{node.name} of values from different layers (a residual or skip "
-          "connection across an activation)", node.where)
+      g = _residual_group(b, n, node, seg_of, seg_input)
+      groups.append(g)
+      grouped.add(n)
+      by_output[g.output] = g
+      by_input[g.input].append(g)
+      seg_of[g.output] = len(seg_input)
+      seg_input.append(g.output)
+      seg_nodes.append([])
+      continue
     (s,) = segs
     for o in node.outs:
       seg_of[o] = s
@@ -1095,7 +1134,43 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
           "a value that feeds several activations or both an activation and the logits "
           "(a branch; lipjax bounds need a chain of layers)", where)
 
-  out: List[Tuple[_Program, Optional[_Group]]] = []
+  out: List[List[Any]] = []     # [program, group, (block start, post group) or None]
+  stage_of_seg: Dict[int, int] = {}
+  node_seg = {n: k for k, ns in enumerate(seg_nodes) for n in ns}
+  last_end = -1
+
+  def close_block(rg: _Group) -> int:
+    """Ends the residual block ``rg`` at the last stage; returns the next segment."""
+    nonlocal last_end
+    h = rg.skip
+    s_h = seg_of[h]
+    start = stage_of_seg.get(s_h)
+    if start is None:
+      raise _unsupported("a residual addition whose skip value is not the input of a "
+                         "linear layer of the chain", rg.where)
+    end = len(out) - 1
+    if start <= last_end:
+      raise _unsupported("nested residual blocks (a residual addition whose branch "
+                         "holds another one)", rg.where)
+    if any(m != rg.nodes[0] and node_seg.get(m) != s_h for m in consumers[h]):
+      raise _unsupported("a residual skip value that is also used elsewhere (lipjax "
+                         "bounds need y = h + f(h) with h used by f and the sum only)",
+                         rg.where)
+    s_y = seg_of[rg.output]
+    visited.add(s_y)
+    (ex,) = exits[s_y]
+    post = None
+    nxt = s_y
+    if ex == seg_input[s_y] and ex != out_aid:
+      (post,) = by_input[ex]
+      if post.kind == "residual":
+        raise _unsupported("a residual sum used directly as the branch of another "
+                           "residual addition", post.where)
+      nxt = seg_of[post.output]
+    out[end][2] = (start, post)
+    last_end = end
+    return nxt
+
   s = 0
   visited = set()
   while True:
@@ -1111,12 +1186,22 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
     prog = _Program(nodes=tuple(nodes[n] for n in seg_nodes[s]), input=seg_input[s],
                     output=exit_aid, in_shape=b.shapes[seg_input[s]][1:],
                     out_shape=b.shapes[exit_aid][1:])
+    stage_of_seg[s] = len(out)
     if exit_aid == out_aid:
-      out.append((prog, None))
+      out.append([prog, None, None])
       break
     (g,) = by_input[exit_aid]
-    out.append((prog, g))
+    if g.kind == "residual":      # a branch that ends with this linear map
+      out.append([prog, _Group("identity", exit_aid, exit_aid, [], g.where), None])
+      s = close_block(g)
+      continue
+    out.append([prog, g, None])
     s = seg_of[g.output]
+    (nxt,) = exits[s]
+    if nxt == seg_input[s] and nxt != out_aid and nxt in by_input \
+        and by_input[nxt][0].kind == "residual":   # a branch that ends with g
+      visited.add(s)
+      s = close_block(by_input[nxt][0])
   if len(visited) != len(seg_input):
     raise network.UnsupportedModelError("the traced model is not a chain of layers")
   return out
@@ -1343,6 +1428,8 @@ def _all(v, pred) -> bool:
 
 def _activation_kind(g: _Group, statics) -> str:
   """Which activation class a group becomes (decided on concrete values only)."""
+  if g.kind == "identity":
+    return "identity"
   if g.kind == "clamp":
     # lo depends on the max steps only; hi on every step.
     lo = _concrete_fold([s for s in g.steps if s[0] == "max"], statics)
@@ -1369,6 +1456,8 @@ def _activation(kind: str, g: _Group, get, out_shape) -> Tuple[lnn.Activation, D
   def shaped(v, shape):
     return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (1,) + tuple(shape))[0]
 
+  if kind == "identity":
+    return lnn.Identity(parent=None), {}
   if kind in ("relu", "clipped_relu", "clamp"):
     lo, hi = _fold_steps(g.steps, get, jnp)
     if kind == "relu":
@@ -1435,13 +1524,17 @@ def _build_plan(model, variables, in_shape) -> _Plan:
         f"{b.shapes[out.aid][1:]}")
   chain = _extract(b, out.aid, x_act.aid)
   segments, activations = [], []
-  for i, (prog, group) in enumerate(chain):
+  for i, (prog, group, block) in enumerate(chain):
     kind, info = _classify(prog, b.statics)
     main = next((n for n in prog.nodes if LINEAR_RULES[n.name] == "coef"),
                 prog.nodes[0] if prog.nodes else None)
     where = main.where if main is not None else f"stage {i}"
     label = where.split(", ")[0].replace("module ", "")
-    segments.append(_SegmentSpec(prog, kind, f"{label} ({kind})", info, group))
+    spec = _SegmentSpec(prog, kind, f"{label} ({kind})", info, group)
+    if block is not None:
+      spec.block_start, spec.post = block
+      spec.post_kind = None if spec.post is None else _activation_kind(spec.post, b.statics)
+    segments.append(spec)
     activations.append(None if group is None else _activation_kind(group, b.statics))
   needed = _needed(b, segments)
   return _Plan(b.statics, b.calls, segments, needed, activations)
@@ -1451,11 +1544,11 @@ def _needed(b: _Builder, segments: List[_SegmentSpec]) -> Tuple[int, ...]:
   want = set()
   for seg in segments:
     want.update(seg.program.static_ids)
-    g = seg.group
-    if g is not None:
-      for steps in (g.steps, g.max_steps, g.min_steps):
-        for _, sids in steps:
-          want.update(sids)
+    for g in (seg.group, seg.post):
+      if g is not None:
+        for steps in (g.steps, g.max_steps, g.min_steps):
+          for _, sids in steps:
+            want.update(sids)
   stack = list(want)
   while stack:
     s = stack.pop()
@@ -1565,10 +1658,17 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[network.Stage]:
     if seg.group is not None:
       activation, act_params = _activation(act_kind, seg.group, lambda s: vals[s],
                                            prog.out_shape)
+    block = None
+    if seg.block_start >= 0:
+      post, post_params = None, None
+      if seg.post is not None:
+        post, post_params = _activation(seg.post_kind, seg.post, lambda s: vals[s],
+                                        prog.out_shape)
+      block = network.BlockEnd(seg.block_start, post, post_params)
     stages.append(network.Stage(index=i, name=seg.name, layer=layer, params=params,
                                 reshapes=reshapes, in_shape=prog.in_shape,
                                 out_shape=prog.out_shape, activation=activation,
-                                act_params=act_params))
+                                act_params=act_params, block=block))
   return stages
 
 
@@ -1601,11 +1701,13 @@ def threshold_leaves(model, variables, in_shape: Tuple[int, ...]) -> List[int]:
   plan = _plan_for(model, variables, tuple(in_shape))
   out = set()
   for seg, kind in zip(plan.segments, plan.activations):
-    if kind != "clipped_relu":
-      continue
-    for op, sids in seg.group.steps:
-      if op == "min":
-        out.update(l for l in (_source_leaf(plan.statics, s) for s in sids) if l is not None)
+    for group, k in ((seg.group, kind), (seg.post, seg.post_kind)):
+      if k != "clipped_relu":
+        continue
+      for op, sids in group.steps:
+        if op == "min":
+          out.update(l for l in (_source_leaf(plan.statics, s) for s in sids)
+                     if l is not None)
   return sorted(out)
 
 
