@@ -15,3 +15,5 @@ from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_
                                  masked_dense_norm)
 from lipjax.bounds.rounding import operand_roundoff
 from lipjax.bounds.power import lanczos_norm_bound, lanczos_top, power_iteration
+from lipjax.bounds.graph import register_activation, register_linear
+from lipjax.bounds.network import BlockEnd, chain_product

@@ -331,10 +331,18 @@ class _Node:
   ins: Tuple[Tuple[str, int], ...]
   outs: Tuple[int, ...]
   where: str
+  rule: Any = None        # a registered rule (see :func:`register_linear`)
 
   @property
   def name(self) -> str:
     return self.prim.name
+
+  @property
+  def role(self) -> str:
+    """The node's role in a segment replay (:data:`LINEAR_RULES`)."""
+    if isinstance(self.rule, _LinearRule):
+      return "opaque"
+    return LINEAR_RULES[self.name]
 
   @property
   def act_mask(self) -> Tuple[bool, ...]:
@@ -388,7 +396,11 @@ def _apply(node: _Node, args: List[Array], mode: str) -> List[Array]:
   """
   if mode == "affine":
     return _bind(node.prim, args, node.params)
-  role = LINEAR_RULES[node.name]
+  role = node.role
+  if role == "opaque":
+    if mode == "abs":
+      raise ValueError("a registered linear map has no absolute-value replay")
+    return _bind(node.prim, args, node.params)
   mask = node.act_mask
   if role == "add":
     acts = [a for a, m in zip(args, mask) if m]
@@ -478,6 +490,8 @@ class TracedLinear(lnn.LinearLayer):
     return _replay(self.program, params, h, "affine")
 
   def abs_linear(self, params, h):
+    if any(n.role == "opaque" for n in self.program.nodes):
+      return None   # generic rule (row norms times the l2 norm)
     return _replay(self.program, params, h, "abs")
 
 
@@ -584,6 +598,171 @@ class _ToShape(lnn.Reshape):
 
   def reshape(self, x):
     return x.reshape((x.shape[0],) + tuple(self.shape))
+
+
+# ---------------------------------------------------------------------------
+# User rules: registered linear maps and activations
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearRule:
+  name: str
+  fn: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class _ActivationRule:
+  name: str
+  fn: Callable
+  flat_below: float
+  flat_above: float
+  ulps: float
+
+
+_REGISTRY: Dict[str, Any] = {}
+_PREFIX = "lipjax_registered__"
+
+
+def _tagged(fn: Callable, name: str, rule) -> Callable:
+  """``fn`` as a ``jax.jit`` call whose name the tracer looks up."""
+  tag = f"{_PREFIX}{name}"
+  if tag in _REGISTRY and _REGISTRY[tag].fn is not fn:
+    raise ValueError(f"a different function is already registered as {name!r}")
+  _REGISTRY[tag] = rule
+
+  def call(*args):
+    return fn(*args)
+
+  call.__name__ = call.__qualname__ = tag
+  jitted = jax.jit(call)
+
+  def wrapper(*args):
+    return jitted(*args)
+
+  wrapper.__name__ = getattr(fn, "__name__", name)
+  wrapper.__doc__ = fn.__doc__
+  wrapper.lipjax_rule = rule
+  return wrapper
+
+
+def _check_name(name) -> str:
+  if not isinstance(name, str) or not name.isidentifier():
+    raise ValueError(f"a registered rule needs a Python identifier as its name, got {name!r}")
+  return name
+
+
+def register_linear(fn: Callable, name: Optional[str] = None) -> Callable:
+  """Registers a linear map so that the bounds treat each call as one linear piece.
+
+  ``fn(h, *params)`` must be linear in ``h`` (a batch ``(B, ...)``, examples
+  independent) and compute each output as a sum of products of entries of
+  ``h`` with values of ``params`` (no FFT or other algorithm outside the
+  rounding model of :mod:`lipjax.bounds.rounding`). Only the forward map is
+  needed: the adjoint comes from ``jax.linear_transpose`` (which also checks
+  linearity when the model is traced), and the bounds use the generic sound
+  rules (explicit Jacobian for small outputs, Lanczos with its failure
+  probability otherwise; row norms from the global norm). Call the returned
+  function in your model instead of ``fn``.
+
+  Args:
+    fn: the linear map.
+    name: a unique identifier (default ``fn.__name__``).
+
+  Returns:
+    ``fn`` wrapped so that the tracer recognises it (same arguments and
+    results).
+  """
+  if not callable(fn):
+    raise TypeError(f"register_linear needs a function, got {type(fn).__name__}")
+  name = _check_name(name or getattr(fn, "__name__", ""))
+  return _tagged(fn, name, _LinearRule(name, fn))
+
+
+def register_activation(fn: Callable, name: Optional[str] = None, *,
+                        flat_below: float = -math.inf, flat_above: float = math.inf,
+                        ulps: float = 4.0) -> Callable:
+  """Registers an elementwise, nondecreasing, 1-Lipschitz activation ``fn(z)``.
+
+  The bounds map boxes through it by monotonicity (``[fn(lb), fn(ub)]``),
+  use slope in ``[0, 1]`` for the local norms (an output varies unless its
+  box lies where ``fn`` is constant: ``ub <= flat_below`` or ``lb >=
+  flat_above``), and widen every value by ``ulps`` units in the last place
+  of float32 for the rounding of ``fn`` itself.
+
+  These properties are the caller's guarantee (they are not checked):
+  an activation that is not monotone, has a slope above 1, is not constant
+  where declared, or is evaluated less accurately than ``ulps`` voids the
+  bounds.
+
+  Args:
+    fn: the activation, applied elementwise to a float32 array.
+    name: a unique identifier (default ``fn.__name__``).
+    flat_below, flat_above: ``fn`` is constant on ``z <= flat_below`` and on
+      ``z >= flat_above``.
+    ulps: bound on the float32 evaluation error of ``fn``, in units of
+      ``2^-24 |fn(z)|`` (plus the smallest normal number).
+
+  Returns:
+    ``fn`` wrapped so that the tracer recognises it.
+  """
+  if not callable(fn):
+    raise TypeError(f"register_activation needs a function, got {type(fn).__name__}")
+  name = _check_name(name or getattr(fn, "__name__", ""))
+  if not (float(flat_below) <= float(flat_above)):
+    raise ValueError(f"flat_below must be <= flat_above, got {flat_below} > {flat_above}")
+  if not (0 <= float(ulps) < 2 ** 20):
+    raise ValueError(f"ulps must be in [0, 2^20), got {ulps}")
+  return _tagged(fn, name, _ActivationRule(name, fn, float(flat_below), float(flat_above),
+                                           float(ulps)))
+
+
+def _check_registered_linear(eqn, ins, rule: _LinearRule, where: str) -> None:
+  """Raises one line unless the call is linear in its first argument."""
+  sub = _sub_jaxpr(eqn)
+  in_aval = eqn.invars[0].aval
+  statics = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.invars[1:]]
+  try:
+    f = lambda h: jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub[0], sub[1]))(h, *statics)[0]
+    jax.eval_shape(lambda z: jax.linear_transpose(f, jax.ShapeDtypeStruct(
+        in_aval.shape, in_aval.dtype))(z), jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape,
+                                                                 jnp.float32))
+  except Exception:   # pylint: disable=broad-except
+    raise _unsupported(f"the registered linear map {rule.name!r}, which is not linear in "
+                       "its first argument (jax.linear_transpose fails)", where) from None
+
+
+class RegisteredActivation(lnn.Activation):
+  """An activation added by :func:`register_activation`.
+
+  Boxes map by monotonicity, widened by the rounding allowance of ``fn``;
+  an output is constant where its box lies in a declared flat region.
+  """
+
+  fn: Any = None
+  flat_below: float = -math.inf
+  flat_above: float = math.inf
+  ulps: float = 4.0
+  label: str = ""
+
+  def __call__(self, z):
+    raise TypeError("RegisteredActivation describes a traced activation; call the model")
+
+  def activate(self, params, z):
+    return self.fn(z)
+
+  def evaluation_error(self, params, lo, hi):
+    """Bound on ``|fl(fn(z)) - fn(z)|`` for ``z`` in ``[lo, hi]``."""
+    mag = jnp.maximum(jnp.abs(self.fn(lo)), jnp.abs(self.fn(hi)))
+    return (self.ulps + 2.0) * 2.0 ** -24 * mag + 2.0 ** -126
+
+  def interval(self, params, lb, ub):
+    err = self.evaluation_error(params, lb, ub)
+    return self.fn(lb) - err, self.fn(ub) + err
+
+  def varying(self, params, lb, ub):
+    m = _f32(~((ub <= self.flat_below) | (lb >= self.flat_above)))   # NaN -> varying
+    return m, m
 
 
 # ---------------------------------------------------------------------------
@@ -698,6 +877,12 @@ class _Builder:
       ins = [read(a) for a in eqn.invars]
       name = eqn.primitive.name
       if name in _CALLS:
+        rule = _REGISTRY.get(str(eqn.params.get("name", "")))
+        if rule is not None and any(isinstance(i, _A) for i in ins):
+          outs = self.registered_eqn(eqn, ins, context, rule)
+          for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+          continue
         sub = _sub_jaxpr(eqn)
         if sub is not None:
           inner, inner_consts = sub
@@ -737,6 +922,33 @@ class _Builder:
                                   shape=tuple(eqn.outvars[k].aval.shape)))
       outs.append(_S(len(self.statics) - 1))
     return outs
+
+  def registered_eqn(self, eqn, ins: List[Any], context, rule) -> List[_A]:
+    """A call of a registered linear map or activation: one node."""
+    where = _where(eqn, context)
+    acts = _acts(ins)
+    what = "activation" if isinstance(rule, _ActivationRule) else "linear map"
+    if acts != [0] or len(eqn.outvars) != 1:
+      raise _unsupported(f"the registered {what} {rule.name!r} called with an input-"
+                         "dependent value other than its first argument, or with several "
+                         "outputs", where)
+    out_aval = eqn.outvars[0].aval
+    in_shape = tuple(eqn.invars[0].aval.shape)
+    if out_aval.dtype != jnp.float32 or not out_aval.shape or out_aval.shape[0] != 1:
+      raise _unsupported(f"the registered {what} {rule.name!r} (float32 output with the "
+                         "batch axis first needed)", where)
+    if isinstance(rule, _ActivationRule):
+      if tuple(out_aval.shape) != in_shape or len(ins) != 1:
+        raise _unsupported(f"the registered activation {rule.name!r} (elementwise: one "
+                           "argument, output of the input's shape)", where)
+    else:
+      _check_registered_linear(eqn, ins, rule, where)
+    out = self.new_act(out_aval.shape)
+    refs = tuple(("a", i.aid) if isinstance(i, _A) else ("s", i.sid) for i in ins)
+    self.nodes.append(_Node(eqn.primitive, dict(eqn.params), refs, (out.aid,), where,
+                            rule=rule))
+    self.producer[out.aid] = len(self.nodes) - 1
+    return [out]
 
   def act_eqn(self, eqn, ins: List[Any], context) -> List[_A]:
     name = eqn.primitive.name
@@ -874,6 +1086,7 @@ class _Group:
   min_steps: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
   max_first: bool = True
   skip: int = -1                  # residual: the skip value (input is the branch value)
+  rule: Any = None                # user: the registered activation
 
 
 @dataclasses.dataclass(eq=False)
@@ -1064,6 +1277,11 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[List[Any]]:
     groups.append(_Group("maxmin", z, cat.outs[0], members, node.where,
                          max_steps=parts["max"][2], min_steps=parts["min"][2],
                          max_first=max_first))
+
+  for n in sorted(live):
+    if isinstance(nodes[n].rule, _ActivationRule):
+      groups.append(_Group("user", nodes[n].act_ins()[0], nodes[n].outs[0], [n],
+                           nodes[n].where, rule=nodes[n].rule))
 
   for ch in chains:
     if ch["nodes"][0] in in_maxmin:
@@ -1258,7 +1476,7 @@ def _classify(prog: _Program, statics: List[_Static]) -> Tuple[str, Dict[str, An
   if scaled is not None:
     return "traced_conv", scaled
   if _chain_order(prog):
-    coef = [i for i, n in enumerate(nodes) if LINEAR_RULES[n.name] == "coef"]
+    coef = [i for i, n in enumerate(nodes) if n.role in ("coef", "opaque")]
     if len(coef) == 1:
       k = coef[0]
       node = nodes[k]
@@ -1428,8 +1646,8 @@ def _all(v, pred) -> bool:
 
 def _activation_kind(g: _Group, statics) -> str:
   """Which activation class a group becomes (decided on concrete values only)."""
-  if g.kind == "identity":
-    return "identity"
+  if g.kind in ("identity", "user"):
+    return g.kind
   if g.kind == "clamp":
     # lo depends on the max steps only; hi on every step.
     lo = _concrete_fold([s for s in g.steps if s[0] == "max"], statics)
@@ -1458,6 +1676,10 @@ def _activation(kind: str, g: _Group, get, out_shape) -> Tuple[lnn.Activation, D
 
   if kind == "identity":
     return lnn.Identity(parent=None), {}
+  if kind == "user":
+    r = g.rule
+    return RegisteredActivation(fn=r.fn, flat_below=r.flat_below, flat_above=r.flat_above,
+                                ulps=r.ulps, label=r.name, parent=None), {}
   if kind in ("relu", "clipped_relu", "clamp"):
     lo, hi = _fold_steps(g.steps, get, jnp)
     if kind == "relu":
@@ -1526,7 +1748,7 @@ def _build_plan(model, variables, in_shape) -> _Plan:
   segments, activations = [], []
   for i, (prog, group, block) in enumerate(chain):
     kind, info = _classify(prog, b.statics)
-    main = next((n for n in prog.nodes if LINEAR_RULES[n.name] == "coef"),
+    main = next((n for n in prog.nodes if n.role in ("coef", "opaque")),
                 prog.nodes[0] if prog.nodes else None)
     where = main.where if main is not None else f"stage {i}"
     label = where.split(", ")[0].replace("module ", "")

@@ -121,6 +121,7 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
   """
   lo, hi = act.interval(params, rounding.down(z_lo - ez), rounding.up(z_hi + ez))
   width = rounding.up(hi - lo)
+  own = getattr(act, "evaluation_error", None)   # an activation not evaluated exactly
   if type(act) in _ELEMENTWISE:   # pylint: disable=unidiomatic-typecheck
     point = ez
   elif type(act) is lnn.ClippedMaxMin:   # pylint: disable=unidiomatic-typecheck
@@ -129,6 +130,8 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
     point = jnp.concatenate([m, m], axis=-1)
   else:
     point = jnp.broadcast_to(_bcast(dz, width), width.shape)
+  if own is not None:   # its float32 result errs by own(...) more than the exact one
+    point = rounding.up(point + own(params, rounding.down(z_lo - ez), rounding.up(z_hi + ez)))
   return jnp.minimum(width, point)
 
 
