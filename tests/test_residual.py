@@ -275,3 +275,102 @@ def test_unsupported_residual_patterns_raise_one_line():
       lipjax.local_lipschitz_bound(model, v, jnp.zeros((1,) + SHAPE), 0.1)
     msg = str(e.value)
     assert "\n" not in msg and words in msg, msg
+
+
+# ---------------------------------------------------------------------------
+# The LiResNet-style zoo model and models named by import path
+# ---------------------------------------------------------------------------
+
+
+def _tiny_liresnet(activation):
+  return lipjax.models.get("liresnet", num_classes=CLASSES, activation=activation, width=4,
+                           blocks=2, neck=8, input_shape=SHAPE)
+
+
+@pytest.mark.parametrize("activation", ["clipped_maxmin"])
+def test_liresnet_blocks_are_joint_operators_and_bound_is_sound(activation):
+  model = _tiny_liresnet(activation)
+  v = _random_variables(model, 5)
+  stages = network.trace(model, v, SHAPE)
+  assert [type(st.layer).__name__ for st in stages] == [
+      "Conv", "TracedResidualConv", "TracedResidualConv", "Conv", "Dense", "Dense"]
+  # I + W as one convolution: its global norm is the joint circulant norm,
+  # below 1 + ||W|| and at least the spectral norm of the explicit I + W.
+  st = stages[1]
+  k = np.asarray(v["params"]["block_0"]["kernel"], np.float64)
+  in_shape = SHAPE[:2] + (k.shape[2],)
+  n_in = int(np.prod(in_shape))
+  jac = jax.jacfwd(lambda e: st.linear(e.reshape((1,) + in_shape)).reshape(-1))(
+      jnp.zeros((n_in,)))
+  mat = np.asarray(jac, np.float64)
+  joint = np.linalg.svd(mat, compute_uv=False)[0]
+  gnorm = float(st.layer.global_norm(st.params, st.layer_in_shape))
+  conv_only = np.linalg.svd(mat - np.eye(n_in), compute_uv=False)[0]
+  assert joint * (1 - 1e-5) <= gnorm < 1 + conv_only
+  x = jax.random.uniform(jax.random.PRNGKey(8), (B,) + SHAPE)
+  eps = 0.3
+  bound = np.asarray(lipjax.local_lipschitz_bound(model, v, x, eps).bound, np.float64)
+  glob = float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE))
+  assert np.all(bound <= glob * (1 + 1e-5))
+  pts = jnp.concatenate([x, U.sample_ball(jax.random.PRNGKey(9), x, eps, 4,
+                                          uniform_radius=True).reshape((-1,) + SHAPE)])
+  worst = _jacobian_norms(model.apply, v, pts).reshape(-1, B).max(axis=0)
+  assert np.all(worst <= bound * (1 + 1e-5)), (worst, bound)
+
+
+def test_liresnet_trains_with_the_local_bound():
+  model = _tiny_liresnet("clipped_relu")
+  x, y = _clusters(jax.random.PRNGKey(16), 16)
+  v = model.init(jax.random.PRNGKey(0), x[:1])
+  opt = optax.adam(1e-2)
+  power = lipjax.training.init_power_state(model, v, input_shape=SHAPE)
+  state = lipjax.training.create_train_state(v["params"], opt, rng=0, power=power)
+  step = lipjax.training.make_train_step(model, opt, loss="gloro", bound="local",
+                                         iterations=1, eps_schedule=0.1)
+  state, metrics = step(state, x, y)
+  assert np.isfinite(float(metrics["loss"]))
+  for name in ("stem", "block_0", "block_1", "down", "neck", "head"):
+    assert np.any(np.asarray(state.params[name]["kernel"])
+                  != np.asarray(v["params"][name]["kernel"])), name
+
+
+class TinyUserNet(fnn.Module):
+  """A user model for the launcher's import-path option."""
+
+  num_classes: int = 10
+  width: int = 4
+
+  @fnn.compact
+  def __call__(self, x):
+    h = fnn.relu(fnn.Conv(self.width, (3, 3), strides=2, padding=1)(x))
+    h = h + fnn.Conv(self.width, (3, 3), padding=1)(fnn.relu(
+        fnn.Conv(self.width, (3, 3), padding=1)(h)))
+    return fnn.Dense(self.num_classes)(_flatten(h))
+
+
+def test_launcher_builds_a_model_named_by_import_path():
+  from experiments import train_lib
+  from experiments.cli import InputError
+  from experiments.configs import base
+  cfg = base.get_config().to_dict()
+  cfg.update(model="test_residual:TinyUserNet", num_classes=3,
+             model_options={"width": 2})
+  train_lib.check_config(cfg)
+  model = train_lib.build_model(cfg, SHAPE)
+  assert isinstance(model, TinyUserNet) and (model.num_classes, model.width) == (3, 2)
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+  res = lipjax.local_lipschitz_bound(model, v, jnp.ones((2,) + SHAPE), 0.1)
+  assert np.all(np.isfinite(np.asarray(res.bound)))
+  liresnet = train_lib.build_model(dict(cfg, model="liresnet",
+                                        model_options={"blocks": 1}), SHAPE)
+  assert liresnet.blocks == 1 and liresnet.num_classes == 3
+  for path, words in (("no_such_package_xyz.nets:Net", "cannot import"),
+                      ("test_residual:NoSuchNet", "has no attribute"),
+                      ("resnet50", "import path"), ("test_residual:", "import path"),
+                      ("test_residual:CLASSES", "not a flax.linen.Module")):
+    with pytest.raises(InputError) as e:
+      train_lib.check_config(dict(cfg, model=path))
+      train_lib.build_model(dict(cfg, model=path), SHAPE)
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+  with pytest.raises(InputError, match="unknown option"):
+    train_lib.build_model(dict(cfg, model="liresnet", model_options={"depth": 3}), SHAPE)
