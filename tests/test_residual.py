@@ -16,7 +16,7 @@ import pytest
 import lipjax
 import lipjax.training
 from lipjax import nn as lnn
-from lipjax.bounds import network
+from lipjax.bounds import graph, network
 
 import _bounds_util as U
 from test_flax_models import (CLASSES, SHAPE, _clusters, _flatten, _jacobian_norms,
@@ -126,6 +126,12 @@ def test_blocks_are_traced_as_intended():
                               ("ClippedReLU", (3, "NoneType")), ("NoneType", None)]
   assert structure("mlp") == [("PairMaxMin", None), ("ReLU", None),
                               ("Identity", (1, "ClippedReLU")), ("NoneType", None)]
+  # A learnable threshold of the activation after a residual sum is kept
+  # feasible by the training step like any other.
+  model, v = _model("mlp")
+  leaves = jax.tree_util.tree_leaves_with_path(v)
+  names = [jax.tree_util.keystr(leaves[i][0]) for i in graph.threshold_leaves(model, v, SHAPE)]
+  assert names == ["['params']['theta']"], names
   assert structure("sequential") == [("ReLU", None), ("Identity", (0, "NoneType")),
                                      ("ReLU", None), ("ReLU", None),
                                      ("Identity", (3, "ReLU")), ("NoneType", None)]
@@ -162,6 +168,35 @@ def test_bound_covers_exact_jacobians_and_modes_are_ordered(name):
   worst = _jacobian_norms(model.apply, v, pts).reshape(-1, B).max(axis=0)
   assert np.all(worst <= bound * (1 + 1e-5)), (worst, bound)
   assert np.max(worst / bound) >= 0.05, (worst, bound)   # not vacuous
+
+
+class ResMLPLipjaxLayers(fnn.Module):
+  """:class:`ResMLP` with lipjax.nn layers and activations in place of Flax's."""
+
+  @fnn.compact
+  def __call__(self, x):
+    x = _flatten(x)
+    h = lnn.Dense(8, name="Dense_0")(x)
+    a, b = jnp.split(h, 2, axis=-1)
+    h = jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1)
+    f = lnn.ReLU()(lnn.Dense(6, name="Dense_1")(h))
+    h = h + lnn.Dense(8, name="Dense_2")(f)
+    theta = self.param("theta", fnn.initializers.constant(0.8), (8,))
+    h = lnn.ClippedReLU().activate({"theta": theta}, h)
+    return lnn.Dense(CLASSES, name="Dense_3")(h)
+
+
+def test_lipjax_layers_and_flax_layers_give_the_same_bounds():
+  model, v = _model("mlp")
+  other = ResMLPLipjaxLayers()
+  x = jax.random.uniform(jax.random.PRNGKey(5), (B,) + SHAPE)
+  np.testing.assert_allclose(other.apply(v, x), model.apply(v, x), rtol=1e-6)
+  a = lipjax.local_lipschitz_bound(model, v, x, 0.3)
+  b = lipjax.local_lipschitz_bound(other, v, x, 0.3)
+  np.testing.assert_allclose(np.asarray(a.bound), np.asarray(b.bound), rtol=1e-5)
+  np.testing.assert_allclose(float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE)),
+                             float(lipjax.global_lipschitz_bound(other, v, input_shape=SHAPE)),
+                             rtol=1e-6)
 
 
 def test_global_bound_is_one_plus_branch_product_and_covers_jacobians():

@@ -58,6 +58,11 @@ block's bound is ``1 +`` the branch's, see
 (projection shortcuts), nested blocks, and skip values used elsewhere are
 rejected with a one-line error.
 
+Users add rules with :func:`register_linear` (a linear map from its forward
+function) and :func:`register_activation` (an elementwise monotone
+activation): the returned wrapper is a named ``jax.jit`` call that the walk
+keeps as one node instead of inlining it.
+
 The traced function is the model applied to a batch of one; examples must
 not interact (a primitive that mixes the batch axis is rejected).
 """
