@@ -3,6 +3,7 @@ r"""Times sound certification (``lipjax.certify``) on MNIST test images.
 Run::
 
   python benchmarks/bench_certify.py --model=4c3f --num=1024 --compare_num=512
+  python benchmarks/bench_certify.py --model=liresnet --num=256 --compare_num=128
   python benchmarks/bench_certify.py --workdir=runs/m4 --num=10000 --compare_num=1024
 
 Certifies the first ``--num`` test images at ``--eps`` with the exact global
@@ -35,7 +36,7 @@ from lipjax import data
 
 def _load(args):
   if not args.workdir:
-    model = lipjax.models.get(args.model)
+    model = lipjax.models.get(args.model, input_shape=(28, 28, 1))   # e.g. 4c3f, liresnet
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
     return model, variables, f"{args.model}, random init"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

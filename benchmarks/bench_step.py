@@ -4,6 +4,7 @@ Run::
 
   python benchmarks/bench_step.py --models=4c3f,6c2f --batch=256 --repeats=5
   python benchmarks/bench_step.py --models=4c3f,flax-4c3f --no_tightness
+  python benchmarks/bench_step.py --models=liresnet     # LiResNet-style zoo model (defaults)
 
 A ``flax-`` prefix times the same architecture written in plain Flax
 (``flax.linen.Conv`` / ``Dense`` and ``jnp.clip`` with a learnable threshold),
@@ -33,7 +34,8 @@ import optax
 import lipjax
 from lipjax import models, training
 
-SHAPES = {"4c3f": (28, 28, 1), "6c2f": (32, 32, 3), "2c2f": (28, 28, 1)}
+SHAPES = {"4c3f": (28, 28, 1), "6c2f": (32, 32, 3), "2c2f": (28, 28, 1),
+          "liresnet": (32, 32, 3)}
 
 
 class _Clip(fnn.Module):

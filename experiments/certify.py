@@ -93,17 +93,25 @@ def build_model(config):
   for field in ("model", "activation", "num_classes", "dataset"):
     if field not in config:
       raise InputError(f"config.json has no field {field!r}")
+  from experiments import train_lib   # pylint: disable=import-outside-toplevel
   try:
     shape = data.info(config["dataset"]).image_shape
-    return lipjax.models.get(config["model"], num_classes=int(config["num_classes"]),
-                             activation=config["activation"], input_shape=shape)
+    cfg = {"init": -1.0, **config}
+    if ":" not in str(config["model"]):
+      return lipjax.models.get(config["model"], num_classes=int(config["num_classes"]),
+                               activation=config["activation"], input_shape=shape,
+                               **dict(config.get("model_options") or {}))
+    return train_lib.build_model(cfg, shape)
   except (ValueError, KeyError) as e:
     raise InputError(f"config.json does not describe a model: {e}") from None
 
 
-def check_variables(model, variables):
-  """Raises InputError unless ``variables`` fit ``model`` (structure and shapes)."""
-  shape = tuple(model.input_shape)
+def check_variables(model, variables, shape=None):
+  """Raises InputError unless ``variables`` fit ``model`` (structure and shapes).
+
+  ``shape``: one example's shape, for a model without ``input_shape``.
+  """
+  shape = tuple(getattr(model, "input_shape", None) or shape)
   want = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   want_p = want["params"]
   have_p = variables.get("params", {})
@@ -170,7 +178,7 @@ def run(argv_flags) -> int:
     eps = parse_eps(f.eps)
   model = build_model(config)
   variables, step = checkpoints.restore_variables(f.workdir, which=which)
-  check_variables(model, variables)
+  check_variables(model, variables, data.info(config["dataset"]).image_shape)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
 
   split = f.split or config.get("test_split") or "test"

@@ -10,6 +10,8 @@ config fields and :mod:`lipjax.training.checkpoints` for the workdir layout.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -48,12 +50,21 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   choices = {"loss": ("gloro", "bcp", "ce"), "bound": ("local", "global"),
              "val_bound": ("local", "global"), "certify_bound": ("local", "global"),
              "certify_checkpoint": ("best", "latest"), "best_mode": ("max", "min"),
-             "grad": ("constant", "through"), "model": tuple(lipjax.models.NAMES),
+             "grad": ("constant", "through"),
              "activation": tuple(lipjax.models.ACTIVATIONS),
              "dataset": tuple(sorted(data.DATASETS))}
   for key, allowed in choices.items():
     if cfg[key] not in allowed:
       raise InputError(f"config.{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+  model = cfg["model"]
+  if not isinstance(model, str) or (":" not in model and model not in lipjax.models.NAMES):
+    raise InputError(f"config.model must be one of {', '.join(lipjax.models.NAMES)} or an "
+                     f"import path 'package.module:ModelClass'; got {model!r}")
+  if ":" in model:
+    model_from_path(model)   # one line if it does not import
+  options = cfg.get("model_options", {}) or {}
+  if not hasattr(options, "items"):
+    raise InputError(f"config.model_options must be a dict, got {options!r}")
   for key in ("batch_size", "epochs", "keep_checkpoints", "val_every_epochs",
               "log_every_steps", "certify_batch_size", "iterations"):
     if not _finite(cfg[key]) or int(cfg[key]) < 1:
@@ -293,11 +304,71 @@ def evaluate(model, variables, ds, eps: float, *, bound: str, batch_size: int) -
 # The loop
 # ----------------------------------------------------------------------------
 
+def model_from_path(path: str):
+  """The object an import path ``"package.module:Name"`` names.
+
+  Raises:
+    InputError: one line when the module does not import or lacks the name.
+  """
+  module_name, _, attr = path.partition(":")
+  if not module_name or not attr:
+    raise InputError(f"config.model={path!r}: an import path must read "
+                     "'package.module:ModelClass'")
+  try:
+    obj = importlib.import_module(module_name)
+  except Exception as e:   # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise InputError(f"config.model={path!r}: cannot import {module_name!r} "
+                     f"({type(e).__name__}: {first})") from None
+  for part in attr.split("."):
+    if not hasattr(obj, part):
+      raise InputError(f"config.model={path!r}: module {module_name!r} has no "
+                       f"attribute {attr!r}")
+    obj = getattr(obj, part)
+  return obj
+
+
 def build_model(cfg: Mapping[str, Any], image_shape):
+  """The model a config names: a zoo name (:func:`lipjax.models.get`) or an
+  import path ``"package.module:Name"``.
+
+  An import path may name a ``flax.linen.Module`` class, built with
+  ``config.model_options`` as keyword arguments plus ``num_classes`` and
+  ``input_shape`` when the class has those fields, or a module instance,
+  used as it is. Zoo models get ``config.model_options`` as options (e.g.
+  ``width`` and ``blocks`` of ``"liresnet"``).
+  """
+  import flax.linen as fnn   # pylint: disable=import-outside-toplevel
+  options = dict(cfg.get("model_options", {}) or {})
+  name = cfg["model"]
+  if ":" in name:
+    obj = model_from_path(name)
+    if isinstance(obj, type) and issubclass(obj, fnn.Module):
+      fields = {f.name for f in dataclasses.fields(obj)}
+      kwargs = {}
+      if "num_classes" in fields:
+        kwargs["num_classes"] = int(cfg["num_classes"])
+      if "input_shape" in fields:
+        kwargs["input_shape"] = tuple(image_shape)
+      kwargs.update(options)
+      try:
+        return obj(**kwargs)
+      except TypeError as e:
+        raise InputError(f"config.model={name!r}: {e}") from None
+    if isinstance(obj, fnn.Module):
+      if options:
+        raise InputError(f"config.model={name!r} names a module instance; "
+                         "config.model_options must be empty")
+      return obj
+    raise InputError(f"config.model={name!r} names a {type(obj).__name__}, not a "
+                     "flax.linen.Module class or instance")
   init = float(cfg["init"])
-  return lipjax.models.get(cfg["model"], num_classes=int(cfg["num_classes"]),
-                           activation=cfg["activation"], init=None if init < 0 else init,
-                           input_shape=tuple(image_shape))
+  try:
+    return lipjax.models.get(name, num_classes=int(cfg["num_classes"]),
+                             activation=cfg["activation"], init=None if init < 0 else init,
+                             input_shape=tuple(image_shape), **options)
+  except ValueError as e:
+    raise InputError(f"config.model={name!r}: {e}") from None
 
 
 def initial_state(cfg: Mapping[str, Any], model, variables, image_shape, optimizer, *,

@@ -1,19 +1,24 @@
-"""The model zoo of the paper: 4C3F, 6C2F and 8C2F.
+"""The model zoo: 4C3F, 6C2F and 8C2F of the paper, and a LiResNet-style network.
 
 Example::
 
   model = lipjax.models.get("4c3f", num_classes=10, activation="clipped_relu")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
   logits = model.apply(variables, images)          # (B, 10)
+
+  model = lipjax.models.get("liresnet", num_classes=10, activation="clipped_maxmin",
+                            blocks=6, width=32)
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import flax.linen as fnn
+
 from lipjax import nn as lnn
 
-__all__ = ["ACTIVATIONS", "NAMES", "get"]
+__all__ = ["ACTIVATIONS", "LiResNet", "NAMES", "get"]
 
 ACTIVATIONS = ("relu", "clipped_relu", "clipped_maxmin")
 
@@ -32,7 +37,80 @@ _ARCHS = {
                  dense=[256], input_shape=(64, 64, 3)),
 }
 
-NAMES = tuple(_ARCHS)
+NAMES = tuple(_ARCHS) + ("liresnet",)
+
+
+class LiResNet(fnn.Module):
+  """A LiResNet-style network (Hu et al., 2023): linear residual conv blocks.
+
+  ``stem conv -> act -> blocks x [act(h + conv(h))] -> strided conv -> act
+  -> flatten -> dense neck -> act -> dense head``. Each block's convolution
+  is 3x3, stride 1, ``width`` channels and 'SAME' padding, so ``h + conv(h)``
+  is a single convolution ``I + W`` (1 added at the centre tap): the bounds
+  compute its norm jointly (never ``1 + ||W||``). The downsampling conv is
+  4x4, stride 2, padding 1, with ``2 * width`` channels.
+
+  Written in plain Flax with lipjax activations; the bounds read it through
+  the graph tracer (:mod:`lipjax.bounds.graph`).
+
+  Attributes:
+    num_classes: width of the head.
+    activation: ``"relu"``, ``"clipped_relu"`` or ``"clipped_maxmin"``.
+    width: channels of the stem and the blocks.
+    blocks: number of linear residual blocks (``>= 0``).
+    neck: width of the dense neck.
+    threshold: initial clipping threshold of every activation (theta, or ``M``).
+    block_scale: standard deviation scale of the block kernels at
+      initialisation (small: each block starts close to the identity).
+    input_shape: shape of one example.
+  """
+
+  num_classes: int = 10
+  activation: str = "clipped_relu"
+  width: int = 32
+  blocks: int = 4
+  neck: int = 256
+  threshold: float = 1.0
+  block_scale: float = 0.1
+  input_shape: Tuple[int, ...] = (32, 32, 3)
+
+  @fnn.compact
+  def __call__(self, x):
+    act = lambda: _activation(self.activation, self.threshold)
+    h = fnn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), name="stem")(x)
+    h = act()(h)
+    kinit = fnn.initializers.variance_scaling(self.block_scale ** 2, "fan_in", "normal")
+    for i in range(self.blocks):
+      conv = fnn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=kinit,
+                      name=f"block_{i}")
+      h = act()(h + conv(h))
+    h = fnn.Conv(2 * self.width, (4, 4), strides=2, padding=((1, 1), (1, 1)),
+                 name="down")(h)
+    h = act()(h)
+    h = h.reshape((h.shape[0], -1))
+    h = act()(fnn.Dense(self.neck, name="neck")(h))
+    return fnn.Dense(self.num_classes, name="head")(h)
+
+
+def _liresnet(num_classes, activation, init, input_shape, options) -> LiResNet:
+  allowed = ("width", "blocks", "neck", "block_scale")
+  bad = sorted(set(options) - set(allowed))
+  if bad:
+    raise ValueError(f"unknown option(s) {bad} for liresnet; available: {allowed}")
+  for k in ("width", "neck"):
+    if k in options and int(options[k]) < 1:
+      raise ValueError(f"liresnet {k} must be >= 1, got {options[k]}")
+  if "blocks" in options and int(options["blocks"]) < 0:
+    raise ValueError(f"liresnet blocks must be >= 0, got {options['blocks']}")
+  if activation == "clipped_maxmin" and int(options.get("width", 32)) % 2:
+    raise ValueError("liresnet with clipped_maxmin needs an even width")
+  if init is not None and not isinstance(init, (int, float)):
+    raise ValueError("liresnet takes one init value for every activation")
+  default = 0.3 if activation == "clipped_maxmin" else 1.0
+  cast = {k: (float(v) if k == "block_scale" else int(v)) for k, v in options.items()}
+  return LiResNet(num_classes=int(num_classes), activation=activation,
+                  threshold=float(default if init is None else init),
+                  input_shape=tuple(input_shape or (32, 32, 3)), **cast)
 
 
 def _activation(kind: str, init: float):
@@ -50,12 +128,13 @@ def get(name: str,
         activation: str = "clipped_relu",
         *,
         init: Union[float, Sequence[float], None] = None,
-        input_shape: Optional[Tuple[int, ...]] = None) -> lnn.Sequential:
+        input_shape: Optional[Tuple[int, ...]] = None, **options):
   """Builds a zoo model.
 
   Args:
-    name: ``"4c3f"``, ``"6c2f"`` or ``"8c2f"`` (case-insensitive), or the
-      small CPU demo network ``"2c2f"``.
+    name: ``"4c3f"``, ``"6c2f"`` or ``"8c2f"`` (case-insensitive), the
+      small CPU demo network ``"2c2f"``, or ``"liresnet"`` (:class:`LiResNet`;
+      ``options`` may set ``width``, ``blocks``, ``neck``, ``block_scale``).
     num_classes: width of the last layer.
     activation: ``"relu"``, ``"clipped_relu"`` or ``"clipped_maxmin"``.
     init: initial clipping threshold (theta for clipped ReLU, ``M = -m`` for
@@ -67,15 +146,20 @@ def get(name: str,
       2C2F).
 
   Returns:
-    A :class:`lipjax.nn.Sequential` whose ``apply`` returns ``(B, num_classes)``.
+    A :class:`lipjax.nn.Sequential` (a :class:`LiResNet` for ``"liresnet"``)
+    whose ``apply`` returns ``(B, num_classes)``.
   """
   key = name.lower()
-  if key not in _ARCHS:
+  if key not in NAMES:
     raise ValueError(f"unknown model {name!r}; available: {NAMES}")
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+  if key == "liresnet":
+    return _liresnet(num_classes, activation, init, input_shape, options)
+  if options:
+    raise ValueError(f"model {key} takes no options {sorted(options)}")
   arch = _ARCHS[key]
   n_hidden = len(arch["convs"]) + len(arch["dense"])
   if init is None:

@@ -519,9 +519,9 @@ class _Probe(fnn.Module):
       h = h * fnn.Dense(8)(_flatten(x))
     elif self.kind == "batch_stats":
       h = h - jnp.mean(h, axis=0, keepdims=True)
-    elif self.kind == "residual":
+    elif self.kind == "residual":   # a projection shortcut (identity skips are supported)
       h = fnn.relu(h)
-      h = h + fnn.Dense(8)(fnn.relu(fnn.Dense(8)(h)))
+      h = fnn.Dense(8)(h) + fnn.Dense(8)(fnn.relu(fnn.Dense(8)(h)))
     elif self.kind == "attention":
       q = h.reshape(h.shape[0], 2, 4)
       h = fnn.MultiHeadDotProductAttention(num_heads=2)(q).reshape(h.shape[0], -1)

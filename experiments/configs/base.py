@@ -7,7 +7,8 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the default config; the run configs override some fields."""
   c = ml_collections.ConfigDict()
   # Model.
-  c.model = "4c3f"                  # lipjax.models name: 2c2f | 4c3f | 6c2f | 8c2f
+  c.model = "4c3f"                  # 2c2f | 4c3f | 6c2f | 8c2f | liresnet | "pkg.module:Class"
+  c.model_options = ml_collections.ConfigDict()   # keyword options of the model
   c.activation = "clipped_relu"     # relu | clipped_relu | clipped_maxmin
   c.init = -1.0                     # initial clipping threshold; < 0: the zoo default
   c.num_classes = 10

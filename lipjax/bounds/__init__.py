@@ -15,8 +15,11 @@ from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_
                                  masked_dense_norm)
 from lipjax.bounds.rounding import operand_roundoff
 from lipjax.bounds.power import lanczos_norm_bound, power_iteration
+from lipjax.bounds.graph import register_activation, register_linear
+from lipjax.bounds.network import BlockEnd, chain_product
 
 __all__ = [
+    "BlockEnd",
     "Certificate",
     "Guarantee",
     "LayerBounds",
@@ -28,6 +31,7 @@ __all__ = [
     "bound_guarantee",
     "certify",
     "certify_arrays",
+    "chain_product",
     "conv_global_norm",
     "dense_global_norm",
     "global_lipschitz_bound",
@@ -37,6 +41,8 @@ __all__ = [
     "operand_roundoff",
     "power_iteration",
     "propagate",
+    "register_activation",
+    "register_linear",
     "trace",
     "working_dtype",
 ]

@@ -216,8 +216,8 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     logits = lb.logits
     col = (last._pre(layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
            if len(layers) > 1 else jnp.ones((b, int(np.prod(x.shape[1:])))))
-    inner = jnp.prod(jnp.stack(lb.layer_norms[:-1]), axis=0) if len(layers) > 1 \
-        else jnp.ones((b,))
+    inner = (network.chain_product(stages[:-1], lb.layer_norms[:-1]) if len(layers) > 1
+             else jnp.ones((b,)))
     lo = last._pre(layers[-1].input_lower).reshape(b, -1)  # pylint: disable=protected-access
     hi = last._pre(layers[-1].input_upper).reshape(b, -1)  # pylint: disable=protected-access
     box = (lo, hi)
@@ -235,10 +235,10 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
       gn = lipschitz.check_global_norms(stages, global_norms)
     layers = lipschitz.ball_bounds(stages, x, eps, gn)
     logits = model.apply(variables, x)
-    inner = jnp.full((b,), jnp.prod(jnp.stack(gn[:-1])) if len(gn) > 1 else 1.0)
+    inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
     col = jnp.ones((b, int(np.prod(last.layer_in_shape))))
     box = None
-    lip = jnp.full((b,), jnp.prod(jnp.stack(gn)))
+    lip = jnp.full((b,), network.chain_product(stages, gn))
     probabilistic = any(lipschitz.needs_probabilistic_global(st) for st in stages)
     fail = jnp.full((b,), options.get("failure_probability", 1e-9) if probabilistic
                     else 0.0, jnp.float32)

@@ -45,9 +45,23 @@ stage replays the model's own primitives in order (a dense or conv stage
 adds its summed static additions after the primitive, the same arithmetic
 for the usual single bias).
 
-The network must be a chain: every segment feeds one activation (or the
-logits). Values that skip an activation (residual additions across a
-nonlinearity) are rejected with the same one-line error.
+The network is a chain with residual blocks: every segment feeds one
+activation, a residual sum or the logits. A *residual sum* is an addition of
+two values of different segments, one of which (the skip ``h``) is the input
+of its segment: the output of an activation, of another residual block, or
+the model input. ``y = h + f(h)``, optionally followed by an activation
+(``relu(h + f(h))``), where the branch ``f`` is a chain of stages ending
+with a linear map or an activation, becomes a
+:class:`~lipjax.bounds.network.BlockEnd` on the branch's last stage (the
+block's bound is ``1 +`` the branch's, see
+:func:`lipjax.bounds.network.chain_product`). Skips through a linear map
+(projection shortcuts), nested blocks, and skip values used elsewhere are
+rejected with a one-line error.
+
+Users add rules with :func:`register_linear` (a linear map from its forward
+function) and :func:`register_activation` (an elementwise monotone
+activation): the returned wrapper is a named ``jax.jit`` call that the walk
+keeps as one node instead of inlining it.
 
 The traced function is the model applied to a batch of one; examples must
 not interact (a primitive that mixes the batch axis is rejected).
@@ -79,7 +93,8 @@ SUPPORTED = (
     "padding, slicing, concatenation, sums and scalings by parameters or constants, "
     "sums of two values computed from the same activation, relu, clipped relu "
     "(jnp.clip / jnp.minimum(jnp.maximum(z, 0), theta) with a constant or a "
-    "parameter), MaxMin over the two halves of the channel axis")
+    "parameter), MaxMin over the two halves of the channel axis, residual blocks "
+    "h + f(h) (optionally activated) with h an activation output or the input")
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "named_call")
@@ -321,10 +336,18 @@ class _Node:
   ins: Tuple[Tuple[str, int], ...]
   outs: Tuple[int, ...]
   where: str
+  rule: Any = None        # a registered rule (see :func:`register_linear`)
 
   @property
   def name(self) -> str:
     return self.prim.name
+
+  @property
+  def role(self) -> str:
+    """The node's role in a segment replay (:data:`LINEAR_RULES`)."""
+    if isinstance(self.rule, _LinearRule):
+      return "opaque"
+    return LINEAR_RULES[self.name]
 
   @property
   def act_mask(self) -> Tuple[bool, ...]:
@@ -378,7 +401,11 @@ def _apply(node: _Node, args: List[Array], mode: str) -> List[Array]:
   """
   if mode == "affine":
     return _bind(node.prim, args, node.params)
-  role = LINEAR_RULES[node.name]
+  role = node.role
+  if role == "opaque":
+    if mode == "abs":
+      raise ValueError("a registered linear map has no absolute-value replay")
+    return _bind(node.prim, args, node.params)
   mask = node.act_mask
   if role == "add":
     acts = [a for a, m in zip(args, mask) if m]
@@ -468,6 +495,8 @@ class TracedLinear(lnn.LinearLayer):
     return _replay(self.program, params, h, "affine")
 
   def abs_linear(self, params, h):
+    if any(n.role == "opaque" for n in self.program.nodes):
+      return None   # generic rule (row norms times the l2 norm)
     return _replay(self.program, params, h, "abs")
 
 
@@ -574,6 +603,171 @@ class _ToShape(lnn.Reshape):
 
   def reshape(self, x):
     return x.reshape((x.shape[0],) + tuple(self.shape))
+
+
+# ---------------------------------------------------------------------------
+# User rules: registered linear maps and activations
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearRule:
+  name: str
+  fn: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class _ActivationRule:
+  name: str
+  fn: Callable
+  flat_below: float
+  flat_above: float
+  ulps: float
+
+
+_REGISTRY: Dict[str, Any] = {}
+_PREFIX = "lipjax_registered__"
+
+
+def _tagged(fn: Callable, name: str, rule) -> Callable:
+  """``fn`` as a ``jax.jit`` call whose name the tracer looks up."""
+  tag = f"{_PREFIX}{name}"
+  if tag in _REGISTRY and _REGISTRY[tag].fn is not fn:
+    raise ValueError(f"a different function is already registered as {name!r}")
+  _REGISTRY[tag] = rule
+
+  def call(*args):
+    return fn(*args)
+
+  call.__name__ = call.__qualname__ = tag
+  jitted = jax.jit(call)
+
+  def wrapper(*args):
+    return jitted(*args)
+
+  wrapper.__name__ = getattr(fn, "__name__", name)
+  wrapper.__doc__ = fn.__doc__
+  wrapper.lipjax_rule = rule
+  return wrapper
+
+
+def _check_name(name) -> str:
+  if not isinstance(name, str) or not name.isidentifier():
+    raise ValueError(f"a registered rule needs a Python identifier as its name, got {name!r}")
+  return name
+
+
+def register_linear(fn: Callable, name: Optional[str] = None) -> Callable:
+  """Registers a linear map so that the bounds treat each call as one linear piece.
+
+  ``fn(h, *params)`` must be linear in ``h`` (a batch ``(B, ...)``, examples
+  independent) and compute each output as a sum of products of entries of
+  ``h`` with values of ``params`` (no FFT or other algorithm outside the
+  rounding model of :mod:`lipjax.bounds.rounding`). Only the forward map is
+  needed: the adjoint comes from ``jax.linear_transpose`` (which also checks
+  linearity when the model is traced), and the bounds use the generic sound
+  rules (explicit Jacobian for small outputs, Lanczos with its failure
+  probability otherwise; row norms from the global norm). Call the returned
+  function in your model instead of ``fn``.
+
+  Args:
+    fn: the linear map.
+    name: a unique identifier (default ``fn.__name__``).
+
+  Returns:
+    ``fn`` wrapped so that the tracer recognises it (same arguments and
+    results).
+  """
+  if not callable(fn):
+    raise TypeError(f"register_linear needs a function, got {type(fn).__name__}")
+  name = _check_name(name or getattr(fn, "__name__", ""))
+  return _tagged(fn, name, _LinearRule(name, fn))
+
+
+def register_activation(fn: Callable, name: Optional[str] = None, *,
+                        flat_below: float = -math.inf, flat_above: float = math.inf,
+                        ulps: float = 4.0) -> Callable:
+  """Registers an elementwise, nondecreasing, 1-Lipschitz activation ``fn(z)``.
+
+  The bounds map boxes through it by monotonicity (``[fn(lb), fn(ub)]``),
+  use slope in ``[0, 1]`` for the local norms (an output varies unless its
+  box lies where ``fn`` is constant: ``ub <= flat_below`` or ``lb >=
+  flat_above``), and widen every value by ``ulps`` units in the last place
+  of float32 for the rounding of ``fn`` itself.
+
+  These properties are the caller's guarantee (they are not checked):
+  an activation that is not monotone, has a slope above 1, is not constant
+  where declared, or is evaluated less accurately than ``ulps`` voids the
+  bounds.
+
+  Args:
+    fn: the activation, applied elementwise to a float32 array.
+    name: a unique identifier (default ``fn.__name__``).
+    flat_below, flat_above: ``fn`` is constant on ``z <= flat_below`` and on
+      ``z >= flat_above``.
+    ulps: bound on the float32 evaluation error of ``fn``, in units of
+      ``2^-24 |fn(z)|`` (plus the smallest normal number).
+
+  Returns:
+    ``fn`` wrapped so that the tracer recognises it.
+  """
+  if not callable(fn):
+    raise TypeError(f"register_activation needs a function, got {type(fn).__name__}")
+  name = _check_name(name or getattr(fn, "__name__", ""))
+  if not (float(flat_below) <= float(flat_above)):
+    raise ValueError(f"flat_below must be <= flat_above, got {flat_below} > {flat_above}")
+  if not (0 <= float(ulps) < 2 ** 20):
+    raise ValueError(f"ulps must be in [0, 2^20), got {ulps}")
+  return _tagged(fn, name, _ActivationRule(name, fn, float(flat_below), float(flat_above),
+                                           float(ulps)))
+
+
+def _check_registered_linear(eqn, ins, rule: _LinearRule, where: str) -> None:
+  """Raises one line unless the call is linear in its first argument."""
+  sub = _sub_jaxpr(eqn)
+  in_aval = eqn.invars[0].aval
+  statics = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.invars[1:]]
+  try:
+    f = lambda h: jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub[0], sub[1]))(h, *statics)[0]
+    jax.eval_shape(lambda z: jax.linear_transpose(f, jax.ShapeDtypeStruct(
+        in_aval.shape, in_aval.dtype))(z), jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape,
+                                                                 jnp.float32))
+  except Exception:   # pylint: disable=broad-except
+    raise _unsupported(f"the registered linear map {rule.name!r}, which is not linear in "
+                       "its first argument (jax.linear_transpose fails)", where) from None
+
+
+class RegisteredActivation(lnn.Activation):
+  """An activation added by :func:`register_activation`.
+
+  Boxes map by monotonicity, widened by the rounding allowance of ``fn``;
+  an output is constant where its box lies in a declared flat region.
+  """
+
+  fn: Any = None
+  flat_below: float = -math.inf
+  flat_above: float = math.inf
+  ulps: float = 4.0
+  label: str = ""
+
+  def __call__(self, z):
+    raise TypeError("RegisteredActivation describes a traced activation; call the model")
+
+  def activate(self, params, z):
+    return self.fn(z)
+
+  def evaluation_error(self, params, lo, hi):
+    """Bound on ``|fl(fn(z)) - fn(z)|`` for ``z`` in ``[lo, hi]``."""
+    mag = jnp.maximum(jnp.abs(self.fn(lo)), jnp.abs(self.fn(hi)))
+    return (self.ulps + 2.0) * 2.0 ** -24 * mag + 2.0 ** -126
+
+  def interval(self, params, lb, ub):
+    err = self.evaluation_error(params, lb, ub)
+    return self.fn(lb) - err, self.fn(ub) + err
+
+  def varying(self, params, lb, ub):
+    m = _f32(~((ub <= self.flat_below) | (lb >= self.flat_above)))   # NaN -> varying
+    return m, m
 
 
 # ---------------------------------------------------------------------------
@@ -688,6 +882,12 @@ class _Builder:
       ins = [read(a) for a in eqn.invars]
       name = eqn.primitive.name
       if name in _CALLS:
+        rule = _REGISTRY.get(str(eqn.params.get("name", "")))
+        if rule is not None and any(isinstance(i, _A) for i in ins):
+          outs = self.registered_eqn(eqn, ins, context, rule)
+          for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+          continue
         sub = _sub_jaxpr(eqn)
         if sub is not None:
           inner, inner_consts = sub
@@ -727,6 +927,33 @@ class _Builder:
                                   shape=tuple(eqn.outvars[k].aval.shape)))
       outs.append(_S(len(self.statics) - 1))
     return outs
+
+  def registered_eqn(self, eqn, ins: List[Any], context, rule) -> List[_A]:
+    """A call of a registered linear map or activation: one node."""
+    where = _where(eqn, context)
+    acts = _acts(ins)
+    what = "activation" if isinstance(rule, _ActivationRule) else "linear map"
+    if acts != [0] or len(eqn.outvars) != 1:
+      raise _unsupported(f"the registered {what} {rule.name!r} called with an input-"
+                         "dependent value other than its first argument, or with several "
+                         "outputs", where)
+    out_aval = eqn.outvars[0].aval
+    in_shape = tuple(eqn.invars[0].aval.shape)
+    if out_aval.dtype != jnp.float32 or not out_aval.shape or out_aval.shape[0] != 1:
+      raise _unsupported(f"the registered {what} {rule.name!r} (float32 output with the "
+                         "batch axis first needed)", where)
+    if isinstance(rule, _ActivationRule):
+      if tuple(out_aval.shape) != in_shape or len(ins) != 1:
+        raise _unsupported(f"the registered activation {rule.name!r} (elementwise: one "
+                           "argument, output of the input's shape)", where)
+    else:
+      _check_registered_linear(eqn, ins, rule, where)
+    out = self.new_act(out_aval.shape)
+    refs = tuple(("a", i.aid) if isinstance(i, _A) else ("s", i.sid) for i in ins)
+    self.nodes.append(_Node(eqn.primitive, dict(eqn.params), refs, (out.aid,), where,
+                            rule=rule))
+    self.producer[out.aid] = len(self.nodes) - 1
+    return [out]
 
   def act_eqn(self, eqn, ins: List[Any], context) -> List[_A]:
     name = eqn.primitive.name
@@ -854,7 +1081,7 @@ def _check_activation(name, eqn, ins, where):
 class _Group:
   """An activation: its input (pre-activation) and output activation ids."""
 
-  kind: str                       # "clamp" or "maxmin"
+  kind: str                       # "clamp", "maxmin", "identity" or "residual"
   input: int
   output: int
   nodes: List[int]
@@ -863,6 +1090,8 @@ class _Group:
   max_steps: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()        # maxmin parts
   min_steps: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
   max_first: bool = True
+  skip: int = -1                  # residual: the skip value (input is the branch value)
+  rule: Any = None                # user: the registered activation
 
 
 @dataclasses.dataclass(eq=False)
@@ -872,6 +1101,9 @@ class _SegmentSpec:
   name: str
   info: Dict[str, Any]
   group: Optional[_Group]
+  block_start: int = -1            # >= 0: this stage ends a residual block
+  post: Optional[_Group] = None    # the activation after the residual sum
+  post_kind: Optional[str] = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -900,7 +1132,26 @@ def _clamp_steps(node: _Node) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
   return ((node.name, tuple(node.static_ins())),)
 
 
-def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Optional[_Group]]]:
+def _residual_group(b: _Builder, n: int, node: _Node, seg_of, seg_input) -> _Group:
+  """A residual sum ``h + f(h)``: an addition of two values of different
+  segments, one of which (``h``, the skip) is the input of its segment."""
+  acts = node.act_ins()
+  what = (f"{node.name} of values from different layers (lipjax bounds support "
+          "residual sums h + f(h) with h the output of an activation, of a residual "
+          "block or the model input)")
+  if node.name not in ("add", "add_any") or len(acts) != 2 or len(node.ins) != 2:
+    raise _unsupported(what, node.where)
+  a0, a1 = acts
+  skip, branch = (a0, a1) if seg_of[a0] < seg_of[a1] else (a1, a0)
+  if seg_input[seg_of[skip]] != skip:
+    raise _unsupported(what, node.where)
+  if not (b.shapes[skip] == b.shapes[branch] == b.shapes[node.outs[0]]):
+    raise _unsupported(f"a residual sum of shapes {b.shapes[skip][1:]} and "
+                       f"{b.shapes[branch][1:]} (broadcast)", node.where)
+  return _Group("residual", branch, node.outs[0], [n], node.where, skip=skip)
+
+
+def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[List[Any]]:
   nodes = b.nodes
   # Live nodes: those the output depends on.
   live = set()
@@ -1032,6 +1283,11 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
                          max_steps=parts["max"][2], min_steps=parts["min"][2],
                          max_first=max_first))
 
+  for n in sorted(live):
+    if isinstance(nodes[n].rule, _ActivationRule):
+      groups.append(_Group("user", nodes[n].act_ins()[0], nodes[n].outs[0], [n],
+                           nodes[n].where, rule=nodes[n].rule))
+
   for ch in chains:
     if ch["nodes"][0] in in_maxmin:
       continue
@@ -1067,9 +1323,15 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
                            "activation", node.where)
       segs.add(seg_of[a])
     if len(segs) > 1:
-      raise _unsupported(
-          f"{node.name} of values from different layers (a residual or skip "
-          "connection across an activation)", node.where)
+      g = _residual_group(b, n, node, seg_of, seg_input)
+      groups.append(g)
+      grouped.add(n)
+      by_output[g.output] = g
+      by_input[g.input].append(g)
+      seg_of[g.output] = len(seg_input)
+      seg_input.append(g.output)
+      seg_nodes.append([])
+      continue
     (s,) = segs
     for o in node.outs:
       seg_of[o] = s
@@ -1095,7 +1357,43 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
           "a value that feeds several activations or both an activation and the logits "
           "(a branch; lipjax bounds need a chain of layers)", where)
 
-  out: List[Tuple[_Program, Optional[_Group]]] = []
+  out: List[List[Any]] = []     # [program, group, (block start, post group) or None]
+  stage_of_seg: Dict[int, int] = {}
+  node_seg = {n: k for k, ns in enumerate(seg_nodes) for n in ns}
+  last_end = -1
+
+  def close_block(rg: _Group) -> int:
+    """Ends the residual block ``rg`` at the last stage; returns the next segment."""
+    nonlocal last_end
+    h = rg.skip
+    s_h = seg_of[h]
+    start = stage_of_seg.get(s_h)
+    if start is None:
+      raise _unsupported("a residual addition whose skip value is not the input of a "
+                         "linear layer of the chain", rg.where)
+    end = len(out) - 1
+    if start <= last_end:
+      raise _unsupported("nested residual blocks (a residual addition whose branch "
+                         "holds another one)", rg.where)
+    if any(m != rg.nodes[0] and node_seg.get(m) != s_h for m in consumers[h]):
+      raise _unsupported("a residual skip value that is also used elsewhere (lipjax "
+                         "bounds need y = h + f(h) with h used by f and the sum only)",
+                         rg.where)
+    s_y = seg_of[rg.output]
+    visited.add(s_y)
+    (ex,) = exits[s_y]
+    post = None
+    nxt = s_y
+    if ex == seg_input[s_y] and ex != out_aid:
+      (post,) = by_input[ex]
+      if post.kind == "residual":
+        raise _unsupported("a residual sum used directly as the branch of another "
+                           "residual addition", post.where)
+      nxt = seg_of[post.output]
+    out[end][2] = (start, post)
+    last_end = end
+    return nxt
+
   s = 0
   visited = set()
   while True:
@@ -1111,12 +1409,22 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[Tuple[_Program, Opt
     prog = _Program(nodes=tuple(nodes[n] for n in seg_nodes[s]), input=seg_input[s],
                     output=exit_aid, in_shape=b.shapes[seg_input[s]][1:],
                     out_shape=b.shapes[exit_aid][1:])
+    stage_of_seg[s] = len(out)
     if exit_aid == out_aid:
-      out.append((prog, None))
+      out.append([prog, None, None])
       break
     (g,) = by_input[exit_aid]
-    out.append((prog, g))
+    if g.kind == "residual":      # a branch that ends with this linear map
+      out.append([prog, _Group("identity", exit_aid, exit_aid, [], g.where), None])
+      s = close_block(g)
+      continue
+    out.append([prog, g, None])
     s = seg_of[g.output]
+    (nxt,) = exits[s]
+    if nxt == seg_input[s] and nxt != out_aid and nxt in by_input \
+        and by_input[nxt][0].kind == "residual":   # a branch that ends with g
+      visited.add(s)
+      s = close_block(by_input[nxt][0])
   if len(visited) != len(seg_input):
     raise network.UnsupportedModelError("the traced model is not a chain of layers")
   return out
@@ -1173,7 +1481,7 @@ def _classify(prog: _Program, statics: List[_Static]) -> Tuple[str, Dict[str, An
   if scaled is not None:
     return "traced_conv", scaled
   if _chain_order(prog):
-    coef = [i for i, n in enumerate(nodes) if LINEAR_RULES[n.name] == "coef"]
+    coef = [i for i, n in enumerate(nodes) if n.role in ("coef", "opaque")]
     if len(coef) == 1:
       k = coef[0]
       node = nodes[k]
@@ -1343,6 +1651,8 @@ def _all(v, pred) -> bool:
 
 def _activation_kind(g: _Group, statics) -> str:
   """Which activation class a group becomes (decided on concrete values only)."""
+  if g.kind in ("identity", "user"):
+    return g.kind
   if g.kind == "clamp":
     # lo depends on the max steps only; hi on every step.
     lo = _concrete_fold([s for s in g.steps if s[0] == "max"], statics)
@@ -1369,6 +1679,12 @@ def _activation(kind: str, g: _Group, get, out_shape) -> Tuple[lnn.Activation, D
   def shaped(v, shape):
     return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (1,) + tuple(shape))[0]
 
+  if kind == "identity":
+    return lnn.Identity(parent=None), {}
+  if kind == "user":
+    r = g.rule
+    return RegisteredActivation(fn=r.fn, flat_below=r.flat_below, flat_above=r.flat_above,
+                                ulps=r.ulps, label=r.name, parent=None), {}
   if kind in ("relu", "clipped_relu", "clamp"):
     lo, hi = _fold_steps(g.steps, get, jnp)
     if kind == "relu":
@@ -1435,13 +1751,17 @@ def _build_plan(model, variables, in_shape) -> _Plan:
         f"{b.shapes[out.aid][1:]}")
   chain = _extract(b, out.aid, x_act.aid)
   segments, activations = [], []
-  for i, (prog, group) in enumerate(chain):
+  for i, (prog, group, block) in enumerate(chain):
     kind, info = _classify(prog, b.statics)
-    main = next((n for n in prog.nodes if LINEAR_RULES[n.name] == "coef"),
+    main = next((n for n in prog.nodes if n.role in ("coef", "opaque")),
                 prog.nodes[0] if prog.nodes else None)
     where = main.where if main is not None else f"stage {i}"
     label = where.split(", ")[0].replace("module ", "")
-    segments.append(_SegmentSpec(prog, kind, f"{label} ({kind})", info, group))
+    spec = _SegmentSpec(prog, kind, f"{label} ({kind})", info, group)
+    if block is not None:
+      spec.block_start, spec.post = block
+      spec.post_kind = None if spec.post is None else _activation_kind(spec.post, b.statics)
+    segments.append(spec)
     activations.append(None if group is None else _activation_kind(group, b.statics))
   needed = _needed(b, segments)
   return _Plan(b.statics, b.calls, segments, needed, activations)
@@ -1451,11 +1771,11 @@ def _needed(b: _Builder, segments: List[_SegmentSpec]) -> Tuple[int, ...]:
   want = set()
   for seg in segments:
     want.update(seg.program.static_ids)
-    g = seg.group
-    if g is not None:
-      for steps in (g.steps, g.max_steps, g.min_steps):
-        for _, sids in steps:
-          want.update(sids)
+    for g in (seg.group, seg.post):
+      if g is not None:
+        for steps in (g.steps, g.max_steps, g.min_steps):
+          for _, sids in steps:
+            want.update(sids)
   stack = list(want)
   while stack:
     s = stack.pop()
@@ -1565,10 +1885,17 @@ def trace(model, variables, in_shape: Tuple[int, ...]) -> List[network.Stage]:
     if seg.group is not None:
       activation, act_params = _activation(act_kind, seg.group, lambda s: vals[s],
                                            prog.out_shape)
+    block = None
+    if seg.block_start >= 0:
+      post, post_params = None, None
+      if seg.post is not None:
+        post, post_params = _activation(seg.post_kind, seg.post, lambda s: vals[s],
+                                        prog.out_shape)
+      block = network.BlockEnd(seg.block_start, post, post_params)
     stages.append(network.Stage(index=i, name=seg.name, layer=layer, params=params,
                                 reshapes=reshapes, in_shape=prog.in_shape,
                                 out_shape=prog.out_shape, activation=activation,
-                                act_params=act_params))
+                                act_params=act_params, block=block))
   return stages
 
 
@@ -1601,11 +1928,13 @@ def threshold_leaves(model, variables, in_shape: Tuple[int, ...]) -> List[int]:
   plan = _plan_for(model, variables, tuple(in_shape))
   out = set()
   for seg, kind in zip(plan.segments, plan.activations):
-    if kind != "clipped_relu":
-      continue
-    for op, sids in seg.group.steps:
-      if op == "min":
-        out.update(l for l in (_source_leaf(plan.statics, s) for s in sids) if l is not None)
+    for group, k in ((seg.group, kind), (seg.post, seg.post_kind)):
+      if k != "clipped_relu":
+        continue
+      for op, sids in group.steps:
+        if op == "min":
+          out.update(l for l in (_source_leaf(plan.statics, s) for s in sids)
+                     if l is not None)
   return sorted(out)
 
 

@@ -121,6 +121,7 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
   """
   lo, hi = act.interval(params, rounding.down(z_lo - ez), rounding.up(z_hi + ez))
   width = rounding.up(hi - lo)
+  own = getattr(act, "evaluation_error", None)   # an activation not evaluated exactly
   if type(act) in _ELEMENTWISE:   # pylint: disable=unidiomatic-typecheck
     point = ez
   elif type(act) is lnn.ClippedMaxMin:   # pylint: disable=unidiomatic-typecheck
@@ -129,6 +130,8 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
     point = jnp.concatenate([m, m], axis=-1)
   else:
     point = jnp.broadcast_to(_bcast(dz, width), width.shape)
+  if own is not None:   # its float32 result errs by own(...) more than the exact one
+    point = rounding.up(point + own(params, rounding.down(z_lo - ez), rounding.up(z_hi + ez)))
   return jnp.minimum(width, point)
 
 
@@ -178,7 +181,11 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     e, d = e + jnp.nan, d + jnp.nan
   out = []
   norms_ = error_norms if error_norms is not None else [None] * len(stages)
+  starts = {st.block.start for st in stages if st.block is not None}
+  saved = None
   for st, rnorm, gnorm in zip(stages, row_norms, norms_):
+    if st.index in starts:   # a residual branch starts: keep its input
+      saved = _Carry(c, lo, hi, r, e, d, col_prev)
     n = _fan_in(st)
     zc = st.affine(c)
     mid = 0.5 * (lo + hi)
@@ -228,15 +235,77 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       break
     row, col = st.activation.varying(st.act_params, z_lo, z_hi)
     lb = LayerBounds(zc, z_lo, z_hi, r, lo, hi, c, row, col, **fields)
-    out.append(lb)
     r = r * radius_norm(st.index, lb, col_prev) * (1.0 + 4 * u)
     col_prev = col
     c = st.activation.activate(st.act_params, zc)
     lo, hi = st.activation.interval(st.act_params, z_lo, z_hi)
     if not rounding_bounds:
       e, d = jnp.full_like(c, jnp.nan), jnp.full_like(eps, jnp.nan)
-      continue
-    e = jax.lax.stop_gradient(_activation_error(st.activation, st.act_params, z_lo, z_hi,
-                                                ez, dz))
-    d = jax.lax.stop_gradient(jnp.minimum(dz, _l2(e) * rounding.upper_factor(size)))
+    else:
+      e = jax.lax.stop_gradient(_activation_error(st.activation, st.act_params, z_lo, z_hi,
+                                                  ez, dz))
+      d = jax.lax.stop_gradient(jnp.minimum(dz, _l2(e) * rounding.upper_factor(size)))
+    if st.block is not None:
+      if saved is None:
+        raise ValueError(f"{st.name}: residual block without a start stage")
+      carry = _residual(st.block, saved, _Carry(c, lo, hi, r, e, d, col), rounding_bounds)
+      c, lo, hi, r, e, d, col_prev = dataclasses.astuple(carry)
+      lb = dataclasses.replace(lb, col_mask=col_prev)
+      saved = None
+    out.append(lb)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Carry:
+  """What the propagation carries between stages (one activation's sets)."""
+
+  center: Array       # (B, *shape) float32 value at the clean input
+  lower: Array        # box of the exact values over the ball
+  upper: Array
+  radius: Array       # (B,) l2 radius of the exact set around the exact centre
+  error: Array        # |float32 value - exact| over the ball
+  error_l2: Array     # (B,) its l2 norm
+  col: Array          # 0/1, entries that vary over the ball
+
+
+def _residual(block, skip: _Carry, branch: _Carry, rounding_bounds: bool) -> _Carry:
+  """The sets of ``post(h + f(h))`` from those of ``h`` (``skip``) and ``f(h)``.
+
+  The box is the sum of the boxes (any ``h + f(h)`` lies in it), the radius
+  the sum of the radii (``||(h' + f(h')) - (h + f(h))|| <= ||h' - h|| +
+  ||f(h') - f(h)||``), the forward-pass error the sum of the errors plus the
+  rounding of the float32 addition, ``u (|h| + |f(h)|)`` with the float
+  operands bounded by box magnitude plus error. An entry varies when either
+  term does (or, with a post activation, as its masks say).
+  """
+  u = rounding.U
+  c = skip.center + branch.center
+  if rounding_bounds:
+    lo = rounding.down(skip.lower + branch.lower)
+    hi = rounding.up(skip.upper + branch.upper)
+    mag = (jnp.maximum(jnp.abs(skip.lower), jnp.abs(skip.upper)) + skip.error
+           + jnp.maximum(jnp.abs(branch.lower), jnp.abs(branch.upper)) + branch.error)
+    e = (skip.error + branch.error + u * mag) * (1.0 + 4 * u)
+    size = int(np.prod(c.shape[1:]))
+    d = jnp.minimum((skip.error_l2 + branch.error_l2 + u * _l2(mag) * rounding.upper_factor(size))
+                    * (1.0 + 4 * u), _l2(e) * rounding.upper_factor(size))
+  else:
+    lo, hi = skip.lower + branch.lower, skip.upper + branch.upper
+    e, d = jnp.full_like(c, jnp.nan), jnp.full_like(skip.radius, jnp.nan)
+  r = (skip.radius + branch.radius) * (1.0 + 4 * u)
+  col = jnp.maximum(skip.col, branch.col)
+  act = block.activation
+  if act is not None:
+    _, col = act.varying(block.act_params, lo, hi)
+    c_out = act.activate(block.act_params, c)
+    lo_out, hi_out = act.interval(block.act_params, lo, hi)
+    if rounding_bounds:
+      size = int(np.prod(c.shape[1:]))
+      e_out = jax.lax.stop_gradient(_activation_error(act, block.act_params, lo, hi, e, d))
+      d = jax.lax.stop_gradient(jnp.minimum(d, _l2(e_out) * rounding.upper_factor(size)))
+      e = e_out
+    else:
+      e = jnp.full_like(c_out, jnp.nan)
+    c, lo, hi = c_out, lo_out, hi_out
+  return _Carry(c, lo, hi, r, e, d, col)

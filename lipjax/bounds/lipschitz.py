@@ -67,7 +67,9 @@ class LocalBound:
 
   Attributes:
     bound: ``(B,)`` bound on the l2 Lipschitz constant of the logits over
-      ``B(x_b, eps_b)``: the product of ``layer_norms``. An upper bound in
+      ``B(x_b, eps_b)``: the product of ``layer_norms``, with ``1 + (product
+      over the branch)`` for each residual block
+      (:func:`lipjax.bounds.network.chain_product`). An upper bound in
       ``"sound"`` mode (see ``failure_probability``), an estimate otherwise.
     layer_norms: per linear layer, ``(B,)`` local norms
       ``||D_l W_l D_{l-1}||`` (the last layer column-masked only).
@@ -589,14 +591,14 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
     estimates.append(est)
     col_prev = lb.col_mask
 
-  bound = jnp.prod(jnp.stack(layer_norms), axis=0)
+  bound = network.chain_product(stages, layer_norms)
   # NaN anywhere (parameters, boxes) must never look like a finite bound.
   finite = jnp.all(jnp.isfinite(layers[-1].center), axis=1)
   for lb_ in layers:
     finite &= jnp.all(jnp.isfinite(lb_.lower.reshape(b, -1)), axis=1)
     finite &= jnp.all(jnp.isfinite(lb_.upper.reshape(b, -1)), axis=1)
   bound = jnp.where(finite, bound, jnp.nan)
-  estimate = jnp.prod(jnp.stack(estimates), axis=0)
+  estimate = network.chain_product(stages, estimates)
   if mode == "sound":
     fail = jnp.full((b,), failure_probability if n_prob else 0.0, jnp.float32)
   else:
@@ -642,7 +644,7 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   key = jax.random.PRNGKey(0) if key is None else key
   delta = failure_share(stages, "global", "exact", float(failure_probability))
   gn = _compiled_norms(model, shape, delta)(variables, key)
-  total = jnp.prod(jnp.stack(gn))
+  total = network.chain_product(stages, gn)
   return (total, gn) if per_layer else total
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,30 @@ class UnsupportedModelError(TypeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockEnd:
+  """Closes a residual block ``y = post(h + f(h))`` after the stage holding it.
+
+  The branch ``f`` is the chain of stages ``start .. end`` (``end`` is the
+  stage this is attached to; its own activation, :class:`lipjax.nn.Identity`
+  for a branch that ends with a linear map, is the branch's last one), ``h``
+  the input of stage ``start``. ``activation`` (or None) is applied to the
+  sum. The Jacobian of the block is ``A (I + J_f)`` with ``||A|| <= 1``, so
+  ``1 + (product of the branch's masked local norms)`` bounds its norm on
+  the ball (:func:`chain_product`).
+  """
+
+  start: int
+  activation: Optional[lnn.Activation] = None
+  act_params: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
-  """One linear layer and the activation after it."""
+  """One linear layer and the activation after it.
+
+  ``block`` is set on the last stage of a residual branch (see
+  :class:`BlockEnd`); the stage's output then feeds the residual sum.
+  """
 
   index: int
   name: str
@@ -45,6 +67,7 @@ class Stage:
   activation: Optional[lnn.Activation]
   act_params: Any
   dtype: Any = jnp.float32      # working precision (see :func:`working_dtype`)
+  block: Optional[BlockEnd] = None
 
   def _pre(self, h: Array) -> Array:
     for r in self.reshapes:
@@ -89,6 +112,35 @@ class Stage:
 
   def abs_linear(self, h: Array) -> Optional[Array]:
     return self.layer.abs_linear(self.params, self._pre(h))
+
+
+def chain_product(stages: Sequence[Stage], norms: Sequence[Any]):
+  """The network's Lipschitz bound from one bound per stage.
+
+  The product of ``norms`` (scalars or ``(B,)`` arrays, one per stage of
+  ``stages``, which may be a prefix of a network's stages), where the stages
+  ``start .. end`` of each residual block (:class:`BlockEnd`) contribute
+  ``1 + prod(norms[start..end])`` (times ``1 + 2u``, the rounding of the
+  float32 sum) instead of their product: ``||A (I + J_f)|| <= 1 + ||J_f||``.
+  """
+  norms = list(norms)
+  if len(norms) != len(stages):
+    raise ValueError(f"got {len(norms)} norms for {len(stages)} stages")
+  ends = {st.block.start: i for i, st in enumerate(stages) if st.block is not None}
+  total = None
+  l = 0
+  while l < len(norms):
+    if l in ends:
+      branch = norms[l]
+      for k in range(l + 1, ends[l] + 1):
+        branch = branch * norms[k]
+      factor = (1.0 + branch) * (1.0 + 2.0 ** -23)
+      l = ends[l] + 1
+    else:
+      factor = norms[l]
+      l += 1
+    total = factor if total is None else total * factor
+  return 1.0 if total is None else total
 
 
 def working_dtype(variables=None, x_dtype=None) -> jnp.dtype:

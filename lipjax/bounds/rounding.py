@@ -17,7 +17,10 @@ Model of the arithmetic (what the bounds assume):
   what accelerators do for float32 matrix products and convolutions by
   default (bfloat16 passes on TPU, TensorFloat-32 on recent NVIDIA GPUs);
 * activations and reshapes are evaluated exactly (true for the built-in
-  activations: comparisons, ``max``, ``min``).
+  activations: comparisons, ``max``, ``min``), except activations registered
+  with :func:`lipjax.bounds.register_activation`, whose declared error
+  (``ulps``) is added;
+* a residual sum ``h + f(h)`` is one float32 addition (error ``u |h + f(h)|``).
 
 Under this model, with ``u = 2^-24`` and ``gamma_m = m u / (1 - m u)``
 (Higham, *Accuracy and Stability of Numerical Algorithms*, Lemma 3.1 and

@@ -134,7 +134,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                          global_state=power,
                                          global_iterations=n_global)
     logits = lb.logits
-    inner = jnp.prod(jnp.stack(lb.layer_norms[:-1]), axis=0)
+    inner = network.chain_product(stages[:-1], lb.layer_norms[:-1])
     col = last._pre(lb.layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
     new_power = lb.global_state
   else:
@@ -142,7 +142,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     logits = model.apply(variables, x)
     gn, new_power = lipschitz.running_global_norms(stages, power, n_global,
                                                    differentiable=True)
-    inner = jnp.full((b,), jnp.prod(jnp.stack(gn[:-1])))
+    inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
     col = jnp.ones((b, mat.shape[1]))
   diff = pair_terms(mat, col, y)
   # sqrt with a safe gradient at 0 (the y-th row is exactly zero).

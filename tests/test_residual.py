@@ -1,0 +1,411 @@
+"""Residual networks ``y = post(h + f(h))`` with a nonlinear branch, against independent truth.
+
+Truth: the models' own ``apply`` (float64 SVDs of ``jax.jacfwd`` Jacobians at
+the centre, at sampled points of the ball and at points found by gradient
+ascent of the difference quotient), a float64 forward pass for the rounding
+bounds, and an L2 PGD attack on every certified point.
+"""
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lipjax
+import lipjax.training
+from lipjax import nn as lnn
+from lipjax.bounds import graph, network
+
+import _bounds_util as U
+from test_flax_models import (CLASSES, SHAPE, _clusters, _flatten, _jacobian_norms,
+                              _pgd, _quotient_ascent, _random_variables)
+
+B = 3
+
+
+class ResBlock(fnn.Module):
+  """``relu(h + conv(relu(conv(h))))`` (ResNet basic block)."""
+
+  @fnn.compact
+  def __call__(self, h):
+    f = fnn.relu(fnn.Conv(4, (3, 3), padding="SAME")(h))
+    return fnn.relu(h + fnn.Conv(4, (3, 3), padding="SAME")(f))
+
+
+class ResCNN(fnn.Module):
+  """Conv stem, a basic block, a block whose branch ends with a clipped
+  activation and has no post activation, and a dense head."""
+
+  @fnn.compact
+  def __call__(self, x):
+    h = fnn.relu(fnn.Conv(4, (3, 3), strides=2, padding=1)(x))
+    h = ResBlock()(h)
+    f = jnp.clip(fnn.Conv(4, (3, 3), padding=1)(h), 0.0, 0.7)
+    h = h + f
+    return fnn.Dense(CLASSES)(_flatten(h))
+
+
+class ResMLP(fnn.Module):
+  """Dense residual blocks: a MaxMin branch ending with a linear map, then a
+  clipped post activation with a learnable threshold; the skip is the input."""
+
+  @fnn.compact
+  def __call__(self, x):
+    x = _flatten(x)
+    h = fnn.Dense(8)(x)
+    a, b = jnp.split(h, 2, axis=-1)
+    h = jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1)
+    f = fnn.relu(fnn.Dense(6)(h))
+    h = h + fnn.Dense(8)(f)
+    theta = self.param("theta", fnn.initializers.constant(0.8), (8,))
+    h = jnp.minimum(jnp.maximum(h, 0.0), theta)
+    return fnn.Dense(CLASSES)(h)
+
+
+def input_residual_sequential():
+  """A residual block on the model input, inside a ``flax.linen.Sequential``."""
+  return fnn.Sequential([InputBlock(), fnn.Conv(3, (3, 3), strides=2, padding=1), fnn.relu,
+                         ResBlockSmall(), _flatten, fnn.Dense(CLASSES)])
+
+
+class InputBlock(fnn.Module):
+
+  @fnn.compact
+  def __call__(self, x):
+    return x + fnn.Conv(SHAPE[-1], (3, 3), padding=1)(fnn.relu(fnn.Conv(3, (3, 3),
+                                                                       padding=1)(x)))
+
+
+class ResBlockSmall(fnn.Module):
+
+  @fnn.compact
+  def __call__(self, h):
+    return fnn.relu(h + fnn.Conv(3, (3, 3), padding=1)(fnn.relu(
+        fnn.Conv(3, (3, 3), padding=1)(h))))
+
+
+_MODELS = {"cnn": ResCNN, "mlp": ResMLP, "sequential": input_residual_sequential}
+_CACHE = {}
+
+
+def _model(name):
+  if name not in _CACHE:
+    model = _MODELS[name]()
+    _CACHE[name] = (model, _random_variables(model, 3))
+  return _CACHE[name]
+
+
+def _forward(stages, x):
+  """The network replayed from its stages (blocks included)."""
+  h, saved = x, None
+  starts = {st.block.start for st in stages if st.block is not None}
+  for st in stages:
+    if st.index in starts:
+      saved = h
+    z = st.affine(h)
+    h = z if st.activation is None else st.activation.activate(st.act_params, z)
+    if st.block is not None:
+      h = saved + h
+      if st.block.activation is not None:
+        h = st.block.activation.activate(st.block.act_params, h)
+  return h
+
+
+def test_blocks_are_traced_as_intended():
+  def structure(name):
+    model, v = _model(name)
+    stages = network.trace(model, v, SHAPE)
+    return [(type(st.activation).__name__,
+             None if st.block is None else (st.block.start,
+                                            type(st.block.activation).__name__))
+            for st in stages]
+
+  assert structure("cnn") == [("ReLU", None), ("ReLU", None), ("Identity", (1, "ReLU")),
+                              ("ClippedReLU", (3, "NoneType")), ("NoneType", None)]
+  assert structure("mlp") == [("PairMaxMin", None), ("ReLU", None),
+                              ("Identity", (1, "ClippedReLU")), ("NoneType", None)]
+  # A learnable threshold of the activation after a residual sum is kept
+  # feasible by the training step like any other.
+  model, v = _model("mlp")
+  leaves = jax.tree_util.tree_leaves_with_path(v)
+  names = [jax.tree_util.keystr(leaves[i][0]) for i in graph.threshold_leaves(model, v, SHAPE)]
+  assert names == ["['params']['theta']"], names
+  assert structure("sequential") == [("ReLU", None), ("Identity", (0, "NoneType")),
+                                     ("ReLU", None), ("ReLU", None),
+                                     ("Identity", (3, "ReLU")), ("NoneType", None)]
+
+
+@pytest.mark.parametrize("name", tuple(_MODELS))
+def test_stages_replay_the_forward_pass(name):
+  model, v = _model(name)
+  x = jax.random.uniform(jax.random.PRNGKey(7), (4,) + SHAPE)
+  np.testing.assert_allclose(_forward(network.trace(model, v, SHAPE), x),
+                             model.apply(v, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", tuple(_MODELS))
+def test_bound_covers_exact_jacobians_and_modes_are_ordered(name):
+  model, v = _model(name)
+  x = jax.random.uniform(jax.random.PRNGKey(8), (B,) + SHAPE)
+  eps = 0.3
+  res = lipjax.local_lipschitz_bound(model, v, x, eps)
+  bound = np.asarray(res.bound, np.float64)
+  assert np.all(np.isfinite(bound)) and np.all(bound > 0)
+  glob = float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE))
+  assert np.all(bound <= glob * (1 + 1e-5))
+  low = np.asarray(lipjax.local_lipschitz_bound(model, v, x, eps, mode="lower").bound)
+  assert np.all(low <= bound * (1 + 1e-5))
+  if name == "mlp":
+    est = lipjax.local_lipschitz_bound(model, v, x, eps, mode="estimate", iterations=20)
+    assert np.all(np.isfinite(np.asarray(est.bound)))
+  quot, best = _quotient_ascent(model.apply, v, x, eps, jax.random.PRNGKey(10), steps=25,
+                                restarts=2)
+  assert np.all(np.asarray(quot) <= bound[None] * (1 + 1e-4))
+  pts = [x, U.sample_ball(jax.random.PRNGKey(9), x, eps, 6, uniform_radius=True), best]
+  pts = jnp.concatenate([p.reshape((-1,) + SHAPE) for p in pts])
+  worst = _jacobian_norms(model.apply, v, pts).reshape(-1, B).max(axis=0)
+  assert np.all(worst <= bound * (1 + 1e-5)), (worst, bound)
+  assert np.max(worst / bound) >= 0.05, (worst, bound)   # not vacuous
+
+
+class ResMLPLipjaxLayers(fnn.Module):
+  """:class:`ResMLP` with lipjax.nn layers and activations in place of Flax's."""
+
+  @fnn.compact
+  def __call__(self, x):
+    x = _flatten(x)
+    h = lnn.Dense(8, name="Dense_0")(x)
+    a, b = jnp.split(h, 2, axis=-1)
+    h = jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1)
+    f = lnn.ReLU()(lnn.Dense(6, name="Dense_1")(h))
+    h = h + lnn.Dense(8, name="Dense_2")(f)
+    theta = self.param("theta", fnn.initializers.constant(0.8), (8,))
+    h = lnn.ClippedReLU().activate({"theta": theta}, h)
+    return lnn.Dense(CLASSES, name="Dense_3")(h)
+
+
+def test_lipjax_layers_and_flax_layers_give_the_same_bounds():
+  model, v = _model("mlp")
+  other = ResMLPLipjaxLayers()
+  x = jax.random.uniform(jax.random.PRNGKey(5), (B,) + SHAPE)
+  np.testing.assert_allclose(other.apply(v, x), model.apply(v, x), rtol=1e-6)
+  a = lipjax.local_lipschitz_bound(model, v, x, 0.3)
+  b = lipjax.local_lipschitz_bound(other, v, x, 0.3)
+  np.testing.assert_allclose(np.asarray(a.bound), np.asarray(b.bound), rtol=1e-5)
+  np.testing.assert_allclose(float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE)),
+                             float(lipjax.global_lipschitz_bound(other, v, input_shape=SHAPE)),
+                             rtol=1e-6)
+
+
+def test_global_bound_is_one_plus_branch_product_and_covers_jacobians():
+  model, v = _model("mlp")
+  total, per = lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE, per_layer=True)
+  per = [float(p) for p in per]
+  # Explicit matrices, numpy SVDs: stages are Dense layers (and the traced MaxMin).
+  p = v["params"]
+  svd = lambda w: np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)[0]
+  expected = [svd(p["Dense_0"]["kernel"]), svd(p["Dense_1"]["kernel"]),
+              svd(p["Dense_2"]["kernel"]), svd(p["Dense_3"]["kernel"])]
+  # Sound global norms: at or just above the exact ones (rounding slack).
+  assert np.all(np.asarray(per) >= np.asarray(expected))
+  np.testing.assert_allclose(per, expected, rtol=3e-4)
+  want = per[0] * (1 + per[1] * per[2]) * per[3]
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (64,) + SHAPE, minval=-2, maxval=2)
+  assert np.all(_jacobian_norms(model.apply, v, x) <= float(total) * (1 + 1e-5))
+
+
+def test_local_bound_uses_the_masks_inside_the_branch():
+  """A branch whose hidden layer is off on the ball contributes nothing: the
+  block is the identity there and the bound is that of the rest."""
+  model, v = _model("mlp")
+  p = jax.tree_util.tree_map(lambda a: a, v["params"])
+  p["Dense_1"] = {"kernel": p["Dense_1"]["kernel"], "bias": jnp.full((6,), -50.0)}
+  v2 = {"params": p}
+  x = jax.random.uniform(jax.random.PRNGKey(2), (B,) + SHAPE)
+  res = lipjax.local_lipschitz_bound(model, v2, x, 0.1)
+  norms_ = [np.asarray(n) for n in res.layer_norms]
+  np.testing.assert_allclose(norms_[1], 0.0, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(res.bound),
+                             norms_[0] * (1 + 0.0) * norms_[3] * (1 + 2.0 ** -23), rtol=1e-6)
+
+
+def test_rounding_bound_covers_the_float32_forward_pass():
+  model, v = _model("cnn")
+  x = jax.random.uniform(jax.random.PRNGKey(3), (B,) + SHAPE)
+  eps = 0.2
+  res = lipjax.local_lipschitz_bound(model, v, x, eps)
+  err = np.asarray(res.layers[-1].error)
+  assert np.all(np.isfinite(err)) and np.all(err > 0)
+  pts = U.sample_ball(jax.random.PRNGKey(4), x, jnp.full((B,), eps), 6, uniform_radius=True)
+  pts = pts.reshape((-1,) + SHAPE)
+  z32 = np.asarray(model.apply(v, pts)).reshape(6, B, -1)
+  with jax.enable_x64(True):
+    v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), v)
+    z64 = np.asarray(model.apply(v64, jnp.asarray(np.asarray(pts), jnp.float64)))
+  z64 = z64.reshape(6, B, -1)
+  assert np.all(np.abs(z32 - z64) <= err[None]), (np.abs(z32 - z64).max(), err.min())
+  # The pre-activation boxes contain the exact logits.
+  assert np.all(z64 >= np.asarray(res.layers[-1].lower)[None])
+  assert np.all(z64 <= np.asarray(res.layers[-1].upper)[None])
+
+
+def test_certificates_survive_pgd_and_training_step_runs():
+  model = ResMLP()
+  x, y = _clusters(jax.random.PRNGKey(13), 160)
+  v = _random_variables(model, 0)
+  opt = optax.adam(1e-2)
+  power = lipjax.training.init_power_state(model, v, input_shape=SHAPE)
+  state = lipjax.training.create_train_state(v["params"], opt, rng=0, power=power)
+  step = lipjax.training.make_train_step(model, opt, loss="gloro", bound="local",
+                                         iterations=2, eps_schedule=0.1)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, x[:128], y[:128])
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  v = {"params": state.params}
+  xt, yt = x[128:], y[128:]
+  eps = 0.15
+  cert = lipjax.certify(model, v, xt, yt, eps, triage=False)
+  local = np.asarray(cert.certified)
+  assert local.mean() > 0.2, local.mean()
+  glob = np.asarray(lipjax.certify(model, v, xt, yt, eps, bound="global").certified)
+  assert not np.any(glob & ~local)    # the local certificate is never weaker here
+  worst = np.asarray(_pgd(model.apply, v, xt, yt, eps, jax.random.PRNGKey(14)))
+  assert not np.any(local & (worst > 0)), "a certified point was flipped"
+  worst_big = np.asarray(_pgd(model.apply, v, xt, yt, 3.0, jax.random.PRNGKey(15)))
+  assert np.mean(worst_big > 0) > 0.3
+
+
+def test_unsupported_residual_patterns_raise_one_line():
+  class Nested(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      h = fnn.relu(fnn.Dense(6)(_flatten(x)))
+      g = fnn.relu(fnn.Dense(6)(h))
+      g = g + fnn.Dense(6)(fnn.relu(fnn.Dense(6)(g)))
+      return fnn.Dense(CLASSES)(h + fnn.Dense(6)(g))
+
+  class Projection(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      h = fnn.relu(fnn.Dense(6)(_flatten(x)))
+      return fnn.Dense(CLASSES)(fnn.Dense(6)(h) + fnn.Dense(6)(fnn.relu(fnn.Dense(6)(h))))
+
+  class Twice(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      h = fnn.relu(fnn.Dense(6)(_flatten(x)))
+      y = h + fnn.Dense(6)(fnn.relu(fnn.Dense(6)(h)))
+      return fnn.Dense(CLASSES)(y + h)
+
+  for cls, words in ((Nested, "nested residual"), (Projection, "different layers"),
+                     (Twice, "used elsewhere")):
+    model = cls()
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+    with pytest.raises(lipjax.UnsupportedModelError) as e:
+      lipjax.local_lipschitz_bound(model, v, jnp.zeros((1,) + SHAPE), 0.1)
+    msg = str(e.value)
+    assert "\n" not in msg and words in msg, msg
+
+
+# ---------------------------------------------------------------------------
+# The LiResNet-style zoo model and models named by import path
+# ---------------------------------------------------------------------------
+
+
+def _tiny_liresnet(activation):
+  return lipjax.models.get("liresnet", num_classes=CLASSES, activation=activation, width=4,
+                           blocks=2, neck=8, input_shape=SHAPE)
+
+
+@pytest.mark.parametrize("activation", ["clipped_maxmin"])
+def test_liresnet_blocks_are_joint_operators_and_bound_is_sound(activation):
+  model = _tiny_liresnet(activation)
+  v = _random_variables(model, 5)
+  stages = network.trace(model, v, SHAPE)
+  assert [type(st.layer).__name__ for st in stages] == [
+      "Conv", "TracedResidualConv", "TracedResidualConv", "Conv", "Dense", "Dense"]
+  # I + W as one convolution: its global norm is the joint circulant norm,
+  # below 1 + ||W|| and at least the spectral norm of the explicit I + W.
+  st = stages[1]
+  k = np.asarray(v["params"]["block_0"]["kernel"], np.float64)
+  in_shape = SHAPE[:2] + (k.shape[2],)
+  n_in = int(np.prod(in_shape))
+  jac = jax.jacfwd(lambda e: st.linear(e.reshape((1,) + in_shape)).reshape(-1))(
+      jnp.zeros((n_in,)))
+  mat = np.asarray(jac, np.float64)
+  joint = np.linalg.svd(mat, compute_uv=False)[0]
+  gnorm = float(st.layer.global_norm(st.params, st.layer_in_shape))
+  conv_only = np.linalg.svd(mat - np.eye(n_in), compute_uv=False)[0]
+  assert joint * (1 - 1e-5) <= gnorm < 1 + conv_only
+  x = jax.random.uniform(jax.random.PRNGKey(8), (B,) + SHAPE)
+  eps = 0.3
+  bound = np.asarray(lipjax.local_lipschitz_bound(model, v, x, eps).bound, np.float64)
+  glob = float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE))
+  assert np.all(bound <= glob * (1 + 1e-5))
+  pts = jnp.concatenate([x, U.sample_ball(jax.random.PRNGKey(9), x, eps, 4,
+                                          uniform_radius=True).reshape((-1,) + SHAPE)])
+  worst = _jacobian_norms(model.apply, v, pts).reshape(-1, B).max(axis=0)
+  assert np.all(worst <= bound * (1 + 1e-5)), (worst, bound)
+
+
+def test_liresnet_trains_with_the_local_bound():
+  model = _tiny_liresnet("clipped_relu")
+  x, y = _clusters(jax.random.PRNGKey(16), 16)
+  v = model.init(jax.random.PRNGKey(0), x[:1])
+  opt = optax.adam(1e-2)
+  power = lipjax.training.init_power_state(model, v, input_shape=SHAPE)
+  state = lipjax.training.create_train_state(v["params"], opt, rng=0, power=power)
+  step = lipjax.training.make_train_step(model, opt, loss="gloro", bound="local",
+                                         iterations=1, eps_schedule=0.1)
+  state, metrics = step(state, x, y)
+  assert np.isfinite(float(metrics["loss"]))
+  for name in ("stem", "block_0", "block_1", "down", "neck", "head"):
+    assert np.any(np.asarray(state.params[name]["kernel"])
+                  != np.asarray(v["params"][name]["kernel"])), name
+
+
+class TinyUserNet(fnn.Module):
+  """A user model for the launcher's import-path option."""
+
+  num_classes: int = 10
+  width: int = 4
+
+  @fnn.compact
+  def __call__(self, x):
+    h = fnn.relu(fnn.Conv(self.width, (3, 3), strides=2, padding=1)(x))
+    h = h + fnn.Conv(self.width, (3, 3), padding=1)(fnn.relu(
+        fnn.Conv(self.width, (3, 3), padding=1)(h)))
+    return fnn.Dense(self.num_classes)(_flatten(h))
+
+
+def test_launcher_builds_a_model_named_by_import_path():
+  from experiments import train_lib
+  from experiments.cli import InputError
+  from experiments.configs import base
+  cfg = base.get_config().to_dict()
+  cfg.update(model="test_residual:TinyUserNet", num_classes=3,
+             model_options={"width": 2})
+  train_lib.check_config(cfg)
+  model = train_lib.build_model(cfg, SHAPE)
+  assert isinstance(model, TinyUserNet) and (model.num_classes, model.width) == (3, 2)
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+  res = lipjax.local_lipschitz_bound(model, v, jnp.ones((2,) + SHAPE), 0.1)
+  assert np.all(np.isfinite(np.asarray(res.bound)))
+  liresnet = train_lib.build_model(dict(cfg, model="liresnet",
+                                        model_options={"blocks": 1}), SHAPE)
+  assert liresnet.blocks == 1 and liresnet.num_classes == 3
+  for path, words in (("no_such_package_xyz.nets:Net", "cannot import"),
+                      ("test_residual:NoSuchNet", "has no attribute"),
+                      ("resnet50", "import path"), ("test_residual:", "import path"),
+                      ("test_residual:CLASSES", "not a flax.linen.Module")):
+    with pytest.raises(InputError) as e:
+      train_lib.check_config(dict(cfg, model=path))
+      train_lib.build_model(dict(cfg, model=path), SHAPE)
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+  with pytest.raises(InputError, match="unknown option"):
+    train_lib.build_model(dict(cfg, model="liresnet", model_options={"depth": 3}), SHAPE)
