@@ -146,6 +146,17 @@ def test_stages_replay_the_forward_pass(name):
 
 
 @pytest.mark.parametrize("name", tuple(_MODELS))
+def test_tightness_surrogate_is_the_residual_network(name):
+  # The smooth surrogate the Jacobian search ascends must be the same network
+  # (skip connections included), up to the softplus smoothing.
+  from lipjax.evaluation import tightness   # pylint: disable=import-outside-toplevel
+  model, v = _model(name)
+  x = jax.random.uniform(jax.random.PRNGKey(8), (4,) + SHAPE)
+  np.testing.assert_allclose(tightness.smoothed_forward(model, v, x, 1e-6),
+                             model.apply(v, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", tuple(_MODELS))
 def test_bound_covers_exact_jacobians_and_modes_are_ordered(name):
   model, v = _model(name)
   x = jax.random.uniform(jax.random.PRNGKey(8), (B,) + SHAPE)

@@ -106,11 +106,18 @@ def _smooth_activation(act, params, z, temperature):
 def smoothed_forward(model, variables, x, temperature: float):
   """The network with every known activation replaced by a smooth surrogate."""
   stages = network.trace(model, variables, tuple(x.shape[1:]))
-  h = x
+  starts = {st.block.start for st in stages if st.block is not None}
+  h, saved = x, {}
   for st in stages:
+    if st.index in starts:
+      saved[st.index] = h   # the skip input of a residual block
     z = st.affine(h)
     h = z if st.activation is None else _smooth_activation(st.activation, st.act_params,
                                                            z, temperature)
+    if st.block is not None:
+      h = saved[st.block.start] + h
+      if st.block.activation is not None:
+        h = _smooth_activation(st.block.activation, st.block.act_params, h, temperature)
   return h
 
 
