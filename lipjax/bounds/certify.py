@@ -667,17 +667,20 @@ def _bucket(n: int, limit: Optional[int]) -> int:
 
 
 def _certify_chunks(model, variables, gnorms, x, y, eps, bound, batch_size, key, jit,
-                    options, bucket=False):
+                    options, bucket=False, size=None):
   """Certifies ``x`` chunk by chunk with the compiled per-chunk function.
 
   Chunks hold ``batch_size`` examples; with ``bucket`` (subsets of varying
   size) the last one is padded to a bucket size only (see :func:`_bucket`),
-  else to ``batch_size``. Padding repeats the last example with ``eps = 0``,
-  whose bounds are cheapest, and is dropped from the result.
+  else to ``batch_size``; ``size`` fixes the chunk size instead (every chunk
+  padded to it: one compiled shape). Padding repeats the last example with
+  ``eps = 0``, whose bounds are cheapest, and is dropped from the result.
   """
   n = x.shape[0]
   limit = batch_size
-  if batch_size is None or batch_size >= n:
+  if size is not None:
+    batch_size, bucket = size, False
+  elif batch_size is None or batch_size >= n:
     batch_size = _bucket(n, limit) if bucket else n
   fn = (_jitted(model, bound, tuple(sorted(options.items()))) if jit else
         functools.partial(_call_plain, model, bound, options))
@@ -729,8 +732,12 @@ def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, opti
     idx = np.nonzero(~hopeless)[0]
     if idx.size:
       with timer.stage("global_exact", idx.size):
+        # Chunks of the full pass's size: the shape a screen=False pass
+        # compiles, whatever the number of examples left (no recompilation
+        # from one call to the next).
         exact = _certify_chunks(model, variables, gn, x[idx], y[idx], eps[idx], "global",
-                                batch_size, key, jit, opts, bucket=True)
+                                batch_size, key, jit, opts,
+                                size=n if batch_size is None else min(batch_size, n))
         ji = jnp.asarray(idx)
         cert = jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), cert,
                                       exact)
