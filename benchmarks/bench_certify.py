@@ -169,13 +169,21 @@ def main():
   _timed(bound)
   ref_fwd, ref_gb = [], []
   glob_runs, loc_runs = [], []
-  for _ in range(a.repeat):   # interleaved, so that load changes hit every call alike
+  def log(what, secs, stats=None):   # progress lines, kept if the run is cut short
+    st = "" if stats is None else " " + ", ".join(
+        f"{k} {v['seconds']:.2f} s/{v['examples']}" for k, v in stats.items())
+    print(f"# {what}: {secs:.2f} s{st}", flush=True)
+
+  for i in range(a.repeat):   # interleaved, so that load changes hit every call alike
     ref_fwd.append(_timed(forward)[1])
     ref_gb.append(_timed(bound)[1])
+    log(f"run {i} forward, global bound", ref_fwd[-1] + ref_gb[-1])
     glob_runs.append(_certify(model, variables, x, y, a.eps, bound="global",
                               batch_size=a.batch))
+    log(f"run {i} global", *glob_runs[-1][1:])
     if not a.skip_local:
       loc_runs.append(_certify(model, variables, x, y, a.eps, batch_size=a.batch))
+      log(f"run {i} local", *loc_runs[-1][1:])
   sec_fwd, sec_gb = statistics.median(ref_fwd), statistics.median(ref_gb)
 
   print("\n| call | stage | images | seconds, warm median (cold) | images/s |")
@@ -214,6 +222,7 @@ def main():
         continue
       _certify(model, variables, xs, ys, a.eps, batch_size=a.batch, **kw)   # compile
       runs[name] = _certify(model, variables, xs, ys, a.eps, batch_size=a.batch, **kw)
+      log(name, *runs[name][1:])
     for ref, new in (("global, screen=False", "global (screen)"),
                      ("local, triage=False", "local, triage")):
       if ref not in runs:
