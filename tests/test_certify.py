@@ -7,6 +7,7 @@ networks (so that a real fraction certifies) and random ones.
 """
 
 import functools
+import importlib
 
 import flax.linen as fnn
 import jax
@@ -229,6 +230,69 @@ def test_triage_decides_exactly_as_the_full_local_certificate(trained):
       np.testing.assert_array_equal(np.asarray(getattr(tri, f))[~used],
                                     np.asarray(getattr(glo, f))[~used])
     np.testing.assert_array_equal(np.asarray(tri.failure_probability)[~used], 0.0)
+
+
+def test_global_screen_certifies_exactly_the_exact_global_set(trained):
+  # The screen (forward pass, norm-based rounding bound) may only rule out
+  # examples the exact global certificate does not certify. Radii right at
+  # each example's exact robust radius (1e-6 either side) put margins at 0.
+  t = trained
+  model, v, x, y = t.model, t.variables, t.x, t.y
+  ref = lipjax.certify(model, v, x, y, t.eps, bound="global", screen=False)
+  rr = np.asarray(ref.robust_radius)
+  edge = np.where(rr > 0, rr, t.eps).astype(np.float32)
+  cases = [t.eps, 0.3 * t.eps, edge * (1 - 1e-6), edge * (1 + 1e-6)]
+  for eps in cases:
+    exact = lipjax.certify(model, v, x, y, eps, bound="global", screen=False)
+    stats = {}
+    fast = lipjax.certify(model, v, x, y, eps, bound="global", stats=stats)
+    _check_consistency(model, v, x, y, eps, fast)
+    np.testing.assert_array_equal(np.asarray(fast.certified), np.asarray(exact.certified))
+    np.testing.assert_array_equal(np.asarray(fast.predicted), np.asarray(exact.predicted))
+    kept = stats.get("global_exact", {"examples": 0})["examples"]
+    assert kept < len(y) or np.all(np.asarray(exact.certified))
+    # Ruled out: sound radii within a hair of the exact ones.
+    np.testing.assert_allclose(np.asarray(fast.robust_radius), np.asarray(exact.robust_radius),
+                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fast.lipschitz), np.asarray(exact.lipschitz))
+  tri = lipjax.certify(model, v, x, y, t.eps, screen=False)
+  np.testing.assert_array_equal(np.asarray(lipjax.certify(model, v, x, y, t.eps).certified),
+                                np.asarray(tri.certified))
+
+
+def test_norm_rounding_bound_covers_float32_gaps():
+  # Large inputs make float32 rounding visible; the bound E_iy on
+  # |fl(z_y - z_i) - (z_y - z_i)| must hold at sampled points of the ball
+  # against a float64 evaluation of the same network.
+  certify_lib = importlib.import_module("lipjax.bounds.certify")
+  model = _mlp()
+  v = U.init_random(model, jax.random.PRNGKey(3))
+  x = 300.0 * jax.random.normal(jax.random.PRNGKey(4), (6, 8))
+  eps = jnp.full((6,), 2.0)
+  stages = lipjax.bounds.network.trace(model, v, (8,))
+  gn = lipjax.global_lipschitz_bound(model, v, per_layer=True)[1]
+  e, d, rho = certify_lib._norm_rounding(stages, x, eps, gn)
+  pts = U.sample_ball(jax.random.PRNGKey(5), x, eps, 8, uniform_radius=True)
+  prm = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
+  theta = prm.get("layers_3", {}).get("theta", 1.0)
+
+  def exact(h):
+    h = np.asarray(h, np.float64)
+    for k, name in enumerate(("layers_0", "layers_2", "layers_4")):
+      h = h @ prm[name]["kernel"] + prm[name]["bias"]
+      if k == 0:
+        h = np.maximum(h, 0)
+      elif k == 1:
+        h = np.minimum(np.maximum(h, 0), theta)
+    return h
+
+  w_last = prm["layers_4"]["kernel"]
+  for p in pts:
+    z32 = np.asarray(model.apply(v, p), np.float64)
+    z64 = exact(p)
+    dev = np.abs(z32 - z64)
+    bound = np.asarray(rho) + np.linalg.norm(w_last, axis=0)[None] * np.asarray(d)[:, None]
+    assert np.all(dev <= bound), (dev.max(), bound.min())
 
 
 def test_lower_mode_is_below_the_sound_bound(trained):

@@ -238,6 +238,23 @@ def test_masked_dense_norm_matches_svd_of_masked_matrix():
   np.testing.assert_allclose(got[3], np.linalg.norm(w[4] * cols[3]), rtol=2e-4)
 
 
+def test_masked_dense_norm_solves_each_distinct_mask_pair_once(monkeypatch):
+  from lipjax.bounds import norms as norms_lib
+  w, rows, cols = _masked_matrices()
+  order = [0, 3, 0, 4, 3, 5, 0]              # repeats, as padding produces
+  r2, c2 = rows[order], cols[order]
+  c2[6, 0] = 1 - c2[6, 0]                     # same rows as example 0, one column differs
+  calls = []
+  eig = np.linalg.eigvalsh
+  monkeypatch.setattr(norms_lib.np.linalg, "eigvalsh", lambda g: calls.append(1) or eig(g))
+  got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(r2), jnp.asarray(c2)))
+  assert len(calls) == 5                      # 0, 3, 4, 5 and the changed copy of 0
+  for b in range(len(order)):
+    exact = top_sv(r2[b][:, None] * w * c2[b][None, :])
+    assert exact <= got[b] <= exact * (1 + 1e-3), b
+  assert got[0] == got[2] and got[1] == got[4]
+
+
 def test_masked_dense_norm_under_jit_and_vmap():
   w, rows, cols = _masked_matrices()
   eager = bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows), jnp.asarray(cols))

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import graph, lipschitz, network, norms, rounding
+from lipjax import nn as lnn
+from lipjax.bounds import graph, intervals, lipschitz, network, norms, rounding
 
 Array = jax.Array
 
@@ -235,25 +236,35 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
       gn = lipschitz.check_global_norms(stages, global_norms)
     layers = lipschitz.ball_bounds(stages, x, eps, gn)
     logits = model.apply(variables, x)
-    inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
-    col = jnp.ones((b, int(np.prod(last.layer_in_shape))))
     box = None
-    lip = jnp.full((b,), network.chain_product(stages, gn))
-    probabilistic = any(lipschitz.needs_probabilistic_global(st) for st in stages)
-    fail = jnp.full((b,), options.get("failure_probability", 1e-9) if probabilistic
-                    else 0.0, jnp.float32)
-    last_norm, last_global = jnp.full((b,), gn[-1]), gn[-1]
-    finite_extra = jnp.all(jnp.isfinite(jnp.stack(gn)))
+    inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
+        stages, gn, b, options.get("failure_probability", 1e-9))
   else:
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
 
+  return _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
+                 finite_extra, layers[-1], bound == "local")
+
+
+def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
+            finite_extra, last_bounds, local):
+  """The margins, radii and :class:`Certificate` from the bounds of one batch.
+
+  ``last_bounds``: the last stage's :class:`~lipjax.bounds.intervals.LayerBounds`,
+  or directly the triple ``(e, d, rho)`` of :func:`_margins`'s ``fwd``.
+  """
+  b = logits.shape[0]
+  last = stages[-1]
   num_classes = logits.shape[-1]
   y = check_labels(y, b, num_classes)
   mat = last.layer.explicit_matrix(last.params)
   predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scale = eps * inner
-  fwd = (last._pre(layers[-1].input_error).reshape(b, -1),  # pylint: disable=protected-access
-         layers[-1].input_error_l2, layers[-1].rounding)
+  if isinstance(last_bounds, tuple):
+    fwd = last_bounds
+  else:
+    fwd = (last._pre(last_bounds.input_error).reshape(b, -1),  # pylint: disable=protected-access
+           last_bounds.input_error_l2, last_bounds.rounding)
   rows = None
   if mat is None:
     rows = lipschitz.row_norm_bounds(last, last_global)
@@ -281,21 +292,166 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   return Certificate(predicted=predicted, certified=certified, radius=radius,
                      robust_radius=rr, margin=jnp.where(finite, margin, -jnp.inf),
                      lipschitz=lip, failure_probability=fail,
-                     local=jnp.full((b,), bound == "local"))
+                     local=jnp.full((b,), local))
+
+
+def _global_terms(stages, gn, b, failure_probability):
+  """``(inner, col, lip, fail, last_norm, last_global, finite_extra)`` of the global certificate."""
+  last = stages[-1]
+  inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
+  col = jnp.ones((b, int(np.prod(last.layer_in_shape))))
+  lip = jnp.full((b,), network.chain_product(stages, gn))
+  probabilistic = any(lipschitz.needs_probabilistic_global(st) for st in stages)
+  fail = jnp.full((b,), failure_probability if probabilistic else 0.0, jnp.float32)
+  last_norm, last_global = jnp.full((b,), gn[-1]), gn[-1]
+  finite_extra = jnp.all(jnp.isfinite(jnp.stack(gn)))
+  return inner, col, lip, fail, last_norm, last_global, finite_extra
+
+
+# Activations whose float32 evaluation is exact (max, min, identity) and
+# which are 1-Lipschitz in l2: the norm-based rounding bound of the screen.
+_SCREEN_ACTIVATIONS = (lnn.ReLU, lnn.ClippedReLU, lnn.Identity, lnn.ClippedMaxMin)
+
+
+def screenable(stages) -> bool:
+  """Whether :func:`screen_arrays` applies: built-in activations, layers with ``|W|``."""
+  for st in stages:
+    if st.block is not None:   # residual sums: the screen's chain rule does not apply
+      return False
+    if getattr(st.layer, "affine_replay", None) is not None:
+      return False
+    if st.activation is not None and type(st.activation) not in _SCREEN_ACTIVATIONS:
+      return False
+    spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
+    if jax.eval_shape(st.abs_linear, spec) is None:
+      return False
+  return True
+
+
+def _abs_norm_bound(st) -> Array:
+  """An upper bound on ``|| |W| ||_2``: ``sqrt(max row sum * max column sum)`` of ``|W|``."""
+  spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
+  rows = st.abs_linear(jnp.ones(spec.shape, st.dtype))
+  cols = jax.linear_transpose(st.abs_linear, spec)(jnp.ones(rows.shape, st.dtype))[0]
+  n_in, n_out = int(np.prod(st.in_shape)), int(np.prod(rows.shape[1:]))
+  r = jnp.max(rows) * rounding.upper_factor(n_in)
+  c = jnp.max(cols) * rounding.upper_factor(n_out)
+  return jnp.sqrt(r * c) * (1.0 + 1e-3)
+
+
+def _norm_rounding(stages, x, eps, gn):
+  """``(e, d, rho)`` of the last stage (see :func:`_margins`) from norms only.
+
+  The float32 forward pass at any ``x'`` of ``B(x, eps)`` is bounded layer
+  by layer with l2 norms instead of boxes: with ``h`` the exact and ``h~``
+  the float32 input of stage ``l``, ``||h~ - h|| <= d_l``,
+  ``||h(x') - h(x)|| <= r_l = eps prod_{k<l} ||W_k||`` and so
+  ``||h~(x')|| <= M_l = ||h~(x)|| + r_l + 2 d_l`` (also a bound on every
+  entry). The stage's own rounding is at most ``c_n (|W| |h~| + |b|)`` per
+  entry (the model of :mod:`lipjax.bounds.rounding`), in l2 at most
+  ``c_n (|| |W| || M_l + ||b||)`` plus the underflow allowance, so
+  ``d_{l+1} = ||W_l|| d_l + that``; the activations are evaluated exactly
+  and are 1-Lipschitz. Every quantity is rounded up with ample slack
+  (``1e-3`` relative). Looser than the boxes of
+  :func:`lipjax.bounds.intervals.propagate`, but only one forward pass.
+  """
+  u, v = rounding.U, rounding.operand_roundoff()
+  safe = 1.0 + 1e-3
+  c, r, d = x, eps, jnp.zeros_like(eps)
+  for st, g in zip(stages, gn):
+    n = intervals._fan_in(st)   # pylint: disable=protected-access
+    size_in = int(np.prod(st.in_shape))
+    hn = intervals._l2(c) * rounding.upper_factor(size_in)   # pylint: disable=protected-access
+    m = (hn + r + 2.0 * d + rounding.FLOOR * np.sqrt(size_in)) * safe
+    coef = rounding.dot_coefficient(n + 4, v)
+    bias = st.layer.bias(st.params)
+    under = rounding.underflow_term(n, m)
+    if st.activation is None:   # the last stage: per-logit rounding
+      rows = lipschitz.row_norm_bounds(st, g).reshape(-1)
+      babs = jnp.zeros_like(rows) if bias is None else jnp.abs(bias).reshape(-1)
+      rho = (coef * (rows[None, :] * m[:, None] + babs[None, :]) + under[:, None]) * safe
+      width = int(np.prod(st.layer_in_shape))
+      e = jnp.broadcast_to(d[:, None], (x.shape[0], width))
+      return e, d, rho
+    size_out = int(np.prod(st.out_shape))
+    bn = (jnp.zeros(()) if bias is None else
+          jnp.sqrt(jnp.sum(jnp.square(jnp.broadcast_to(bias, st.out_shape))))
+          * rounding.upper_factor(size_out))
+    rn = (coef * (_abs_norm_bound(st) * m + bn) + np.sqrt(size_out) * under) * safe
+    d = (g * d + rn) * safe
+    r = r * g * (1.0 + 4 * u)
+    c = st.activation.activate(st.act_params, st.affine(c))
+  raise ValueError("the network has no last linear layer")
+
+
+def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability=1e-9):
+  """The global certificate with the norm-based rounding bound, and a screen.
+
+  Returns ``(cert, hopeless)``: ``cert`` is a sound global certificate
+  (:func:`_norm_rounding` in place of the boxes' rounding bounds: its
+  ``margin`` and ``robust_radius`` are valid but a little smaller), and
+  ``hopeless`` ``(B,)`` marks examples for which the margin of the exact
+  global certificate (``certify_arrays(bound="global")``, any float32
+  evaluation of it) cannot be positive: an upper bound on it,
+  ``min_i (g_iy + 2 E_iy - R_iy)`` with the float32 gap ``g``, the rounding
+  bound ``E`` and the Lipschitz term ``R`` lowered by its own rounding, is
+  not positive. ``global_norms`` as in :func:`certify_arrays`.
+  """
+  model = graph.as_model(model)
+  x, eps = lipschitz.check_inputs(model, x, eps, variables)
+  variables = network.cast_floating(variables, x.dtype)
+  b = x.shape[0]
+  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  gn = lipschitz.check_global_norms(stages, global_norms)
+  logits = model.apply(variables, x)
+  fwd = _norm_rounding(stages, x, eps, gn)
+  inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
+      stages, gn, b, failure_probability)
+  cert = _finish(stages, logits, y, eps, inner, col, None, lip, fail, last_norm, last_global,
+                 finite_extra, fwd, False)
+  # An upper bound on the exact certificate's margin (see the module
+  # docstring): its gaps are within E of the exact ones, as are these, and
+  # its chain of subtractions adds at most 6 u (|g| + R) (err drops out).
+  u = rounding.U
+  last = stages[-1]
+  mat = last.layer.explicit_matrix(last.params)
+  y = jnp.asarray(y, jnp.int32)
+  lab = y[:, None]
+  gap = jnp.take_along_axis(logits, lab, axis=1) - logits
+  _, d, rho = fwd
+  if mat is not None:
+    m = mat.shape[1]
+    a = mat[None, :, :] - mat[y][:, None, :]
+    pn = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1))
+    an = pn * rounding.upper_factor(m + 4)
+    den = pn * (1.0 + norms.ROUNDING_SLACK) * rounding.upper_factor(m + len(stages) + 8)
+  else:
+    m = 1
+    rows = lipschitz.row_norm_bounds(last, last_global).reshape(-1)
+    an = rows[None, :] + rows[y][:, None]
+    den = (jnp.sqrt(2.0) * last_norm)[:, None] * (1.0 + norms.ROUNDING_SLACK) \
+        * rounding.upper_factor(len(stages) + 8)
+  den = jnp.broadcast_to(den, gap.shape)
+  err = (an * d[:, None] * (1 + 4 * u) + rho + jnp.take_along_axis(rho, lab, axis=1)) \
+      * (1 + 8 * u)
+  delta = (eps * inner)[:, None] * den * (1.0 - 4 * (m + 16) * u)
+  upper = gap + 2 * err - delta + 32 * u * (jnp.abs(gap) + 2 * err + jnp.abs(delta))
+  other = jnp.arange(logits.shape[1])[None, :] != lab
+  hopeless = jnp.min(jnp.where(other, upper, jnp.inf), axis=1) <= 0   # NaN: not hopeless
+  return cert, hopeless
+
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted(model, bound, options_items):
   options = dict(options_items)
 
-  def fn(variables, gnorms, x, y, eps, key):
-    return certify_arrays(model, variables, x, y, eps, bound=bound, key=key,
-                          global_norms=gnorms, **options)
-
-  return jax.jit(fn)
+  return jax.jit(functools.partial(_call_plain, model, bound, options))
 
 
 def _call_plain(model, bound, options, variables, gnorms, x, y, eps, key):
+  if bound == "screen":
+    return screen_arrays(model, variables, x, y, eps, gnorms, **options)
   return certify_arrays(model, variables, x, y, eps, bound=bound, key=key,
                         global_norms=gnorms, **options)
 
@@ -381,7 +537,8 @@ class _ParameterNorms:
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
             jit: bool = True, triage: bool = True, triage_steps: int = 8,
-            cache: bool = False, stats: Optional[dict] = None, **options) -> Certificate:
+            cache: bool = False, screen: bool = True, stats: Optional[dict] = None,
+            **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
 
   With ``bound="local"`` and ``triage`` (the default) three cheap tests run
@@ -426,9 +583,18 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       layers bounded by Lanczos, ``key``), so parameters that changed in any
       way, in place included, never get a stale bound; hashing costs one pass
       over the parameters. Holds the last 8 parameter sets.
+    screen: the global certificate (``bound="global"``, and the first test
+      of the triage) first runs a forward pass with a norm-based bound on the
+      float32 rounding, and computes the exact global certificate (boxes
+      over the ball, several passes per layer) only for the examples whose
+      margin that screen cannot prove to be non-positive. The certified set
+      is the same as with ``screen=False``; examples ruled out by the screen
+      get its margin and robust radius, which are sound and at most a little
+      smaller. Applies to networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
-      each stage (``"norms"``, ``"global"``, ``"triage"``, ``"sound"``;
-      timing waits for each stage's results).
+      each stage (``"norms"``, ``"global"`` (all examples, screen included),
+      ``"global_exact"`` (the examples the screen left), ``"triage"``,
+      ``"sound"``; timing waits for each stage's results).
     **options: passed to :func:`lipjax.local_lipschitz_bound` (sound mode
       only: ``lanczos_steps``, ``failure_probability``, ``dense``, ...).
 
@@ -458,16 +624,14 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
                            timer, cache=bool(cache))
   if bound == "local" and triage:
     return _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit,
-                            int(triage_steps), options, timer)
+                            int(triage_steps), options, timer, bool(screen))
   if bound == "global":
     options = {k: v for k, v in options.items() if k == "failure_probability"}
-    gn = pnorms.get("global", failure_probability=options.get("failure_probability", 1e-9))
-    stage = "global"
-  else:
-    gn = pnorms.get("sound", options.get("dense", "exact"),
-                    options.get("failure_probability", 1e-9))
-    stage = "sound"
-  with timer.stage(stage, n) as done:
+    return _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, options,
+                        timer, bool(screen))
+  gn = pnorms.get("sound", options.get("dense", "exact"),
+                  options.get("failure_probability", 1e-9))
+  with timer.stage("sound", n) as done:
     out = _certify_chunks(model, variables, gn, x, y, eps, bound, batch_size, key, jit,
                           options)
     done(out)
@@ -505,17 +669,20 @@ def _bucket(n: int, limit: Optional[int]) -> int:
 
 
 def _certify_chunks(model, variables, gnorms, x, y, eps, bound, batch_size, key, jit,
-                    options, bucket=False):
+                    options, bucket=False, size=None):
   """Certifies ``x`` chunk by chunk with the compiled per-chunk function.
 
   Chunks hold ``batch_size`` examples; with ``bucket`` (subsets of varying
   size) the last one is padded to a bucket size only (see :func:`_bucket`),
-  else to ``batch_size``. Padding repeats the last example with ``eps = 0``,
-  whose bounds are cheapest, and is dropped from the result.
+  else to ``batch_size``; ``size`` fixes the chunk size instead (every chunk
+  padded to it: one compiled shape). Padding repeats the last example with
+  ``eps = 0``, whose bounds are cheapest, and is dropped from the result.
   """
   n = x.shape[0]
   limit = batch_size
-  if batch_size is None or batch_size >= n:
+  if size is not None:
+    batch_size, bucket = size, False
+  elif batch_size is None or batch_size >= n:
     batch_size = _bucket(n, limit) if bucket else n
   fn = (_jitted(model, bound, tuple(sorted(options.items()))) if jit else
         functools.partial(_call_plain, model, bound, options))
@@ -536,17 +703,56 @@ def _certify_chunks(model, variables, gnorms, x, y, eps, bound, batch_size, key,
   return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out)
 
 
-def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, steps,
-                     options, timer):
+def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, options, timer,
+                 screen):
+  """The exact global certificate of every example (stage ``"global"``).
+
+  With ``screen`` (and a network :func:`screenable` covers) a forward pass
+  with the norm-based rounding bound (:func:`screen_arrays`) runs first, and
+  only the examples it does not rule out get the exact certificate (stage
+  ``"global_exact"``): the certified set is the exact certificate's; the
+  examples ruled out are reported with the screen's (sound) margin and
+  robust radius.
+  """
   n = x.shape[0]
-  glob_opts = {k: v for k, v in options.items() if k == "failure_probability"}
-  gn_global = pnorms.get("global", failure_probability=glob_opts.get("failure_probability",
-                                                                      1e-9))
+  fp = options.get("failure_probability", 1e-9)
+  gn = pnorms.get("global", failure_probability=fp)
+  opts = {"failure_probability": fp} if "failure_probability" in options else {}
   with timer.stage("global", n) as done:
-    glob = _certify_chunks(model, variables, gn_global, x, y, eps, "global", batch_size,
-                           jax.random.fold_in(key, 1), jit, glob_opts)
-    undecided = np.asarray((glob.predicted == y) & ~glob.certified)
-    done(glob)
+    if not (screen and screenable(pnorms.stages)):
+      out = _certify_chunks(model, variables, gn, x, y, eps, "global", batch_size, key, jit,
+                            opts)
+      done(out)
+      return out
+    cert, hopeless = _certify_chunks(model, variables, gn, x, y, eps, "screen", batch_size,
+                                     key, jit, {"failure_probability": fp})
+    hopeless = np.asarray(hopeless)
+    # Ruled out: not certified (margin <= 0 already; kept so explicitly).
+    cert = dataclasses.replace(cert, certified=cert.certified & ~jnp.asarray(hopeless),
+                               margin=jnp.where(jnp.asarray(hopeless),
+                                                jnp.minimum(cert.margin, 0.0), cert.margin))
+    idx = np.nonzero(~hopeless)[0]
+    if idx.size:
+      with timer.stage("global_exact", idx.size):
+        # Chunks of the full pass's size: the shape a screen=False pass
+        # compiles, whatever the number of examples left (no recompilation
+        # from one call to the next).
+        exact = _certify_chunks(model, variables, gn, x[idx], y[idx], eps[idx], "global",
+                                batch_size, key, jit, opts,
+                                size=n if batch_size is None else min(batch_size, n))
+        ji = jnp.asarray(idx)
+        cert = jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), cert,
+                                      exact)
+    done(cert)
+  return cert
+
+
+def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, steps,
+                     options, timer, screen):
+  glob_opts = {k: v for k, v in options.items() if k == "failure_probability"}
+  glob = _global_pass(model, variables, pnorms, x, y, eps, batch_size,
+                      jax.random.fold_in(key, 1), jit, glob_opts, timer, screen)
+  undecided = np.asarray((glob.predicted == y) & ~glob.certified)
   idx = np.nonzero(undecided)[0]
   if idx.size:
     lower_opts = dict(options, mode="lower", lanczos_steps=steps)
