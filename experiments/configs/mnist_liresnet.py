@@ -13,22 +13,11 @@ over 150 epochs. Results of this recipe are not measured yet.
 
 import ml_collections
 
-from experiments.configs import base
+from experiments.configs import mnist_4c3f
 
 
 def get_config():
-  c = base.get_config()
+  c = mnist_4c3f.get_config()
   c.model = "liresnet"
   c.model_options = ml_collections.ConfigDict({"width": 32, "blocks": 4, "neck": 256})
-  c.dataset = "mnist"
-  c.loss = "gloro"
-  c.iterations = 5
-  c.init = 1.0
-  c.eps_train = 1.75
-  c.eps_test = 1.58
-  c.epochs = 300
-  c.warmup_epochs = 0.0
-  c.rampup_epochs = 150.0
-  c.lr = 1e-3
-  c.end_lr = 5e-6
   return c
