@@ -24,6 +24,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.cli import InputError
+from lipjax.evaluation import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("runs", None, "LABEL=WORKDIR pairs, comma-separated")
@@ -65,7 +66,7 @@ def load_report(workdir: str, eval_dir: str = "eval") -> Dict:
 
 
 def _pct(x) -> str:
-  return "n/a" if x is None else f"{100.0 * float(x):.1f}"
+  return "n/a" if x is None else report.pct(float(x))
 
 
 def table(runs: List[Tuple[str, Dict]]) -> str:
