@@ -40,10 +40,16 @@ flags.DEFINE_float("pgd_step_size", None, "PGD l2 step length (default eps / 4)"
 flags.DEFINE_enum("pgd_loss", "margin", ["margin", "ce"], "PGD objective")
 flags.DEFINE_integer("pgd_examples", 0, "> 0: PGD (and --cross_check) on the first N examples "
                      "only; clean and certified accuracy still cover all of them")
+flags.DEFINE_bool("pgd_skip_certified", False,
+                  "PGD skips points certified at that eps (they count as robust); "
+                  "--cross_check attacks them separately")
 flags.DEFINE_integer("batch_size", 256, "examples per compiled call")
 flags.DEFINE_list("bounds", ["local", "global"], "bounds to certify with: local, global")
 flags.DEFINE_bool("cross_check", False,
                   "attack every certified point again with PGD; exit 2 on any violation")
+flags.DEFINE_integer("cross_check_examples", 0,
+                     "> 0: the cross-check covers the certified points among the first N "
+                     "examples (default: the PGD examples)")
 flags.DEFINE_integer("tightness_examples", 1000, "examples in the tightness report (0: off)")
 flags.DEFINE_integer("tightness_steps", 10, "gradient-ascent steps of the Jacobian search")
 flags.DEFINE_float("failure_probability", 1e-9,
@@ -153,6 +159,8 @@ def run(argv_flags) -> int:
     raise InputError("--pgd_steps must be >= 0 and --pgd_restarts >= 1")
   if f.pgd_examples < 0:
     raise InputError(f"--pgd_examples must be >= 0, got {f.pgd_examples}")
+  if getattr(f, "cross_check_examples", 0) < 0:
+    raise InputError(f"--cross_check_examples must be >= 0, got {f.cross_check_examples}")
   if f.pgd_step_size is not None and not f.pgd_step_size > 0:
     raise InputError(f"--pgd_step_size must be > 0, got {f.pgd_step_size}")
   bounds = tuple(b.strip() for b in f.bounds if b.strip())
@@ -199,6 +207,8 @@ def run(argv_flags) -> int:
       batch_size=f.batch_size,
       tightness_examples=f.tightness_examples, tightness_steps=f.tightness_steps,
       cross_check=f.cross_check,
+      pgd_skip_certified=getattr(f, "pgd_skip_certified", False),
+      cross_check_examples=getattr(f, "cross_check_examples", 0),
       certify_options={"failure_probability": f.failure_probability,
                        "lanczos_steps": f.lanczos_steps},
       seed=f.seed, progress=f.progress)

@@ -84,6 +84,20 @@ def test_pgd_respects_the_box_when_the_ball_leaves_it():
   assert np.all(perturbation_norm(x, xa) <= eps * (1 + 1e-5))
 
 
+def test_pgd_example_keys_make_each_attack_independent_of_its_batch():
+  v, x, y, dist = _linear_problem(seed=3, b=8)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(8))
+  eps = dist * 1.02
+  full = pgd_attack(_linear_apply, v, x, y, eps, steps=3, example_keys=keys)
+  perm = np.array([5, 2, 7, 0])
+  part = pgd_attack(_linear_apply, v, x[perm], y[perm], eps[perm], steps=3,
+                    example_keys=keys[perm])
+  np.testing.assert_allclose(np.asarray(part.x_adv), np.asarray(full.x_adv)[perm], atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(part.success), np.asarray(full.success)[perm])
+  with pytest.raises(ValueError, match="example_keys"):
+    pgd_attack(_linear_apply, v, x, y, eps, example_keys=keys[:3])
+
+
 def test_pgd_rejects_bad_arguments():
   v, x, y, _ = _linear_problem()
   with pytest.raises(ValueError, match="eps"):
@@ -290,6 +304,36 @@ def test_pgd_on_the_first_examples_only(workdir):
   assert part["summary"]["certified"] == full["summary"]["certified"]
   assert "48 examples; PGD on the first 16 examples" in report.to_markdown(part, title="t")
   assert "48 examples; PGD: " in report.to_markdown(full, title="t")
+
+
+def test_pgd_skipping_certified_points_keeps_the_accuracy(workdir):
+  model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
+  variables, _ = checkpoints.restore_variables(workdir)
+  ds = data.load("mnist", "test[:48]")
+  opts = dict(bounds=("global",), pgd_steps=10, pgd_restarts=2, batch_size=16,
+              tightness_examples=0, progress=False)
+  full = evaluate(model, variables, ds.images, ds.labels, EPS, EvalOptions(**opts))
+  skip = evaluate(model, variables, ds.images, ds.labels, EPS,
+                  EvalOptions(pgd_skip_certified=True, cross_check=True,
+                              cross_check_examples=32, **opts))
+  p_full, p_skip = full["summary"]["pgd"], skip["summary"]["pgd"]
+  correct = np.asarray(full["per_example"]["predicted"]) == ds.labels
+  for k, e in enumerate(EPS):
+    cert = np.asarray(full["per_example"]["certified_global"][f"{e:g}"])
+    assert p_full["attacked"][k] == int(correct.sum())           # misclassified: skipped
+    assert p_skip["attacked"][k] == int((correct & ~cert).sum())
+    assert p_skip["cross_check_attacked"][k] == int(cert[:32].sum())
+    # Uncertified points get the very same attacks (per-example keys), and
+    # certified points are not broken, so the accuracy is the same.
+    assert p_skip["accuracy"][k] == pytest.approx(p_full["accuracy"][k])
+    succ_full = np.asarray(full["per_example"]["pgd_success"][f"{e:g}"])
+    succ_skip = np.asarray(skip["per_example"]["pgd_success"][f"{e:g}"])
+    np.testing.assert_array_equal(succ_skip[~cert], succ_full[~cert])
+    assert not succ_full[cert].any()
+  assert skip["violations"] == []
+  md = report.to_markdown(skip, title="t")
+  assert "PGD attacked only the correctly classified points" in md
+  assert "among the first 32 examples" in md
 
 
 # ---------------------------------------------------------------------------

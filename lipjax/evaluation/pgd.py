@@ -76,12 +76,28 @@ def project(x: Array, x_adv: Array, eps: Array) -> Array:
 
 
 def random_start(key, x: Array, eps: Array) -> Array:
-  """A uniform random point of the l2 ball ``B(x, eps)``, clipped to ``[0, 1]``."""
-  kd, kr = jax.random.split(key)
+  """A uniform random point of the l2 ball ``B(x, eps)``, clipped to ``[0, 1]``.
+
+  Args:
+    key: one PRNG key for the batch, or ``(B,)`` keys, one per example (then
+      each example's start depends only on its own key, not on the batch).
+    x: ``(B, *input_shape)`` centres.
+    eps: ``(B,)`` or scalar radii.
+  """
   d = int(np.prod(x.shape[1:]))
-  g = jax.random.normal(kd, x.shape, x.dtype)
+  if jnp.ndim(key) == 0 or (jnp.ndim(key) == 1 and not jax.dtypes.issubdtype(
+      jnp.asarray(key).dtype, jax.dtypes.prng_key)):
+    kd, kr = jax.random.split(key)
+    g = jax.random.normal(kd, x.shape, x.dtype)
+    u = jax.random.uniform(kr, (x.shape[0],), x.dtype)
+  else:
+    def one(k):
+      kd, kr = jax.random.split(k)
+      return (jax.random.normal(kd, x.shape[1:], x.dtype),
+              jax.random.uniform(kr, (), x.dtype))
+    g, u = jax.vmap(one)(key)
   g = g / _bcast(jnp.maximum(_flat_norm(g), 1e-12), g)
-  r = eps * jax.random.uniform(kr, (x.shape[0],), x.dtype) ** (1.0 / d)
+  r = eps * u ** (1.0 / d)
   return project(x, x + g * _bcast(r, g), eps)
 
 
@@ -96,7 +112,7 @@ def _objective(apply_fn, loss, xa, y):
 
 
 def _attack_core(apply_fn, variables, x, y, eps, key, *, steps, restarts, loss,
-                 step_scale, step_size):
+                 step_scale, step_size, per_example):
   f = lambda xa: apply_fn(variables, xa)
   grad_fn = jax.value_and_grad(functools.partial(_objective, f, loss), has_aux=True)
   alpha = eps * step_scale if step_size is None else jnp.full_like(eps, step_size)
@@ -119,7 +135,11 @@ def _attack_core(apply_fn, variables, x, y, eps, key, *, steps, restarts, loss,
   logits0 = f(x)
   best = (x, margin(logits0, y), jnp.argmax(logits0, -1).astype(jnp.int32))
   for r in range(restarts):
-    xa = random_start(jax.random.fold_in(key, r), x, eps)
+    if per_example:
+      keys_r = jax.vmap(lambda k: jax.random.fold_in(k, r))(key)
+    else:
+      keys_r = jax.random.fold_in(key, r)
+    xa = random_start(keys_r, x, eps)
     xa, best = jax.lax.fori_loop(0, steps, one_step, (xa, best))
     logits = f(xa)
     best = keep_best(best, xa, margin(logits, y), jnp.argmax(logits, -1).astype(jnp.int32))
@@ -128,14 +148,16 @@ def _attack_core(apply_fn, variables, x, y, eps, key, *, steps, restarts, loss,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(apply_fn, steps, restarts, loss, step_scale, step_size):
+def _compiled(apply_fn, steps, restarts, loss, step_scale, step_size, per_example):
   return jax.jit(functools.partial(_attack_core, apply_fn, steps=steps, restarts=restarts,
-                                   loss=loss, step_scale=step_scale, step_size=step_size))
+                                   loss=loss, step_scale=step_scale, step_size=step_size,
+                                   per_example=per_example))
 
 
 def pgd_attack(apply_fn, variables, x, y, eps, *, steps: int = 100, restarts: int = 1,
                step_size: Optional[float] = None, step_scale: float = 0.25,
-               loss: str = "margin", key: Optional[Array] = None) -> AttackResult:
+               loss: str = "margin", key: Optional[Array] = None,
+               example_keys: Optional[Array] = None) -> AttackResult:
   """L2 PGD with random restarts on one batch (one compiled call).
 
   Args:
@@ -153,6 +175,10 @@ def pgd_attack(apply_fn, variables, x, y, eps, *, steps: int = 100, restarts: in
     loss: ``"margin"`` (minimise ``z_y - max_{i≠y} z_i``) or ``"ce"``
       (maximise the cross-entropy).
     key: PRNG key of the random starts (default ``PRNGKey(0)``).
+    example_keys: ``(B,)`` PRNG keys, one per example (typed keys or raw
+      ``(B, 2)`` uint32), instead of ``key``: each example's random starts then
+      depend only on its own key, so an attack gives the same result whatever
+      batch the example is in.
 
   Returns:
     An :class:`AttackResult`; every ``x_adv`` lies in ``B(x, eps) ∩ [0, 1]^d``.
@@ -173,9 +199,19 @@ def pgd_attack(apply_fn, variables, x, y, eps, *, steps: int = 100, restarts: in
   if not np.all(np.isfinite(e_host)) or np.any(e_host < 0):
     raise ValueError("eps must be finite and >= 0")
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (x.shape[0],))
-  key = jax.random.PRNGKey(0) if key is None else key
+  per_example = example_keys is not None
+  if per_example:
+    if key is not None:
+      raise ValueError("pass key or example_keys, not both")
+    key = example_keys
+    if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+      key = jax.random.key_data(key)
+    if key.shape[0] != x.shape[0] or key.ndim != 2:
+      raise ValueError(f"example_keys must hold {x.shape[0]} keys, got shape {key.shape}")
+  else:
+    key = jax.random.PRNGKey(0) if key is None else key
   fn = _compiled(apply_fn, int(steps), int(restarts), loss, float(step_scale),
-                 None if step_size is None else float(step_size))
+                 None if step_size is None else float(step_size), per_example)
   return fn(variables, x, y, eps, key)
 
 

@@ -57,6 +57,16 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
   out.append(f"{s['num_examples']} examples; PGD{on}: {s['pgd']['steps']} steps, "
              f"{s['pgd']['restarts']} restart(s), step {s['pgd']['step']}, "
              f"{s['pgd']['loss']} loss.\n")
+  p = s["pgd"]
+  if p.get("skip_certified"):
+    out.append("PGD attacked only the correctly classified points no bound certified at that "
+               "eps (" + ", ".join(f"{n} at {e:g}" for n, e in zip(p["attacked"], eps))
+               + "); certified points count as robust.\n")
+  if p.get("cross_check_examples"):
+    out.append(f"Cross-check: PGD with fresh starts on every certified point among the first "
+               f"{p['cross_check_examples']} examples ("
+               + ", ".join(f"{n} at {e:g}" for n, e in zip(p["cross_check_attacked"], eps))
+               + f"); violations: {s['violations']}.\n")
   out.append("## Clean / PGD / certified accuracy (%)\n")
   header = "| setting | " + " | ".join(f"{b} bound" for b in bounds) + " |"
   out.append(header)

@@ -60,10 +60,19 @@ class EvalOptions:
     tightness_steps, tightness_iterations: gradient-ascent steps and power
       iterations of the Jacobian-norm search.
     pgd_examples: attack only the first ``pgd_examples`` examples (0: all);
-      the PGD accuracy is then over those examples, and ``cross_check``
-      re-attacks the certified points among them. Clean and certified
-      accuracy always cover every example.
-    cross_check: attack every certified point again with fresh random starts.
+      the PGD accuracy is then over those examples. Clean and certified
+      accuracy always cover every example. A point the model misclassifies
+      is never attacked (it is not robust whatever the attack finds), and
+      each restart attacks only the points no earlier restart broke.
+    pgd_skip_certified: do not attack points certified at that eps by one of
+      the bounds; they count as robust, which they are if the certificate
+      holds, so the PGD accuracy is unchanged. With ``cross_check`` (which
+      attacks them anyway, with fresh starts) the reported accuracy does
+      not rely on the certificates.
+    cross_check: attack every certified point (among the first
+      ``cross_check_examples``) again with fresh random starts.
+    cross_check_examples: how many of the first examples the cross-check
+      covers (0: the same examples as PGD).
     certify_options: extra keyword arguments of :func:`lipjax.certify`.
     seed: PRNG seed of the attacks and the Lanczos start vectors.
     progress: show tqdm progress bars.
@@ -76,6 +85,7 @@ class EvalOptions:
   pgd_step_size: Optional[float] = None
   pgd_loss: str = "margin"
   pgd_examples: int = 0
+  pgd_skip_certified: bool = False
   batch_size: int = 256
   radius_cap: Optional[float] = None
   tightness_examples: int = 1000
@@ -83,6 +93,7 @@ class EvalOptions:
   tightness_steps: int = 10
   tightness_iterations: int = 5
   cross_check: bool = False
+  cross_check_examples: int = 0
   certify_options: Optional[dict] = None
   seed: int = 0
   progress: bool = True
@@ -109,6 +120,12 @@ def _progress(iterable, enabled, **kwargs):
 @functools.lru_cache(maxsize=8)
 def _apply_jit(model):
   return jax.jit(model.apply)
+
+
+def _example_keys(base_key, ids, restart):
+  """``(B, 2)`` raw PRNG keys: example ``ids[i]``'s key for restart ``restart``."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, i), restart))(
+      jnp.asarray(ids, jnp.uint32))
 
 
 def _nanmedian(a) -> float:
@@ -217,16 +234,6 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     predicted[lo:hi] = pred
     timing["clean"] += time.perf_counter() - t0
 
-    for k, e in enumerate(eps_list if lo < n_pgd else ()):
-      t0 = time.perf_counter()
-      res = pgd.pgd_attack(model.apply, variables, xb, yb, e, steps=options.pgd_steps,
-                           restarts=options.pgd_restarts, step_size=options.pgd_step_size,
-                           step_scale=options.pgd_step_scale, loss=options.pgd_loss,
-                           key=jax.random.fold_in(bkey, 1000 + k))
-      pgd_success[k, lo:hi] = np.asarray(res.success)[:m]
-      pgd_norm[k, lo:hi] = pgd.perturbation_norm(xb, res.x_adv)[:m]
-      timing["pgd"] += time.perf_counter() - t0
-
     if "global" in bounds:
       t0 = time.perf_counter()
       c = certify_fn(model, variables, xb, yb, cap, bound="global", batch_size=bs,
@@ -261,7 +268,6 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     timing["local"] += time.perf_counter() - t0
 
   correct = predicted == labels
-  pgd_robust = (correct[None, :] & ~pgd_success)[:, :n_pgd]
 
   # Nested balls: certified at a larger eps implies certified at a smaller one.
   cert_nested = {}
@@ -283,6 +289,51 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     radius["local"] = np.max(np.where(cert_nested["local"], np.asarray(eps_list)[:, None],
                                       rr["local"]), axis=0)
 
+  def attack(indices, e, base_key, desc):
+    """PGD on ``images[indices]`` at radius ``e``, restart by restart, each
+    restart only on the points no earlier one broke; every example's random
+    starts come from its own key, so results do not depend on the batching."""
+    success = np.zeros(len(indices), bool)
+    norm = np.zeros(len(indices), np.float64)
+    alive = np.arange(len(indices))
+    for r in range(int(options.pgd_restarts)):
+      for start in _progress(range(0, len(alive), bs), options.progress,
+                             desc=f"{desc} eps={e:g} restart {r + 1}", unit="batch"):
+        sel = alive[start:start + bs]
+        ids = np.asarray(indices)[sel]
+        xb = jnp.asarray(_pad(images[ids], bs))
+        yb = jnp.asarray(_pad(labels[ids], bs))
+        res = pgd.pgd_attack(model.apply, variables, xb, yb, e, steps=options.pgd_steps,
+                             restarts=1, step_size=options.pgd_step_size,
+                             step_scale=options.pgd_step_scale, loss=options.pgd_loss,
+                             example_keys=_example_keys(base_key, _pad(ids, bs), r))
+        hit = np.asarray(res.success)[:len(sel)]
+        success[sel] |= hit
+        norm[sel] = np.where(hit, pgd.perturbation_norm(xb, res.x_adv)[:len(sel)], norm[sel])
+      alive = alive[~success[alive]]
+      if not len(alive):
+        break
+    return success, norm
+
+  # PGD on the correctly classified points among the first n_pgd.
+  t0 = time.perf_counter()
+  pgd_attacked = np.zeros(k_eps, np.int64)
+  for k, e in enumerate(eps_list):
+    target = correct.copy()
+    target[n_pgd:] = False
+    if options.pgd_skip_certified:
+      for b in bounds:
+        target &= ~cert_nested[b][k]
+    idx = np.nonzero(target)[0]
+    pgd_attacked[k] = len(idx)
+    if len(idx):
+      succ, nrm = attack(idx, e, jax.random.fold_in(key, 1000 + k), "PGD")
+      pgd_success[k, idx] = succ
+      pgd_norm[k, idx] = nrm
+  pgd_success[:, :n_pgd] |= ~correct[None, :n_pgd]
+  timing["pgd"] = time.perf_counter() - t0
+  pgd_robust = (correct[None, :] & ~pgd_success)[:, :n_pgd]
+
   violations = []
   for b in bounds:
     for k, e in enumerate(eps_list):
@@ -291,27 +342,22 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
           violations.append({"index": int(i), "eps": e, "bound": b, "attack": "pgd",
                              "perturbation_norm": float(pgd_norm[k, i])})
 
+  n_cc = n_pgd if int(options.cross_check_examples) <= 0 else min(
+      int(options.cross_check_examples), n)
+  cc_attacked = np.zeros(k_eps, np.int64)
   if options.cross_check:
     t0 = time.perf_counter()
     for k, e in enumerate(eps_list):
-      idx = np.nonzero(np.any([cert_nested[b][k][:n_pgd] for b in bounds], axis=0))[0]
-      for start in _progress(range(0, len(idx), bs), options.progress,
-                             desc=f"cross-check eps={e:g}", unit="batch"):
-        sel = idx[start:start + bs]
-        xb = jnp.asarray(_pad(images[sel], bs))
-        yb = jnp.asarray(_pad(labels[sel], bs))
-        res = pgd.pgd_attack(model.apply, variables, xb, yb, e, steps=options.pgd_steps,
-                             restarts=options.pgd_restarts,
-                             step_size=options.pgd_step_size,
-                             step_scale=options.pgd_step_scale, loss=options.pgd_loss,
-                             key=jax.random.fold_in(key, 7_000_000 + 1000 * k + start))
-        succ = np.asarray(res.success)[:len(sel)]
-        norms = pgd.perturbation_norm(xb, res.x_adv)[:len(sel)]
-        for j in np.nonzero(succ & (norms <= e))[0]:
-          for b in bounds:
-            if cert_nested[b][k, sel[j]]:
-              violations.append({"index": int(sel[j]), "eps": e, "bound": b,
-                                 "attack": "cross_check", "perturbation_norm": float(norms[j])})
+      idx = np.nonzero(np.any([cert_nested[b][k][:n_cc] for b in bounds], axis=0))[0]
+      cc_attacked[k] = len(idx)
+      if not len(idx):
+        continue
+      succ, nrm = attack(idx, e, jax.random.fold_in(key, 7_000_000 + k), "cross-check")
+      for j in np.nonzero(succ & (nrm <= e))[0]:
+        for b in bounds:
+          if cert_nested[b][k, idx[j]]:
+            violations.append({"index": int(idx[j]), "eps": e, "bound": b,
+                               "attack": "cross_check", "perturbation_norm": float(nrm[j])})
     timing["cross_check"] = time.perf_counter() - t0
 
   # Tightness at one radius on the first examples.
@@ -360,6 +406,10 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
               "step": (f"{options.pgd_step_size:g}" if options.pgd_step_size
                        else f"{options.pgd_step_scale:g} * eps"),
               "loss": options.pgd_loss, "examples": n_pgd,
+              "skip_certified": bool(options.pgd_skip_certified),
+              "attacked": [int(a) for a in pgd_attacked],
+              "cross_check_examples": n_cc if options.cross_check else 0,
+              "cross_check_attacked": [int(a) for a in cc_attacked],
               "accuracy": [acc(pgd_robust[k]) for k in range(k_eps)]},
       "certified": {}, "radius": {}, "guarantee": {}, "timing_s": timing,
   }
