@@ -1,0 +1,29 @@
+r"""MNIST LiResNet-style network on the CPU budget of ``mnist_4c3f_cpu``.
+
+The residual counterpart of ``mnist_4c3f_cpu``: the same loss, eps, power
+iterations, batch, optimiser and 10-epoch schedule (eps ramped over 5 epochs,
+lr held to epoch 6 then decayed to 5e-6), with the LiResNet-style zoo model of
+``mnist_liresnet`` (conv stem, ``act(h + conv(h))`` blocks, strided conv,
+dense neck, linear head) instead of 4C3F.
+
+Run the local-bound model and its global-bound baseline (same seed)::
+
+  python -m experiments.train --config=mnist_liresnet_cpu --config.bound=local --workdir=runs/mliresnet_local
+  python -m experiments.train --config=mnist_liresnet_cpu --config.bound=global --workdir=runs/mliresnet_global
+
+then evaluate each on the 10,000 test images::
+
+  python -m experiments.certify --workdir=runs/mliresnet_local --eps=0.5,1.0,1.58 --cross_check
+
+Results of this recipe are not measured yet.
+"""
+
+from experiments.configs import mnist_4c3f_cpu, mnist_liresnet
+
+
+def get_config():
+  c = mnist_4c3f_cpu.get_config()
+  r = mnist_liresnet.get_config()
+  c.model = r.model
+  c.model_options = r.model_options
+  return c
