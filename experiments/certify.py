@@ -159,7 +159,7 @@ def run(argv_flags) -> int:
     raise InputError("--pgd_steps must be >= 0 and --pgd_restarts >= 1")
   if f.pgd_examples < 0:
     raise InputError(f"--pgd_examples must be >= 0, got {f.pgd_examples}")
-  if getattr(f, "cross_check_examples", 0) < 0:
+  if f.cross_check_examples < 0:
     raise InputError(f"--cross_check_examples must be >= 0, got {f.cross_check_examples}")
   if f.pgd_step_size is not None and not f.pgd_step_size > 0:
     raise InputError(f"--pgd_step_size must be > 0, got {f.pgd_step_size}")
@@ -207,8 +207,8 @@ def run(argv_flags) -> int:
       batch_size=f.batch_size,
       tightness_examples=f.tightness_examples, tightness_steps=f.tightness_steps,
       cross_check=f.cross_check,
-      pgd_skip_certified=getattr(f, "pgd_skip_certified", False),
-      cross_check_examples=getattr(f, "cross_check_examples", 0),
+      pgd_skip_certified=f.pgd_skip_certified,
+      cross_check_examples=f.cross_check_examples,
       certify_options={"failure_probability": f.failure_probability,
                        "lanczos_steps": f.lanczos_steps},
       seed=f.seed, progress=f.progress)

@@ -183,7 +183,8 @@ def workdir(tmp_path_factory):
 def _flags(workdir, tmp, **over):
   f = dict(workdir=workdir, checkpoint="best", split=None, num_examples=48,
            eps=",".join(str(e) for e in EPS), pgd_steps=20, pgd_restarts=1,
-           pgd_step_size=None, pgd_loss="margin", pgd_examples=0, batch_size=48,
+           pgd_step_size=None, pgd_loss="margin", pgd_examples=0, pgd_skip_certified=False,
+           cross_check_examples=0, batch_size=48,
            bounds=["local", "global"], cross_check=True, tightness_examples=16,
            tightness_steps=4, failure_probability=1e-9, lanczos_steps=30, output_dir=str(tmp),
            data_dir=None, seed=0, progress=False)
@@ -351,6 +352,8 @@ def test_bad_inputs_raise_one_line_errors(workdir, tmp_path):
     certify_cli.run(_flags(workdir, tmp_path, eps="0.1,-0.5"))
   with pytest.raises(err, match="step"):
     certify_cli.run(_flags(workdir, tmp_path, checkpoint="soon"))
+  with pytest.raises(err, match="--cross_check_examples must be >= 0"):
+    certify_cli.run(_flags(workdir, tmp_path, cross_check_examples=-1))
   empty = tmp_path / "empty"
   empty.mkdir()
   checkpoints.save_config(empty, {"model": "2c2f", "activation": "clipped_relu",

@@ -75,18 +75,19 @@ def project(x: Array, x_adv: Array, eps: Array) -> Array:
   return jnp.clip(x + delta * _bcast(scale, delta), 0.0, 1.0)
 
 
-def random_start(key, x: Array, eps: Array) -> Array:
+def random_start(key, x: Array, eps: Array, *, per_example: bool = False) -> Array:
   """A uniform random point of the l2 ball ``B(x, eps)``, clipped to ``[0, 1]``.
 
   Args:
-    key: one PRNG key for the batch, or ``(B,)`` keys, one per example (then
-      each example's start depends only on its own key, not on the batch).
+    key: one PRNG key for the batch, or with ``per_example`` ``(B,)`` keys,
+      one per example (each example's start then depends only on its own
+      key, not on the batch).
     x: ``(B, *input_shape)`` centres.
     eps: ``(B,)`` or scalar radii.
+    per_example: whether ``key`` holds one key per example.
   """
   d = int(np.prod(x.shape[1:]))
-  if jnp.ndim(key) == 0 or (jnp.ndim(key) == 1 and not jax.dtypes.issubdtype(
-      jnp.asarray(key).dtype, jax.dtypes.prng_key)):
+  if not per_example:
     kd, kr = jax.random.split(key)
     g = jax.random.normal(kd, x.shape, x.dtype)
     u = jax.random.uniform(kr, (x.shape[0],), x.dtype)
@@ -139,7 +140,7 @@ def _attack_core(apply_fn, variables, x, y, eps, key, *, steps, restarts, loss,
       keys_r = jax.vmap(lambda k: jax.random.fold_in(k, r))(key)
     else:
       keys_r = jax.random.fold_in(key, r)
-    xa = random_start(keys_r, x, eps)
+    xa = random_start(keys_r, x, eps, per_example=per_example)
     xa, best = jax.lax.fori_loop(0, steps, one_step, (xa, best))
     logits = f(xa)
     best = keep_best(best, xa, margin(logits, y), jnp.argmax(logits, -1).astype(jnp.int32))
