@@ -352,8 +352,10 @@ def _norm_rounding(stages, x, eps, gn):
   ``c_n (|| |W| || M_l + ||b||)`` plus the underflow allowance, so
   ``d_{l+1} = ||W_l|| d_l + that``; the activations are evaluated exactly
   and are 1-Lipschitz. Every quantity is rounded up with ample slack
-  (``1e-3`` relative). Looser than the boxes of
-  :func:`lipjax.bounds.intervals.propagate`, but only one forward pass.
+  (``1e-3`` relative). One forward pass instead of the several per layer of
+  :func:`lipjax.bounds.intervals.propagate`; neither bound is always the
+  smaller (on wide balls this one can be, since boxes of an l2 ball are wide
+  in every coordinate).
   """
   u, v = rounding.U, rounding.operand_roundoff()
   safe = 1.0 + 1e-3
@@ -389,7 +391,8 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
 
   Returns ``(cert, hopeless)``: ``cert`` is a sound global certificate
   (:func:`_norm_rounding` in place of the boxes' rounding bounds: its
-  ``margin`` and ``robust_radius`` are valid but a little smaller), and
+  ``margin`` and ``robust_radius`` are valid, and may be smaller or larger
+  than the exact certificate's), and
   ``hopeless`` ``(B,)`` marks examples for which the margin of the exact
   global certificate (``certify_arrays(bound="global")``, any float32
   evaluation of it) cannot be positive: an upper bound on it,
@@ -589,8 +592,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       over the ball, several passes per layer) only for the examples whose
       margin that screen cannot prove to be non-positive. The certified set
       is the same as with ``screen=False``; examples ruled out by the screen
-      get its margin and robust radius, which are sound and at most a little
-      smaller. Applies to networks of built-in layers and activations.
+      get its margin and robust radius, which are sound but can differ from
+      the exact certificate's either way (its rounding bound is another
+      one), so a robust radius returned at one ``eps`` need not match a
+      certificate computed at another. Applies to networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"`` (all examples, screen included),
       ``"global_exact"`` (the examples the screen left), ``"triage"``,
