@@ -788,3 +788,54 @@ def test_unsupported_activation_and_model_kinds():
   ev = ends_with_activation.init(jax.random.PRNGKey(0), x)
   with pytest.raises(lipjax.UnsupportedModelError, match="linear"):
     lipjax.certify(ends_with_activation, ev, x, y, 0.1)
+
+
+# ---------------------------------------------------------------------------
+# One certificate, whatever eps it is asked at
+# ---------------------------------------------------------------------------
+
+
+def _wide_input_model():
+  """28x28 inputs, so that boxes of an l2 ball are wide in every coordinate,
+  and a bias giving class 0 a margin of about twice the global bound's
+  radius unit: robust radii near 2, where the rounding bounds matter."""
+  model = lnn.Sequential((lnn.Conv(8, 3, 1, 1), lnn.ReLU(), lnn.Conv(8, 3, 2, 1), lnn.ReLU(),
+                          lnn.Flatten(), lnn.Dense(64), lnn.ReLU(), lnn.Dense(10)),
+                         input_shape=(28, 28, 1))
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  lip = float(lipjax.global_lipschitz_bound(model, v, input_shape=(28, 28, 1)))
+  v = jax.tree_util.tree_map(
+      lambda a: a.at[0].set(2.0 * np.sqrt(2.0) * lip) if a.shape == (10,) else a, v)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (12, 28, 28, 1))
+  return model, v, x, jnp.zeros((12,), jnp.int32)
+
+
+@pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
+def test_robust_radius_at_a_large_eps_is_certified_by_a_call_at_that_radius(precision):
+  # The robust radius r(R) returned by a call at R is a promise: a call at any
+  # radius below it certifies. The screen's norm-based rounding bound and the
+  # boxes' bound used to disagree, so a call at R = 3 returned radii above 2.5
+  # that a call at 2.5 refused. (tensorfloat32: larger rounding, same rule.)
+  model, v, x, y = _wide_input_model()
+  with jax.default_matmul_precision(precision):
+    for big in ((2.6, 3.0) if precision == "float32" else (2.0, 3.0)):
+      for screen in (True, False):
+        cap = lipjax.certify(model, v, x, y, big, bound="global", screen=screen)
+        rr = np.asarray(cap.robust_radius)
+        inside = (rr > 0.05) & (rr < big)
+        assert inside.sum() >= 4, rr   # the check below has points to bite on
+        r = jnp.asarray(rr[inside] * (1.0 - 1e-3))
+        for kw in ({"bound": "global", "screen": True}, {"bound": "global", "screen": False},
+                   {}):
+          c = lipjax.certify(model, v, x[inside], y[inside], r, **kw)
+          assert np.all(np.asarray(c.certified)), (precision, big, screen, kw, rr[inside])
+
+
+def test_global_certificate_is_monotone_in_eps():
+  model, v, x, y = _wide_input_model()
+  eps = np.linspace(1.5, 3.0, 7)
+  certified = np.stack([np.asarray(lipjax.certify(model, v, x, y, e, bound="global").certified)
+                        for e in eps])
+  assert certified[0].all() and not certified[-1].any()
+  # Certified at a radius: certified at every smaller one.
+  assert np.all(certified[:-1] >= certified[1:])

@@ -268,7 +268,7 @@ def test_plots_written(evaluated):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_global_radii_match_direct_certificates(workdir):
+def test_global_columns_are_the_direct_certificates_at_each_eps(workdir):
   model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
   variables, _ = checkpoints.restore_variables(workdir)
   ds = data.load("mnist", "test[:48]")
@@ -277,8 +277,8 @@ def test_global_radii_match_direct_certificates(workdir):
                              progress=False))
   for e in EPS:
     direct = lipjax.certify(model, variables, ds.images, ds.labels, e, bound="global")
-    from_radius = np.asarray(res["per_example"]["certified_global"][f"{e:g}"])
-    assert np.array_equal(from_radius, np.asarray(direct.certified))
+    column = np.asarray(res["per_example"]["certified_global"][f"{e:g}"])
+    assert np.array_equal(column, np.asarray(direct.certified))
 
 
 def test_pgd_on_the_first_examples_only(workdir):

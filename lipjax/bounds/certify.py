@@ -242,8 +242,29 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   else:
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
 
+  gnorms = lb.global_norms if bound == "local" else gn
   return _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-                 finite_extra, layers[-1], bound == "local")
+                 finite_extra, _tightest_rounding(stages, x, eps, gnorms, layers[-1]),
+                 bound == "local")
+
+
+def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
+  """``(e, d, rho)`` of :func:`_margins`: the elementwise smaller of the
+  boxes' bounds (``last_bounds``) and, where it applies, the norm-based one
+  of :func:`_norm_rounding`.
+
+  Both bound the same quantities soundly, so their minimum does; using it in
+  every path (the screen's included) makes a certificate's margin and robust
+  radius depend on ``eps`` monotonically, whichever path decides it.
+  """
+  b = x.shape[0]
+  last = stages[-1]
+  e = last._pre(last_bounds.input_error).reshape(b, -1)   # pylint: disable=protected-access
+  d, rho = last_bounds.input_error_l2, last_bounds.rounding
+  if not screenable(stages):
+    return e, d, rho
+  e_n, d_n, rho_n = _norm_rounding(stages, x, eps, gnorms)
+  return jnp.minimum(e, e_n), jnp.minimum(d, d_n), jnp.minimum(rho, rho_n)
 
 
 def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
@@ -352,10 +373,12 @@ def _norm_rounding(stages, x, eps, gn):
   ``c_n (|| |W| || M_l + ||b||)`` plus the underflow allowance, so
   ``d_{l+1} = ||W_l|| d_l + that``; the activations are evaluated exactly
   and are 1-Lipschitz. Every quantity is rounded up with ample slack
-  (``1e-3`` relative). One forward pass instead of the several per layer of
+  (``1e-3`` relative). The last layer's rounding is bounded per logit,
+  ``|w_i| |h~(x')| <= |w_i| |h~(x)| + ||w_i|| (r_L + 2 d_L)``. One forward
+  pass instead of the several per layer of
   :func:`lipjax.bounds.intervals.propagate`; neither bound is always the
-  smaller (on wide balls this one can be, since boxes of an l2 ball are wide
-  in every coordinate).
+  smaller, and the exact certificates keep the minimum of both
+  (:func:`_tightest_rounding`).
   """
   u, v = rounding.U, rounding.operand_roundoff()
   safe = 1.0 + 1e-3
@@ -371,7 +394,11 @@ def _norm_rounding(stages, x, eps, gn):
     if st.activation is None:   # the last stage: per-logit rounding
       rows = lipschitz.row_norm_bounds(st, g).reshape(-1)
       babs = jnp.zeros_like(rows) if bias is None else jnp.abs(bias).reshape(-1)
-      rho = (coef * (rows[None, :] * m[:, None] + babs[None, :]) + under[:, None]) * safe
+      # Per logit, |w_i| . |h~(x')| <= |w_i| . |h~(x)| + ||w_i|| (r + 2 d).
+      near = st.abs_linear(jnp.abs(c) + rounding.FLOOR).reshape(c.shape[0], -1)
+      pt = near + rows[None, :] * ((r + 2.0 * d) * safe)[:, None]
+      mags = jnp.minimum(rows[None, :] * m[:, None], pt * safe)
+      rho = (coef * (mags + babs[None, :]) + under[:, None]) * safe
       width = int(np.prod(st.layer_in_shape))
       e = jnp.broadcast_to(d[:, None], (x.shape[0], width))
       return e, d, rho
@@ -592,10 +619,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       over the ball, several passes per layer) only for the examples whose
       margin that screen cannot prove to be non-positive. The certified set
       is the same as with ``screen=False``; examples ruled out by the screen
-      get its margin and robust radius, which are sound but can differ from
-      the exact certificate's either way (its rounding bound is another
-      one), so a robust radius returned at one ``eps`` need not match a
-      certificate computed at another. Applies to networks of built-in layers and activations.
+      get its margin and robust radius, which are sound and at most the
+      exact certificate's (that one keeps the smaller of the boxes' and the
+      screen's rounding bounds). Either way a robust radius returned at one
+      ``eps`` is certified by a call at any smaller ``eps``. Applies to networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"`` (all examples, screen included),
       ``"global_exact"`` (the examples the screen left), ``"triage"``,

@@ -17,6 +17,10 @@ widened by a rigorous bound on the rounding of the sums that produced it,
 :func:`lipjax.bounds.rounding.dot_coefficient` (it grows with the fan-in
 ``n`` and with the magnitudes summed, not with the result, so a cancelling
 sum whose float32 value has the wrong sign is still marked varying). The
+rounding of the forward pass itself (not of the box arithmetic) also has an
+l2 bound per entry, ``c_n (|W| |h(x)| + ||w_k|| (r + 2 d) + |b|)`` with ``r``
+the l2 radius of the layer's input set and ``d`` its float32 error, much
+smaller on wide balls; the smaller of the two is used. The
 propagation also carries, per layer, a bound on how far the float32 forward
 pass (``model.apply``) can be from the exact one anywhere in the ball
 (``error``, ``input_error``, ``input_error_l2``, ``rounding``), which the
@@ -210,8 +214,21 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       if bias is not None:
         s = s + jnp.abs(bias)
       mag_max = jnp.max(mag.reshape(mag.shape[0], -1), axis=1)
-      rho = (rounding.dot_coefficient(n + 4, v) * s
-             + _bcast(rounding.underflow_term(n, mag_max), zc))
+      coef = rounding.dot_coefficient(n + 4, v)
+      under = _bcast(rounding.underflow_term(n, mag_max), zc)
+      rho_box = coef * s + under
+      # At a point the float forward pass reaches, |h~(x')| <= |c| + |delta|
+      # with ||delta||_2 <= r + 2 d (c is a float32 evaluation at the centre,
+      # as is model.apply's), so per row sum_k |w_k| |h~_k(x')| <=
+      # |w| . |c| + ||w||_2 (r + 2 d): an l2 bound per entry, much smaller
+      # than the box's on wide balls (the box is wide in every coordinate).
+      # It bounds the forward pass's own rounding (not the box midpoint's).
+      dev = _bcast((r + 2.0 * d) * (1.0 + 8 * u), zc)
+      s_pt = (_abs_apply(st, jnp.abs(c) + rounding.FLOOR, rnorm, zc)
+              + rnorm[None] * dev * (1.0 + 4 * u))
+      if bias is not None:
+        s_pt = s_pt + jnp.abs(bias)
+      rho = jnp.minimum(rho_box, coef * s_pt * (1.0 + 4 * u) + under)
       # Error of the float pre-activation: own rounding + W (h_float - h).
       row_up = rnorm[None] * rounding.upper_factor(n + 4)
       through = row_up * _bcast(d, zc)
@@ -220,10 +237,12 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
         through = jnp.minimum(through, abs_e * rounding.upper_factor(n, v))
       ez = (through + rho) * (1.0 + 4 * u)
       ball = _bcast(r, zc) * row_up
-      z_lo = jnp.maximum(zmid - abs_half - rho - 3 * u * (jnp.abs(zmid) + abs_half + rho),
-                         zc - ball - ez - 3 * u * (jnp.abs(zc) + ball + ez))
-      z_hi = jnp.minimum(zmid + abs_half + rho + 3 * u * (jnp.abs(zmid) + abs_half + rho),
-                         zc + ball + ez + 3 * u * (jnp.abs(zc) + ball + ez))
+      z_lo = jnp.maximum(
+          zmid - abs_half - rho_box - 3 * u * (jnp.abs(zmid) + abs_half + rho_box),
+          zc - ball - ez - 3 * u * (jnp.abs(zc) + ball + ez))
+      z_hi = jnp.minimum(
+          zmid + abs_half + rho_box + 3 * u * (jnp.abs(zmid) + abs_half + rho_box),
+          zc + ball + ez + 3 * u * (jnp.abs(zc) + ball + ez))
       size = int(np.prod(zc.shape[1:]))
       dz = _l2(ez) * rounding.upper_factor(size)
       if gnorm is not None:

@@ -102,17 +102,17 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
   out.append("")
   notes = []
   if "global" in bounds:
-    notes.append("Global radius: the exact global certificate's radius of each example "
-                 f"(it holds at every radius), cut at {top:g}.")
+    notes.append("Both radii are computed the same way: the largest of the evaluated eps "
+                 "at which the certificate holds and of the robust radii the certificates at "
+                 "each eps prove (margin / bound, at most that eps), cut at the largest eps, "
+                 f"{top:g}.")
   if "local" in bounds:
     fractions = s["certified"]["local"].get("local_bound_fraction")
     reached = ""
     if fractions:
       reached = (" Share of the examples that reached the sound local bound, per eps: "
                  + ", ".join(f"{pct(f)}% at {e:g}" for e, f in zip(eps, fractions)) + ".")
-    notes.append("Local radius: the largest of the evaluated eps at which the local "
-                 "certificate holds and the radii the local certificates prove inside their "
-                 "balls (margin / bound, at most that eps); the local bound holds only inside "
+    notes.append("The local bound holds only inside "
                  "the balls evaluated, so no radius above the largest eps is claimed. Examples "
                  "that certify's triage decides without the local bound (a wrong prediction, "
                  "certified by the exact global bound, or refuted by the lower estimate) enter "
