@@ -222,10 +222,11 @@ def load_data(cfg: Mapping[str, Any]):
   val_idx, train_idx = np.sort(order[len(full) - n_val:]), np.sort(order[:len(full) - n_val])
   if int(cfg["train_examples"]):
     train_idx = train_idx[:int(cfg["train_examples"])]
-  make = lambda idx: data.Dataset(full.images[idx], full.labels[idx], full.num_classes,
-                                  full.name)
+  def make(idx, src=full):
+    return data.Dataset(src.images[idx], src.labels[idx], src.num_classes, src.name)
+
   train, val = make(train_idx), (make(val_idx) if n_val else None)
-  del full
+  del full, make   # the subsets are copies: free the full split
   split = test_split(cfg)
   test = data.load(cfg["dataset"], split, data_dir=data_dir) if split else None
   return train, val, test
@@ -488,7 +489,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   init_key, power_key, step_key = jax.random.split(key, 3)
   variables = model.init(init_key, jnp.zeros((1,) + train_ds.image_shape, jnp.float32))
   eps_schedule, kappa_schedule, lr_schedule = make_schedules(cfg, steps_per_epoch)
-  optimizer = optax.chain(optax.adam(lr_schedule), step_lib.project_thresholds())
+  # The step projects the clipped-ReLU thresholds itself; the identity keeps
+  # the optimiser state's structure that earlier checkpoints were saved with.
+  optimizer = optax.chain(optax.adam(lr_schedule), optax.identity())
   state = initial_state(cfg, model, variables, train_ds.image_shape, optimizer,
                         power_key=power_key, step_key=step_key)
   del variables

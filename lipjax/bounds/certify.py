@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import nn as lnn
-from lipjax.bounds import graph, intervals, lipschitz, network, norms, rounding
+from lipjax.bounds import (graph, intervals, lipschitz, margins, network, norms, per_example,
+                           rounding)
 
 Array = jax.Array
 
@@ -102,12 +103,6 @@ def check_labels(y, batch: int, num_classes: int) -> Array:
   return jnp.asarray(y, jnp.int32)
 
 
-def pair_terms(mat, col, labels):
-  """``(B, C, h)`` rows ``w_i - w_label``, column-masked."""
-  diff = mat[None, :, :] - mat[labels][:, None, :]
-  return diff * col[:, None, :]
-
-
 def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
              rows=None, last_norm=None, depth=1):
   """Lower bounds on ``z_y - z_i`` over the ball, net of float32 rounding.
@@ -147,8 +142,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
   rho_y = jnp.take_along_axis(rho, lab, axis=1)
   if mat is not None:
     m = mat.shape[1]
-    diff = pair_terms(mat, col, labels)
-    pn = jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))                 # (B, C)
+    pn = margins.pair_norms(mat, col, labels)                          # (B, C)
     a = mat[None, :, :] - mat[labels][:, None, :]                       # w_i - w_y
     an = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * rounding.upper_factor(m + 4)
     vecs = [e] if box is None else [e, 0.5 * (box[1] - box[0])]
@@ -215,12 +209,11 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
                                          global_norms=global_norms, **options)
     layers = lb.layers
     logits = lb.logits
-    col = (last._pre(layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
-           if len(layers) > 1 else jnp.ones((b, int(np.prod(x.shape[1:])))))
+    col = margins.last_layer_columns(stages, layers, b)
     inner = (network.chain_product(stages[:-1], lb.layer_norms[:-1]) if len(layers) > 1
              else jnp.ones((b,)))
-    lo = last._pre(layers[-1].input_lower).reshape(b, -1)  # pylint: disable=protected-access
-    hi = last._pre(layers[-1].input_upper).reshape(b, -1)  # pylint: disable=protected-access
+    lo = last.layer_input(layers[-1].input_lower).reshape(b, -1)
+    hi = last.layer_input(layers[-1].input_upper).reshape(b, -1)
     box = (lo, hi)
     lip, fail = lb.bound, lb.failure_probability
     last_norm, last_global = lb.layer_norms[-1], lb.global_norms[-1]
@@ -259,7 +252,7 @@ def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
   """
   b = x.shape[0]
   last = stages[-1]
-  e = last._pre(last_bounds.input_error).reshape(b, -1)   # pylint: disable=protected-access
+  e = last.layer_input(last_bounds.input_error).reshape(b, -1)
   d, rho = last_bounds.input_error_l2, last_bounds.rounding
   if not screenable(stages):
     return e, d, rho
@@ -284,7 +277,7 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
   if isinstance(last_bounds, tuple):
     fwd = last_bounds
   else:
-    fwd = (last._pre(last_bounds.input_error).reshape(b, -1),  # pylint: disable=protected-access
+    fwd = (last.layer_input(last_bounds.input_error).reshape(b, -1),
            last_bounds.input_error_l2, last_bounds.rounding)
   rows = None
   if mat is None:
@@ -386,7 +379,7 @@ def _norm_rounding(stages, x, eps, gn):
   for st, g in zip(stages, gn):
     n = intervals._fan_in(st)   # pylint: disable=protected-access
     size_in = int(np.prod(st.in_shape))
-    hn = intervals._l2(c) * rounding.upper_factor(size_in)   # pylint: disable=protected-access
+    hn = per_example.l2_norm(c) * rounding.upper_factor(size_in)
     m = (hn + r + 2.0 * d + rounding.FLOOR * np.sqrt(size_in)) * safe
     coef = rounding.dot_coefficient(n + 4, v)
     bias = st.layer.bias(st.params)

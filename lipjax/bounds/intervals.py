@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import nn as lnn
-from lipjax.bounds import rounding
+from lipjax.bounds import per_example, rounding
 from lipjax.bounds.network import Stage
 
 Array = jax.Array
@@ -85,14 +85,6 @@ class LayerBounds:
   input_error_l2: Array
 
 
-def _bcast(s: Array, like: Array) -> Array:
-  return s.reshape(s.shape + (1,) * (like.ndim - 1))
-
-
-def _l2(x: Array) -> Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
-
-
 RadiusNorm = Callable[[int, "LayerBounds", Array], Array]
 
 # Activations evaluated elementwise: an input error e gives an output error <= e.
@@ -110,7 +102,7 @@ def _abs_apply(st: Stage, v: Array, rnorm: Array, like: Array) -> Array:
   a = st.abs_linear(v)
   if a is None:
     n = int(np.prod(v.shape[1:]))
-    return rnorm[None] * _bcast(_l2(v) * rounding.upper_factor(n), like)
+    return rnorm[None] * per_example.expand(per_example.l2_norm(v) * rounding.upper_factor(n), like)
   return a
 
 
@@ -133,7 +125,7 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
     m = jnp.maximum(ez[..., :c], ez[..., c:])
     point = jnp.concatenate([m, m], axis=-1)
   else:
-    point = jnp.broadcast_to(_bcast(dz, width), width.shape)
+    point = jnp.broadcast_to(per_example.expand(dz, width), width.shape)
   if own is not None:   # its float32 result errs by own(...) more than the exact one
     point = rounding.up(point + own(params, rounding.down(z_lo - ez), rounding.up(z_hi + ez)))
   return jnp.minimum(width, point)
@@ -176,7 +168,7 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
   u = rounding.U
   c = x
   col_prev = jnp.ones_like(x)
-  eb = _bcast(eps, x)
+  eb = per_example.expand(eps, x)
   lo, hi = (rounding.down(x - eb), rounding.up(x + eb)) if rounding_bounds else (x - eb, x + eb)
   r = eps
   e = jnp.zeros_like(x)      # |float32 activation - exact| over the ball
@@ -197,7 +189,7 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     abs_half = _abs_apply(st, half, rnorm, zc)
     zmid = st.affine(mid)
     if not rounding_bounds:
-      ball = _bcast(r, zc) * rnorm[None]
+      ball = per_example.expand(r, zc) * rnorm[None]
       z_lo = jnp.maximum(zmid - abs_half, zc - ball)
       z_hi = jnp.minimum(zmid + abs_half, zc + ball)
       widen = 1e-5 * (jnp.abs(zc) + (z_hi - z_lo)) + 1e-7
@@ -215,7 +207,7 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
         s = s + jnp.abs(bias)
       mag_max = jnp.max(mag.reshape(mag.shape[0], -1), axis=1)
       coef = rounding.dot_coefficient(n + 4, v)
-      under = _bcast(rounding.underflow_term(n, mag_max), zc)
+      under = per_example.expand(rounding.underflow_term(n, mag_max), zc)
       rho_box = coef * s + under
       # At a point the float forward pass reaches, |h~(x')| <= |c| + |delta|
       # with ||delta||_2 <= r + 2 d (c is a float32 evaluation at the centre,
@@ -223,7 +215,7 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       # |w| . |c| + ||w||_2 (r + 2 d): an l2 bound per entry, much smaller
       # than the box's on wide balls (the box is wide in every coordinate).
       # It bounds the forward pass's own rounding (not the box midpoint's).
-      dev = _bcast((r + 2.0 * d) * (1.0 + 8 * u), zc)
+      dev = per_example.expand((r + 2.0 * d) * (1.0 + 8 * u), zc)
       s_pt = (_abs_apply(st, jnp.abs(c) + rounding.FLOOR, rnorm, zc)
               + rnorm[None] * dev * (1.0 + 4 * u))
       if bias is not None:
@@ -231,12 +223,12 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       rho = jnp.minimum(rho_box, coef * s_pt * (1.0 + 4 * u) + under)
       # Error of the float pre-activation: own rounding + W (h_float - h).
       row_up = rnorm[None] * rounding.upper_factor(n + 4)
-      through = row_up * _bcast(d, zc)
+      through = row_up * per_example.expand(d, zc)
       abs_e = st.abs_linear(e) if st.index > 0 else None
       if abs_e is not None:
         through = jnp.minimum(through, abs_e * rounding.upper_factor(n, v))
       ez = (through + rho) * (1.0 + 4 * u)
-      ball = _bcast(r, zc) * row_up
+      ball = per_example.expand(r, zc) * row_up
       z_lo = jnp.maximum(
           zmid - abs_half - rho_box - 3 * u * (jnp.abs(zmid) + abs_half + rho_box),
           zc - ball - ez - 3 * u * (jnp.abs(zc) + ball + ez))
@@ -244,9 +236,9 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
           zmid + abs_half + rho_box + 3 * u * (jnp.abs(zmid) + abs_half + rho_box),
           zc + ball + ez + 3 * u * (jnp.abs(zc) + ball + ez))
       size = int(np.prod(zc.shape[1:]))
-      dz = _l2(ez) * rounding.upper_factor(size)
+      dz = per_example.l2_norm(ez) * rounding.upper_factor(size)
       if gnorm is not None:
-        dz = jnp.minimum(dz, (gnorm * d + _l2(rho) * rounding.upper_factor(size)) * (1 + 4 * u))
+        dz = jnp.minimum(dz, (gnorm * d + per_example.l2_norm(rho) * rounding.upper_factor(size)) * (1 + 4 * u))
     fields = dict(rounding=rho, error=ez, input_error=e, input_error_l2=d)
     if st.activation is None:
       ones = jnp.ones_like(zc)
@@ -263,7 +255,7 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     else:
       e = jax.lax.stop_gradient(_activation_error(st.activation, st.act_params, z_lo, z_hi,
                                                   ez, dz))
-      d = jax.lax.stop_gradient(jnp.minimum(dz, _l2(e) * rounding.upper_factor(size)))
+      d = jax.lax.stop_gradient(jnp.minimum(dz, per_example.l2_norm(e) * rounding.upper_factor(size)))
     if st.block is not None:
       if saved is None:
         raise ValueError(f"{st.name}: residual block without a start stage")
@@ -307,8 +299,8 @@ def _residual(block, skip: _Carry, branch: _Carry, rounding_bounds: bool) -> _Ca
            + jnp.maximum(jnp.abs(branch.lower), jnp.abs(branch.upper)) + branch.error)
     e = (skip.error + branch.error + u * mag) * (1.0 + 4 * u)
     size = int(np.prod(c.shape[1:]))
-    d = jnp.minimum((skip.error_l2 + branch.error_l2 + u * _l2(mag) * rounding.upper_factor(size))
-                    * (1.0 + 4 * u), _l2(e) * rounding.upper_factor(size))
+    d = jnp.minimum((skip.error_l2 + branch.error_l2 + u * per_example.l2_norm(mag) * rounding.upper_factor(size))
+                    * (1.0 + 4 * u), per_example.l2_norm(e) * rounding.upper_factor(size))
   else:
     lo, hi = skip.lower + branch.lower, skip.upper + branch.upper
     e, d = jnp.full_like(c, jnp.nan), jnp.full_like(skip.radius, jnp.nan)
@@ -322,7 +314,7 @@ def _residual(block, skip: _Carry, branch: _Carry, rounding_bounds: bool) -> _Ca
     if rounding_bounds:
       size = int(np.prod(c.shape[1:]))
       e_out = jax.lax.stop_gradient(_activation_error(act, block.act_params, lo, hi, e, d))
-      d = jax.lax.stop_gradient(jnp.minimum(d, _l2(e_out) * rounding.upper_factor(size)))
+      d = jax.lax.stop_gradient(jnp.minimum(d, per_example.l2_norm(e_out) * rounding.upper_factor(size)))
       e = e_out
     else:
       e = jnp.full_like(c_out, jnp.nan)

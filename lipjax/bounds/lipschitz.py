@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import chex
 import jax
@@ -344,7 +344,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     return est, est
   if dense == "exact" and mat is not None:
     r = row.reshape(b, -1)
-    c = stage._pre(col).reshape(b, -1)   # pylint: disable=protected-access
+    c = stage.layer_input(col).reshape(b, -1)
     s = norms.masked_dense_norm(mat, r, c)
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
   upper, est = _lanczos(_masked_op(stage, row, col), key, col.shape,

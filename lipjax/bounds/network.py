@@ -69,7 +69,9 @@ class Stage:
   dtype: Any = jnp.float32      # working precision (see :func:`working_dtype`)
   block: Optional[BlockEnd] = None
 
-  def _pre(self, h: Array) -> Array:
+  def layer_input(self, h: Array) -> Array:
+    """The layer's own input from the stage's: ``h`` through the stage's reshapes
+    (``(B, *in_shape)`` to ``(B, *layer_in_shape)``)."""
     for r in self.reshapes:
       h = r.reshape(h)
     return h
@@ -77,15 +79,15 @@ class Stage:
   @property
   def layer_in_shape(self) -> Tuple[int, ...]:
     x = jax.ShapeDtypeStruct((1,) + self.in_shape, self.dtype)
-    return jax.eval_shape(self._pre, x).shape[1:]
+    return jax.eval_shape(self.layer_input, x).shape[1:]
 
   def linear(self, h: Array) -> Array:
     """``W h`` (no bias) for ``h`` of shape ``(B, *in_shape)``."""
-    return self.layer.linear(self.params, self._pre(h))
+    return self.layer.linear(self.params, self.layer_input(h))
 
   def linear_for_adjoint(self, h: Array) -> Array:
     """The same map as :meth:`linear`, in the layer's transpose-friendly form."""
-    return self.layer.linear_for_adjoint(self.params, self._pre(h))
+    return self.layer.linear_for_adjoint(self.params, self.layer_input(h))
 
   def adjoint(self, z: Array) -> Array:
     """``W^T z`` for ``z`` of shape ``(B, *out_shape)``; returns ``(B, *in_shape)``.
@@ -99,19 +101,19 @@ class Stage:
       return jax.linear_transpose(self.linear_for_adjoint, spec)(z)[0]
     if not self.reshapes:
       return h
-    return jax.linear_transpose(self._pre, spec)(h)[0]
+    return jax.linear_transpose(self.layer_input, spec)(h)[0]
 
   def affine(self, h: Array) -> Array:
     """``W h + b``; a traced layer replays the user's own primitives instead."""
     replay = getattr(self.layer, "affine_replay", None)
     if replay is not None:
-      return replay(self.params, self._pre(h))
+      return replay(self.params, self.layer_input(h))
     z = self.linear(h)
     b = self.layer.bias(self.params)
     return z if b is None else z + b
 
   def abs_linear(self, h: Array) -> Optional[Array]:
-    return self.layer.abs_linear(self.params, self._pre(h))
+    return self.layer.abs_linear(self.params, self.layer_input(h))
 
 
 def chain_product(stages: Sequence[Stage], norms: Sequence[Any]):

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from lipjax.bounds import per_example
 from lipjax.bounds.norms import ROUNDING_SLACK
 
 Array = jax.Array
@@ -39,13 +40,9 @@ def _batch_norm(x: Array) -> Array:
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-def _bcast(s: Array, like: Array) -> Array:
-  return s.reshape(s.shape + (1,) * (like.ndim - 1))
-
-
 def _normalise(x: Array) -> Array:
   n = _batch_norm(x)
-  return x / _bcast(jnp.maximum(n, _TINY), x)
+  return x / per_example.expand(jnp.maximum(n, _TINY), x)
 
 
 def normalise(x: Array) -> Array:
@@ -102,7 +99,7 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
     if tol is not None and sigma_prev is not None:
       sigma_now = _batch_norm(op(u))
       done = jnp.abs(sigma_now - sigma_prev) <= tol * jnp.maximum(sigma_now, _TINY)
-      u_new = jnp.where(_bcast(done, u), u, u_new)
+      u_new = jnp.where(per_example.expand(done, u), u, u_new)
       sigma_prev = sigma_now
     elif tol is not None:
       sigma_prev = _batch_norm(op(u))
@@ -130,15 +127,15 @@ def _lanczos(matvec: Operator, q0: Array, steps: int) -> Tuple[Array, Array]:
 
   def body(carry, _):
     q, q_prev, beta_prev, scale, alive = carry
-    w = matvec(q) - _bcast(beta_prev, q) * q_prev
+    w = matvec(q) - per_example.expand(beta_prev, q) * q_prev
     alpha = _batch_dot(q, w)
-    w = w - _bcast(alpha, q) * q
+    w = w - per_example.expand(alpha, q) * q
     beta = _batch_norm(w)
     scale = jnp.maximum(scale, jnp.abs(alpha))
     counted = alive
     alive = alive & (beta > 1e-6 * scale)
     beta = jnp.where(alive, beta, 0.0)
-    q_next = jnp.where(_bcast(alive, w), w / _bcast(jnp.maximum(beta, _TINY), w), 0.0)
+    q_next = jnp.where(per_example.expand(alive, w), w / per_example.expand(jnp.maximum(beta, _TINY), w), 0.0)
     return (q_next, q, beta, scale, alive), (alpha, beta, counted)
 
   b = q.shape[0]

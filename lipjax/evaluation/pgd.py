@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lipjax.bounds import per_example
+
 Array = jax.Array
 
 LOSSES = ("margin", "ce")
@@ -59,20 +61,12 @@ def margin(logits: Array, y: Array) -> Array:
   return own - jnp.max(other, axis=1)
 
 
-def _flat_norm(v: Array) -> Array:
-  return jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1))
-
-
-def _bcast(s: Array, like: Array) -> Array:
-  return s.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
 def project(x: Array, x_adv: Array, eps: Array) -> Array:
   """Projects ``x_adv`` onto ``B(x, eps)`` (l2, per example), then clips to ``[0, 1]``."""
   delta = x_adv - x
-  n = _flat_norm(delta)
+  n = per_example.l2_norm(delta)
   scale = jnp.minimum(1.0, eps * _INSIDE / jnp.maximum(n, 1e-12))
-  return jnp.clip(x + delta * _bcast(scale, delta), 0.0, 1.0)
+  return jnp.clip(x + delta * per_example.expand(scale, delta), 0.0, 1.0)
 
 
 def random_start(key, x: Array, eps: Array, *, per_example: bool = False) -> Array:
@@ -97,9 +91,9 @@ def random_start(key, x: Array, eps: Array, *, per_example: bool = False) -> Arr
       return (jax.random.normal(kd, x.shape[1:], x.dtype),
               jax.random.uniform(kr, (), x.dtype))
     g, u = jax.vmap(one)(key)
-  g = g / _bcast(jnp.maximum(_flat_norm(g), 1e-12), g)
+  g = g / per_example.expand(jnp.maximum(per_example.l2_norm(g), 1e-12), g)
   r = eps * u ** (1.0 / d)
-  return project(x, x + g * _bcast(r, g), eps)
+  return project(x, x + g * per_example.expand(r, g), eps)
 
 
 def _objective(apply_fn, loss, xa, y):
@@ -121,16 +115,16 @@ def _attack_core(apply_fn, variables, x, y, eps, key, *, steps, restarts, loss,
   def keep_best(best, xa, m, pred):
     bx, bm, bp = best
     better = m < bm
-    return (jnp.where(_bcast(better, xa), xa, bx), jnp.where(better, m, bm),
+    return (jnp.where(per_example.expand(better, xa), xa, bx), jnp.where(better, m, bm),
             jnp.where(better, pred, bp))
 
   def one_step(_, carry):
     xa, best = carry
     (_, (m, pred)), g = grad_fn(xa, y)
     best = keep_best(best, xa, m, pred)
-    gn = _flat_norm(g)
-    direction = g / _bcast(jnp.maximum(gn, 1e-12), g)
-    xa = project(x, xa + _bcast(alpha, g) * direction, eps)
+    gn = per_example.l2_norm(g)
+    direction = g / per_example.expand(jnp.maximum(gn, 1e-12), g)
+    xa = project(x, xa + per_example.expand(alpha, g) * direction, eps)
     return xa, best
 
   logits0 = f(x)

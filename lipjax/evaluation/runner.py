@@ -211,7 +211,6 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     lo, hi = bi * bs, min((bi + 1) * bs, n)
     m = hi - lo
     xb = jnp.asarray(_pad(images[lo:hi], bs))
-    yb = jnp.asarray(_pad(labels[lo:hi], bs))
     t0 = time.perf_counter()
     pred = np.asarray(jnp.argmax(apply(variables, xb), axis=-1))[:m]
     predicted[lo:hi] = pred

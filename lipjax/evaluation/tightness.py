@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import nn as lnn
-from lipjax.bounds import graph, network
+from lipjax.bounds import graph, network, per_example
 from lipjax.evaluation import pgd
 
 Array = jax.Array
@@ -51,16 +51,8 @@ class JacobianSearch(NamedTuple):
   point: Array
 
 
-def _flat_norm(v):
-  return jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1))
-
-
-def _bcast(s, like):
-  return s.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
 def _normalise(v):
-  return v / _bcast(jnp.maximum(_flat_norm(v), 1e-30), v)
+  return v / per_example.expand(jnp.maximum(per_example.l2_norm(v), 1e-30), v)
 
 
 def power_norm(f, x, v, iterations: int):
@@ -81,7 +73,7 @@ def power_norm(f, x, v, iterations: int):
   jvp = lambda t: jax.jvp(f, (x,), (t,))[1]
   v = jax.lax.fori_loop(0, iterations, lambda _, u: _normalise(vjp(jvp(u))[0]),
                         _normalise(v))
-  return _flat_norm(jvp(v)), v
+  return per_example.l2_norm(jvp(v)), v
 
 
 def _smooth_activation(act, params, z, temperature):
@@ -145,16 +137,16 @@ def _search_core(model, variables, x, eps, key, *, steps, iterations, temperatur
     sigma, v = power_norm(f, xa, v, iterations)
     better = sigma > best
     best = jnp.where(better, sigma, best)
-    best_x = jnp.where(_bcast(better, xa), xa, best_x)
+    best_x = jnp.where(per_example.expand(better, xa), xa, best_x)
     g = grad_fn(xa, jax.lax.stop_gradient(v))
-    xa = pgd.project(x, xa + _bcast(alpha, g) * _normalise(g), eps)
+    xa = pgd.project(x, xa + per_example.expand(alpha, g) * _normalise(g), eps)
     return xa, v, best, best_x
 
   xa, v, best, best_x = jax.lax.fori_loop(0, steps, ascent, (xa, v, best, best_x))
   sigma, _ = power_norm(f, xa, v, iterations)
   better = sigma > best
   best = jnp.where(better, sigma, best)
-  best_x = jnp.where(_bcast(better, xa), xa, best_x)
+  best_x = jnp.where(per_example.expand(better, xa), xa, best_x)
   return JacobianSearch(lower_bound=best, at_center=sigma0, point=best_x)
 
 

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lipjax import nn as lnn
-from lipjax.bounds import graph, lipschitz, network, power
-from lipjax.bounds.certify import pair_terms
+from lipjax.bounds import graph, lipschitz, margins, network, power
 
 Array = jax.Array
 
@@ -135,7 +134,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                          global_iterations=n_global)
     logits = lb.logits
     inner = network.chain_product(stages[:-1], lb.layer_norms[:-1])
-    col = last._pre(lb.layers[-2].col_mask).reshape(b, -1)  # pylint: disable=protected-access
+    col = margins.last_layer_columns(stages, lb.layers, b)
     new_power = lb.global_state
   else:
     lb = None
@@ -144,11 +143,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                                    differentiable=True)
     inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
     col = jnp.ones((b, mat.shape[1]))
-  diff = pair_terms(mat, col, y)
-  # sqrt with a safe gradient at 0 (the y-th row is exactly zero).
-  sq = jnp.sum(jnp.square(diff), axis=-1)
-  pn = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-  deltas = (eps * inner)[:, None] * pn
+  deltas = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
   return logits, deltas, {"power": new_power, "local_bound": lb}
 
 

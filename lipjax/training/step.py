@@ -44,8 +44,6 @@ def project_thresholds() -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-_PROJECT = project_thresholds()
-
 
 class TrainState(NamedTuple):
   """Training state, a pytree that a resumed run continues from exactly.
@@ -100,15 +98,15 @@ def create_train_state(params, optimizer: optax.GradientTransformation, *, rng,
                     _key_data(rng), power)
 
 
-def _project_traced_thresholds(model, params, in_shape):
-  """``max(theta, 0)`` for the clipped-ReLU thresholds of a traced model
+def _project_all_thresholds(model, params, in_shape):
+  """``max(theta, 0)`` for every clipped-ReLU threshold, in one pass: the
+  leaves named ``theta`` and those a traced model uses as thresholds
   (:func:`lipjax.bounds.graph.threshold_leaves`), whatever their names."""
   variables = {"params": params}
   index = set(graph.threshold_leaves(model, variables, in_shape))
-  if not index:
-    return params
-  leaves, treedef = jax.tree_util.tree_flatten(variables)
-  leaves = [jnp.maximum(a, 0.0) if i in index else a for i, a in enumerate(leaves)]
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  leaves = [jnp.maximum(a, 0.0) if (i in index or _is_threshold(path)) else a
+            for i, (path, a) in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, leaves)["params"]
 
 
@@ -188,10 +186,9 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
       metrics = lax.pmean(metrics, axis_name)
       power = _pmean_floats(power, axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    # theta >= 0 whatever the optimiser (idempotent if it already projects).
-    updates, _ = _PROJECT.update(updates, optax.EmptyState(), state.params)
     params = optax.apply_updates(state.params, updates)
-    params = _project_traced_thresholds(model, params, tuple(images.shape[1:]))
+    # theta >= 0 whatever the optimiser (idempotent if it already projects).
+    params = _project_all_thresholds(model, params, tuple(images.shape[1:]))
     metrics = dict(metrics, eps=eps, kappa=kappa)
     return TrainState(state.step + 1, params, opt_state, rng, power), metrics
 
