@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lipjax.bounds import per_example
+from lipjax.bounds.per_example import expand, l2_norm
 
 Array = jax.Array
 
@@ -64,9 +64,9 @@ def margin(logits: Array, y: Array) -> Array:
 def project(x: Array, x_adv: Array, eps: Array) -> Array:
   """Projects ``x_adv`` onto ``B(x, eps)`` (l2, per example), then clips to ``[0, 1]``."""
   delta = x_adv - x
-  n = per_example.l2_norm(delta)
+  n = l2_norm(delta)
   scale = jnp.minimum(1.0, eps * _INSIDE / jnp.maximum(n, 1e-12))
-  return jnp.clip(x + delta * per_example.expand(scale, delta), 0.0, 1.0)
+  return jnp.clip(x + delta * expand(scale, delta), 0.0, 1.0)
 
 
 def random_start(key, x: Array, eps: Array, *, per_example: bool = False) -> Array:
@@ -91,9 +91,9 @@ def random_start(key, x: Array, eps: Array, *, per_example: bool = False) -> Arr
       return (jax.random.normal(kd, x.shape[1:], x.dtype),
               jax.random.uniform(kr, (), x.dtype))
     g, u = jax.vmap(one)(key)
-  g = g / per_example.expand(jnp.maximum(per_example.l2_norm(g), 1e-12), g)
+  g = g / expand(jnp.maximum(l2_norm(g), 1e-12), g)
   r = eps * u ** (1.0 / d)
-  return project(x, x + g * per_example.expand(r, g), eps)
+  return project(x, x + g * expand(r, g), eps)
 
 
 def _objective(apply_fn, loss, xa, y):
@@ -115,16 +115,16 @@ def _attack_core(apply_fn, variables, x, y, eps, key, *, steps, restarts, loss,
   def keep_best(best, xa, m, pred):
     bx, bm, bp = best
     better = m < bm
-    return (jnp.where(per_example.expand(better, xa), xa, bx), jnp.where(better, m, bm),
+    return (jnp.where(expand(better, xa), xa, bx), jnp.where(better, m, bm),
             jnp.where(better, pred, bp))
 
   def one_step(_, carry):
     xa, best = carry
     (_, (m, pred)), g = grad_fn(xa, y)
     best = keep_best(best, xa, m, pred)
-    gn = per_example.l2_norm(g)
-    direction = g / per_example.expand(jnp.maximum(gn, 1e-12), g)
-    xa = project(x, xa + per_example.expand(alpha, g) * direction, eps)
+    gn = l2_norm(g)
+    direction = g / expand(jnp.maximum(gn, 1e-12), g)
+    xa = project(x, xa + expand(alpha, g) * direction, eps)
     return xa, best
 
   logits0 = f(x)
