@@ -117,7 +117,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
     fwd: ``(e, d, rho)``: bounds on the float32 penultimate activation's
       error over the ball (``(B, m)`` elementwise, ``(B,)`` in l2) and on the
       rounding of the last layer (``(B, C)``), from
-      :func:`lipjax.bounds.intervals.propagate`.
+      :func:`_tightest_rounding` (or the screen's :func:`_norm_rounding`).
     box: ``(lo, hi)``, ``(B, m)`` box of the exact penultimate activation
       over the ball, for the interval lower bound (``mat`` needed).
     bias: ``(C,)`` last-layer bias or None.
