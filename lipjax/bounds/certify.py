@@ -246,13 +246,13 @@ def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
   boxes' bounds (``last_bounds``) and, where it applies, the norm-based one
   of :func:`_norm_rounding`.
 
-  Both bound the same quantities soundly, so their minimum does; using it in
-  every path (the screen's included) makes a certificate's margin and robust
-  radius depend on ``eps`` monotonically, whichever path decides it.
+  Both bound the same quantities soundly, so their minimum does. The exact
+  certificates use it, so their margins are never below the screen's (which
+  uses the norm-based bound alone) and grow monotonically as ``eps`` shrinks,
+  whichever path decides an example.
   """
-  b = x.shape[0]
   last = stages[-1]
-  e = last.layer_input(last_bounds.input_error).reshape(b, -1)
+  e = last.layer_input(last_bounds.input_error).reshape(x.shape[0], -1)
   d, rho = last_bounds.input_error_l2, last_bounds.rounding
   if not screenable(stages):
     return e, d, rho
@@ -261,11 +261,10 @@ def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
 
 
 def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-            finite_extra, last_bounds, local):
+            finite_extra, fwd, local):
   """The margins, radii and :class:`Certificate` from the bounds of one batch.
 
-  ``last_bounds``: the last stage's :class:`~lipjax.bounds.intervals.LayerBounds`,
-  or directly the triple ``(e, d, rho)`` of :func:`_margins`'s ``fwd``.
+  ``fwd``: the triple ``(e, d, rho)`` of :func:`_margins`.
   """
   b = logits.shape[0]
   last = stages[-1]
@@ -274,11 +273,6 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
   mat = last.layer.explicit_matrix(last.params)
   predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scale = eps * inner
-  if isinstance(last_bounds, tuple):
-    fwd = last_bounds
-  else:
-    fwd = (last.layer_input(last_bounds.input_error).reshape(b, -1),
-           last_bounds.input_error_l2, last_bounds.rounding)
   rows = None
   if mat is None:
     rows = lipschitz.row_norm_bounds(last, last_global)
@@ -615,7 +609,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       get its margin and robust radius, which are sound and at most the
       exact certificate's (that one keeps the smaller of the boxes' and the
       screen's rounding bounds). Either way a robust radius returned at one
-      ``eps`` is certified by a call at any smaller ``eps``. Applies to networks of built-in layers and activations.
+      ``eps`` is certified by a call at any smaller ``eps``. Applies to
+      networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"`` (all examples, screen included),
       ``"global_exact"`` (the examples the screen left), ``"triage"``,

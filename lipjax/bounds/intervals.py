@@ -238,7 +238,8 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       size = int(np.prod(zc.shape[1:]))
       dz = per_example.l2_norm(ez) * rounding.upper_factor(size)
       if gnorm is not None:
-        dz = jnp.minimum(dz, (gnorm * d + per_example.l2_norm(rho) * rounding.upper_factor(size)) * (1 + 4 * u))
+        rho_l2 = per_example.l2_norm(rho) * rounding.upper_factor(size)
+        dz = jnp.minimum(dz, (gnorm * d + rho_l2) * (1 + 4 * u))
     fields = dict(rounding=rho, error=ez, input_error=e, input_error_l2=d)
     if st.activation is None:
       ones = jnp.ones_like(zc)
@@ -255,7 +256,8 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
     else:
       e = jax.lax.stop_gradient(_activation_error(st.activation, st.act_params, z_lo, z_hi,
                                                   ez, dz))
-      d = jax.lax.stop_gradient(jnp.minimum(dz, per_example.l2_norm(e) * rounding.upper_factor(size)))
+      e_l2 = per_example.l2_norm(e) * rounding.upper_factor(size)
+      d = jax.lax.stop_gradient(jnp.minimum(dz, e_l2))
     if st.block is not None:
       if saved is None:
         raise ValueError(f"{st.name}: residual block without a start stage")
@@ -299,8 +301,9 @@ def _residual(block, skip: _Carry, branch: _Carry, rounding_bounds: bool) -> _Ca
            + jnp.maximum(jnp.abs(branch.lower), jnp.abs(branch.upper)) + branch.error)
     e = (skip.error + branch.error + u * mag) * (1.0 + 4 * u)
     size = int(np.prod(c.shape[1:]))
-    d = jnp.minimum((skip.error_l2 + branch.error_l2 + u * per_example.l2_norm(mag) * rounding.upper_factor(size))
-                    * (1.0 + 4 * u), per_example.l2_norm(e) * rounding.upper_factor(size))
+    up = rounding.upper_factor(size)
+    d = jnp.minimum((skip.error_l2 + branch.error_l2 + u * per_example.l2_norm(mag) * up)
+                    * (1.0 + 4 * u), per_example.l2_norm(e) * up)
   else:
     lo, hi = skip.lower + branch.lower, skip.upper + branch.upper
     e, d = jnp.full_like(c, jnp.nan), jnp.full_like(skip.radius, jnp.nan)
@@ -314,7 +317,8 @@ def _residual(block, skip: _Carry, branch: _Carry, rounding_bounds: bool) -> _Ca
     if rounding_bounds:
       size = int(np.prod(c.shape[1:]))
       e_out = jax.lax.stop_gradient(_activation_error(act, block.act_params, lo, hi, e, d))
-      d = jax.lax.stop_gradient(jnp.minimum(d, per_example.l2_norm(e_out) * rounding.upper_factor(size)))
+      e_l2 = per_example.l2_norm(e_out) * rounding.upper_factor(size)
+      d = jax.lax.stop_gradient(jnp.minimum(d, e_l2))
       e = e_out
     else:
       e = jnp.full_like(c_out, jnp.nan)

@@ -135,7 +135,8 @@ def _lanczos(matvec: Operator, q0: Array, steps: int) -> Tuple[Array, Array]:
     counted = alive
     alive = alive & (beta > 1e-6 * scale)
     beta = jnp.where(alive, beta, 0.0)
-    q_next = jnp.where(per_example.expand(alive, w), w / per_example.expand(jnp.maximum(beta, _TINY), w), 0.0)
+    safe_beta = per_example.expand(jnp.maximum(beta, _TINY), w)
+    q_next = jnp.where(per_example.expand(alive, w), w / safe_beta, 0.0)
     return (q_next, q, beta, scale, alive), (alpha, beta, counted)
 
   b = q.shape[0]

@@ -44,7 +44,6 @@ def project_thresholds() -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-
 class TrainState(NamedTuple):
   """Training state, a pytree that a resumed run continues from exactly.
 
