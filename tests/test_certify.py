@@ -308,6 +308,42 @@ def test_lower_mode_is_below_the_sound_bound(trained):
     np.testing.assert_array_equal(np.asarray(low.failure_probability), 1.0)
 
 
+def test_global_top_vectors_and_lower_mode_started_from_them(trained):
+  t = trained
+  model, v, x = t.model, t.variables, t.x
+  shape = tuple(x.shape[1:])
+  starts = lipjax.bounds.global_top_vectors(model, v, input_shape=shape, iterations=200)
+  stages = lipjax.bounds.trace(model, v, shape)
+  assert len(starts.vectors) == len(stages)
+  for st, u in zip(stages, starts.vectors):
+    assert u.shape == (1,) + tuple(st.in_shape)
+    np.testing.assert_allclose(float(jnp.linalg.norm(u)), 1.0, rtol=1e-5)
+    # Against the SVD of the layer's explicit matrix: a top right singular
+    # vector (the Rayleigh quotient reaches the top singular value).
+    jac = np.asarray(jax.jacfwd(lambda h, st=st: st.linear(h[None])[0])(
+        jnp.zeros(st.in_shape)), np.float64).reshape(-1, int(np.prod(st.in_shape)))
+    top = np.linalg.svd(jac, compute_uv=False)[0]
+    got = np.linalg.norm(jac @ np.asarray(u, np.float64).reshape(-1))
+    np.testing.assert_allclose(got, top, rtol=1e-3)
+  for eps in (0.5 * t.eps, t.eps):
+    sound = lipjax.local_lipschitz_bound(model, v, x, eps)
+    for steps in (2, 4):
+      low = lipjax.local_lipschitz_bound(model, v, x, eps, mode="lower",
+                                         lanczos_steps=steps, state=starts)
+      assert np.all(np.asarray(low.bound) <= np.asarray(sound.bound) * (1 + 1e-5))
+      for n_l, n_s in zip(low.layer_norms, sound.layer_norms):
+        assert np.all(np.asarray(n_l) <= np.asarray(n_s) * (1 + 1e-5))
+      for (r_s, c_s), (r_l, c_l) in zip(sound.masks, low.masks):
+        assert np.all(np.asarray(r_l) <= np.asarray(r_s))
+        assert np.all(np.asarray(c_l) <= np.asarray(c_s))
+  bad = lipjax.bounds.PowerState(starts.vectors[:-1])
+  with pytest.raises(ValueError, match="one per linear layer"):
+    lipjax.local_lipschitz_bound(model, v, x, t.eps, mode="lower", state=bad)
+  wrong = lipjax.bounds.PowerState((jnp.ones((2, 3)),) + starts.vectors[1:])
+  with pytest.raises(ValueError, match="has shape"):
+    lipjax.local_lipschitz_bound(model, v, x, t.eps, mode="lower", state=wrong)
+
+
 def test_triage_with_global_intermediate_radii_decides_as_the_full_certificate():
   # The lower pass of the triage mirrors intermediate="global" (it used to
   # reject the option and crash as soon as a point reached it).

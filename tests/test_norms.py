@@ -331,6 +331,33 @@ def test_lanczos_all_masked_is_zero(masked_conv):
   assert np.all(np.asarray(upper) == 0) or np.all(np.isinf(np.asarray(upper)))
 
 
+def test_lanczos_estimate_is_below_from_any_start_and_exact_from_the_top_vector(masked_conv):
+  op, cols, exact = masked_conv
+  opt = power.adjoint(op, cols)
+  # Arbitrary starts, adversarial ones included (a single coordinate, a
+  # vector outside the column mask), never exceed the exact norm.
+  starts = [jax.random.normal(jax.random.PRNGKey(s), cols.shape) for s in range(3)]
+  starts.append(jnp.zeros(cols.shape).at[:, 0, 0, 0].set(1.0))
+  starts.append(1.0 - cols)
+  for q0 in starts:
+    for steps in (1, 2, 4):
+      est = np.asarray(bounds.lanczos_estimate(op, opt, q0 * cols, steps))
+      assert np.all(est <= exact * (1 + 1e-5)), (est, exact)
+  # From the exact top right singular vector of each masked operator, one
+  # step gives the norm.
+  tops = []
+  for b in range(B):
+    single = lambda u, b=b: op(jnp.broadcast_to(u, cols.shape))[b]
+    jac = np.asarray(jax.jacfwd(single)(jnp.zeros(IN_SHAPE)), np.float64)
+    _, _, vt = np.linalg.svd(jac.reshape(-1, int(np.prod(IN_SHAPE))), full_matrices=False)
+    tops.append(vt[0].reshape(IN_SHAPE))
+  est = np.asarray(bounds.lanczos_estimate(op, opt, jnp.asarray(np.stack(tops), jnp.float32), 1))
+  np.testing.assert_allclose(est, exact, rtol=1e-4)
+  # A zero start gives 0 (no NaN).
+  np.testing.assert_array_equal(
+      np.asarray(bounds.lanczos_estimate(op, opt, jnp.zeros_like(cols), 3)), 0.0)
+
+
 def test_power_iteration_is_below_and_monotone(masked_conv):
   op, cols, exact = masked_conv
   u0 = jax.random.normal(jax.random.PRNGKey(1), cols.shape) * cols

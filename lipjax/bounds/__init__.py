@@ -9,12 +9,13 @@ arrays.
 from lipjax.bounds.certify import Certificate, certify, certify_arrays
 from lipjax.bounds.intervals import LayerBounds, propagate
 from lipjax.bounds.lipschitz import (Guarantee, LocalBound, PowerState, bound_guarantee,
-                                     global_lipschitz_bound, local_lipschitz_bound)
+                                     global_lipschitz_bound, global_top_vectors,
+                                     local_lipschitz_bound)
 from lipjax.bounds.network import Stage, UnsupportedModelError, trace, working_dtype
 from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_norm,
                                  masked_dense_norm)
 from lipjax.bounds.rounding import operand_roundoff
-from lipjax.bounds.power import lanczos_norm_bound, power_iteration
+from lipjax.bounds.power import lanczos_estimate, lanczos_norm_bound, power_iteration
 from lipjax.bounds.graph import register_activation, register_linear
 from lipjax.bounds.network import BlockEnd, chain_product
 
@@ -35,6 +36,8 @@ __all__ = [
     "conv_global_norm",
     "dense_global_norm",
     "global_lipschitz_bound",
+    "global_top_vectors",
+    "lanczos_estimate",
     "lanczos_norm_bound",
     "local_lipschitz_bound",
     "masked_dense_norm",

@@ -469,6 +469,10 @@ def _jitted(model, bound, options_items):
 def _call_plain(model, bound, options, variables, gnorms, x, y, eps, key):
   if bound == "screen":
     return screen_arrays(model, variables, x, y, eps, gnorms, **options)
+  if bound == "lower":   # the triage's estimates from below; gnorms = (norms, starts)
+    gnorms, starts = gnorms
+    return certify_arrays(model, variables, x, y, eps, bound="local", key=key,
+                          global_norms=gnorms, state=starts, **options)
   return certify_arrays(model, variables, x, y, eps, bound=bound, key=key,
                         global_norms=gnorms, **options)
 
@@ -517,13 +521,36 @@ class _ParameterNorms:
     self.computed = {}
     self._fingerprint = None
 
-  def _cache_key(self, slot):
+  def _cache_key(self, slot, keyed: Optional[bool] = None):
     if self._fingerprint is None:
       self._fingerprint = parameter_fingerprint(self.variables) or b""
     if not self._fingerprint:
       return None
-    key_bytes = np.asarray(jax.random.key_data(self.key)).tobytes() if self.random else b""
+    keyed = self.random if keyed is None else keyed
+    key_bytes = np.asarray(jax.random.key_data(self.key)).tobytes() if keyed else b""
     return (self.model, self.shape, slot, key_bytes, self._fingerprint)
+
+  def top_vectors(self):
+    """:func:`lipjax.bounds.lipschitz.global_top_vectors` of these parameters (the
+    triage's Lanczos starts), computed at most once."""
+    slot = ("top",)
+    if slot in self.computed:
+      return self.computed[slot]
+    ckey = self._cache_key(slot, keyed=True) if self.cache else None
+    if ckey is not None and ckey in _NORM_CACHE:
+      _NORM_CACHE.move_to_end(ckey)
+      self.computed[slot] = _NORM_CACHE[ckey]
+      return self.computed[slot]
+    with self.timer.stage("norms", 0) as done:
+      vecs = lipschitz.global_top_vectors(self.model, self.variables, input_shape=self.shape,
+                                          key=jax.random.fold_in(self.key, 7))
+      done(vecs)
+    self.computed[slot] = vecs
+    if ckey is not None:
+      _NORM_CACHE[ckey] = vecs
+      while len(_NORM_CACHE) > _NORM_CACHE_SIZE:
+        _NORM_CACHE.popitem(last=False)
+    return vecs
 
   def get(self, mode: str, dense: str = "exact", failure_probability: float = 1e-9):
     """Norms for a pass of ``mode`` (``"global"``, ``"sound"`` or ``"lower"``)."""
@@ -553,7 +580,7 @@ class _ParameterNorms:
 
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
-            jit: bool = True, triage: bool = True, triage_steps: int = 8,
+            jit: bool = True, triage: bool = True, triage_steps: int = 4,
             cache: bool = False, screen: bool = True, stats: Optional[dict] = None,
             **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
@@ -566,8 +593,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
      margin is never smaller than the global one);
   3. an example whose margin is not positive even with every per-layer norm
      replaced by an estimate from below (``local_lipschitz_bound`` with
-     ``mode="lower"`` and ``triage_steps`` Lanczos steps) is not certified,
-     since the sound margin is smaller still.
+     ``mode="lower"`` and ``triage_steps`` Lanczos steps, each started from
+     the layer's top singular vector times the example's column mask: any
+     start gives an estimate from below, a good one a close estimate in few
+     steps) is not certified, since the sound margin is smaller still.
 
   The triage never certifies anything the global certificate does not; it
   only saves the Lanczos runs whose outcome is known.
@@ -593,7 +622,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
     triage: ``bound="local"``: decide what the cheap tests above can decide
       without the sound local bound (see ``Certificate.local``). False runs
       the sound local bound on every example.
-    triage_steps: Lanczos steps of the lower estimates in test 3.
+    triage_steps: Lanczos steps of the lower estimates in test 3 (more
+      steps rule out more examples and cost more each).
     cache: keep the per-layer global norms for later calls with the same
       parameters (e.g. a sweep over ``eps``). The cache is keyed by a hash of
       the parameters' bytes (and the model, input shape and, for generic
@@ -692,26 +722,28 @@ def _certify_chunks(model, variables, gnorms, x, y, eps, bound, batch_size, key,
                     options, bucket=False, size=None):
   """Certifies ``x`` chunk by chunk with the compiled per-chunk function.
 
-  Chunks hold ``batch_size`` examples; with ``bucket`` (subsets of varying
-  size) the last one is padded to a bucket size only (see :func:`_bucket`),
-  else to ``batch_size``; ``size`` fixes the chunk size instead (every chunk
-  padded to it: one compiled shape). Padding repeats the last example with
-  ``eps = 0``, whose bounds are cheapest, and is dropped from the result.
+  Chunks hold ``batch_size`` examples, the last one padded to ``batch_size``;
+  with ``bucket`` (subsets of varying size) the examples are spread evenly
+  over ``ceil(n / batch_size)`` chunks, each padded to the bucket size of the
+  largest (see :func:`_bucket`); ``size`` fixes the chunk size instead. Every
+  chunk of a call has one shape, so one call compiles the per-chunk function
+  at most once (compiling costs more than many padded examples). Padding
+  repeats the last example with ``eps = 0`` and is dropped from the result.
   """
   n = x.shape[0]
-  limit = batch_size
   if size is not None:
-    batch_size, bucket = size, False
+    batch_size = size
   elif batch_size is None or batch_size >= n:
-    batch_size = _bucket(n, limit) if bucket else n
+    batch_size = _bucket(n, batch_size) if bucket else n
+  elif bucket:
+    batch_size = _bucket(-(-n // -(-n // batch_size)), batch_size)
   fn = (_jitted(model, bound, tuple(sorted(options.items()))) if jit else
         functools.partial(_call_plain, model, bound, options))
   out = []
   for i, start in enumerate(range(0, n, batch_size)):
     stop = min(start + batch_size, n)
     xs, ys, es = x[start:stop], y[start:stop], eps[start:stop]
-    size = _bucket(stop - start, batch_size) if bucket else batch_size
-    pad = size - (stop - start)
+    pad = batch_size - (stop - start)
     if pad:
       xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, 0)])
       ys = jnp.concatenate([ys, jnp.repeat(ys[-1:], pad, 0)])
@@ -779,9 +811,10 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
     lower_opts.pop("dense", None)
     gn_lower = pnorms.get("lower", failure_probability=options.get("failure_probability",
                                                                    1e-9))
+    starts = pnorms.top_vectors()
     with timer.stage("triage", idx.size):
-      low = _certify_chunks(model, variables, gn_lower, x[idx], y[idx], eps[idx], "local",
-                            batch_size, jax.random.fold_in(key, 2), jit, lower_opts,
+      low = _certify_chunks(model, variables, (gn_lower, starts), x[idx], y[idx], eps[idx],
+                            "lower", batch_size, jax.random.fold_in(key, 2), jit, lower_opts,
                             bucket=True)
       # A margin that is not positive with the lower estimates cannot be with
       # the sound bound; NaN or inf stays undecided (the sound run then says no).

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import graph, intervals, network, norms, power, rounding
+from lipjax.bounds import graph, intervals, network, norms, per_example, power, rounding
 
 Array = jax.Array
 
@@ -327,19 +327,28 @@ def _uses_lanczos(stage: network.Stage, dense: str) -> bool:
   return not (dense == "exact" and stage.layer.explicit_matrix(stage.params) is not None)
 
 
-def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=False):
+def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=False,
+                      start=None):
   """``(upper bound, estimate from below)`` of ``||D_r W D_c||`` per example.
 
   With ``lower`` both entries are the estimate from below (Lanczos Ritz
-  value, dense layers included).
+  value, dense layers included), from ``start * D_c`` when ``start`` (a
+  ``(1 or B, *in_shape)`` array) is given and that is not zero, else from a
+  Gaussian start. The sound bound always starts from a Gaussian.
   """
   b = col.shape[0]
   row, col = row.astype(stage.dtype), col.astype(stage.dtype)
   mat = stage.layer.explicit_matrix(stage.params)
   if lower:
-    _, est = _lanczos(_masked_op(stage, row, col), key, col.shape,
-                                      col, steps, delta,
-                                      transpose=_masked_adjoint(stage, row, col))
+    op, opt = _masked_op(stage, row, col), _masked_adjoint(stage, row, col)
+    if start is None:
+      _, est = _lanczos(op, key, col.shape, col, steps, delta, transpose=opt)
+    else:
+      q0 = col * jnp.broadcast_to(start.astype(col.dtype), col.shape)
+      gauss = jax.random.normal(key, col.shape, col.dtype) * col
+      q0 = jnp.where(per_example.expand(per_example.l2_norm(q0) > 0, q0), q0, gauss)
+      with jax.default_matmul_precision("float32"):
+        est = power.lanczos_estimate(op, opt, q0, steps)
     est = jnp.minimum(est, gnorm)
     return est, est
   if dense == "exact" and mat is not None:
@@ -441,7 +450,11 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     failure_probability: sound mode: total probability, per example, that the
       bound fails, split evenly over the layers that use Lanczos.
     state: estimate mode: :class:`PowerState` from a previous call to warm
-      start (shapes must match ``x``'s batch).
+      start (shapes must match ``x``'s batch). Lower mode: start vectors of
+      the Lanczos runs, one ``(1 or B, *in_shape)`` array per linear layer
+      (e.g. :func:`global_top_vectors`), each times the example's column
+      mask; any start gives an estimate from below. Not used in sound mode,
+      whose guarantee needs Gaussian starts.
     key: PRNG key for random start vectors (defaults to ``PRNGKey(0)``; the
       guarantee needs only that it is chosen independently of the model).
     grad: estimate mode: ``"constant"`` (final vectors treated as constants)
@@ -509,6 +522,63 @@ def _compiled_local(model, opts):
   return jax.jit(functools.partial(_local_core, model, **dict(opts)))
 
 
+def _lower_starts(stages, state, batch: int) -> list:
+  """Per stage, the Lanczos start of ``mode="lower"``: ``state``'s vector or None."""
+  if state is None:
+    return [None] * len(stages)
+  vecs = getattr(state, "vectors", None)
+  if vecs is None or len(vecs) != len(stages):
+    raise ValueError(f"state must be a PowerState with {len(stages)} vectors (one per "
+                     f"linear layer), got {type(state).__name__}")
+  for st, v in zip(stages, vecs):
+    if tuple(v.shape) not in ((1,) + tuple(st.in_shape), (batch,) + tuple(st.in_shape)):
+      raise ValueError(f"state vector of {st.name} has shape {tuple(v.shape)}, expected "
+                       f"(1 or {batch}, *{tuple(st.in_shape)})")
+  return [jax.lax.stop_gradient(v) for v in vecs]
+
+
+def global_top_vectors(model, variables, *, input_shape=None, key=None,
+                       iterations: int = 50) -> PowerState:
+  """Estimates of every linear layer's top right singular vector.
+
+  ``iterations`` power iterations on each layer's global map ``W_l`` from a
+  Gaussian start (``key``). They depend on the parameters only: compute them
+  once and pass them as ``local_lipschitz_bound(..., mode="lower",
+  state=...)``, whose Lanczos runs then start from them (times each
+  example's column mask) and need far fewer steps for a close estimate from
+  below. They never enter a sound bound.
+
+  Returns:
+    A :class:`PowerState` with one ``(1, *in_shape)`` unit vector per linear
+    layer.
+  """
+  if iterations < 1:
+    raise ValueError(f"iterations must be >= 1, got {iterations}")
+  model = graph.as_model(model)
+  shape = resolve_input_shape(model, input_shape)
+  network.trace(model, variables, shape)   # validates the model early
+  key = jax.random.PRNGKey(0) if key is None else key
+  return _compiled_top(model, shape, int(iterations))(variables, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_top(model, shape, iterations):
+  return jax.jit(functools.partial(_top_core, model, shape, iterations))
+
+
+def _top_core(model, shape, iterations, variables, key):
+  stages = network.trace(model, variables, shape)
+  keys = jax.random.split(key, len(stages))
+  vecs = []
+  for st, k in zip(stages, keys):
+    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
+    u = power.normalise(jax.random.normal(k, (1,) + tuple(st.in_shape), st.dtype))
+    u = jax.lax.fori_loop(0, iterations,
+                          lambda _, u, f=frozen: power.normalise(f.adjoint(f.linear(u))), u)
+    vecs.append(u)
+  return PowerState(tuple(vecs))
+
+
 def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
                 *, mode, iterations, lanczos_steps, failure_probability, grad, intermediate,
                 dense, global_iterations=2) -> LocalBound:
@@ -535,12 +605,13 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
                            lower=lower)
   rnorms = [_row_norms(st, g) for st, g in zip(stages, gnorms)]
   local = {}
+  starts = _lower_starts(stages, state, b) if lower else [None] * len(stages)
 
   def radius_norm(l, lb, col_prev):
     st = stages[l]
     if mode != "estimate":
       local[l] = _sound_local_norm(st, lb.row_mask, col_prev, gnorms[l], keys[2 * l + 1],
-                                   delta, lanczos_steps, dense, lower)
+                                   delta, lanczos_steps, dense, lower, starts[l])
       if intermediate == "local":
         return jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
@@ -558,7 +629,7 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
     if mode != "estimate":
       if l not in local:   # the last stage
         local[l] = _sound_local_norm(st, row, col_prev, gnorms[l], keys[2 * l + 1],
-                                     delta, lanczos_steps, dense, lower)
+                                     delta, lanczos_steps, dense, lower, starts[l])
       s, est = local[l]
       vectors.append(jnp.zeros_like(col_prev))
     else:

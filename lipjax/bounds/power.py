@@ -149,6 +149,30 @@ def _lanczos(matvec: Operator, q0: Array, steps: int) -> Tuple[Array, Array]:
   return jnp.where(alive0, jnp.maximum(top, 0.0), 0.0), done
 
 
+def lanczos_estimate(op: Operator, transpose: Operator, q0: Array, steps: int) -> Array:
+  """Estimate from below of ``||op||_2`` per example, from any start vector.
+
+  ``sqrt`` of the top Ritz value of ``op^T op`` after ``steps`` Lanczos steps
+  from ``q0``. A Ritz value never exceeds the largest eigenvalue, so the
+  result is ``<= ||op||`` whatever ``q0`` is (exact arithmetic; float32 adds
+  a relative ``~1e-6``); a start near the top right singular vector makes it
+  close in a few steps. No probabilistic statement is attached (compare
+  :func:`lanczos_norm_bound`, whose upper bound needs a Gaussian start).
+
+  Args:
+    op: batched linear operator.
+    transpose: its exact transpose.
+    q0: ``(B, *in_shape)`` start vectors (need not be normalised; an example
+      whose start is zero gets 0).
+    steps: Lanczos steps (``>= 1``).
+
+  Returns:
+    ``(B,)`` estimates.
+  """
+  top, _ = _lanczos(lambda q: transpose(op(q)), q0, int(steps))
+  return jnp.sqrt(top)
+
+
 def tridiagonal_top(diag: Array, off: Array, iterations: int = 60) -> Array:
   """Upper end of a bisection bracket of the largest eigenvalue.
 
