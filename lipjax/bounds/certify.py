@@ -633,12 +633,14 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
     screen: the global certificate (``bound="global"``, and the first test
       of the triage) first runs a forward pass with a norm-based bound on the
       float32 rounding, and computes the exact global certificate (boxes
-      over the ball, several passes per layer) only for the examples whose
-      margin that screen cannot prove to be non-positive. The certified set
-      is the same as with ``screen=False``; examples ruled out by the screen
-      get its margin and robust radius, which are sound and at most the
-      exact certificate's (that one keeps the smaller of the boxes' and the
-      screen's rounding bounds). Either way a robust radius returned at one
+      over the ball, several passes per layer) only for the examples that
+      screen neither certifies (its margin is sound) nor proves to have a
+      non-positive exact margin. The certified set is the same as with
+      ``screen=False``; examples the screen decides get its margin and
+      robust radius, which are sound and at most the exact certificate's
+      (that one keeps the smaller of the boxes' and the screen's rounding
+      bounds, so it certifies whatever the screen does). Either way a
+      robust radius returned at one
       ``eps`` is certified by a call at any smaller ``eps``. Applies to
       networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
@@ -761,10 +763,11 @@ def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, opti
 
   With ``screen`` (and a network :func:`screenable` covers) a forward pass
   with the norm-based rounding bound (:func:`screen_arrays`) runs first, and
-  only the examples it does not rule out get the exact certificate (stage
-  ``"global_exact"``): the certified set is the exact certificate's; the
-  examples ruled out are reported with the screen's (sound) margin and
-  robust radius.
+  only the examples it neither certifies nor rules out get the exact
+  certificate (stage ``"global_exact"``): the certified set is the exact
+  certificate's (whose margin is never below the screen's); the examples
+  the screen decides are reported with its (sound) margin and robust
+  radius.
   """
   n = x.shape[0]
   fp = options.get("failure_probability", 1e-9)
@@ -783,7 +786,9 @@ def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, opti
     cert = dataclasses.replace(cert, certified=cert.certified & ~jnp.asarray(hopeless),
                                margin=jnp.where(jnp.asarray(hopeless),
                                                 jnp.minimum(cert.margin, 0.0), cert.margin))
-    idx = np.nonzero(~hopeless)[0]
+    # Certified by the screen: so is it by the exact certificate, whose
+    # rounding bound is the smaller of the screen's and the boxes'.
+    idx = np.nonzero(~hopeless & ~np.asarray(cert.certified))[0]
     if idx.size:
       with timer.stage("global_exact", idx.size):
         # Chunks of the full pass's size: the shape a screen=False pass
