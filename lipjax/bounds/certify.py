@@ -530,27 +530,32 @@ class _ParameterNorms:
     key_bytes = np.asarray(jax.random.key_data(self.key)).tobytes() if keyed else b""
     return (self.model, self.shape, slot, key_bytes, self._fingerprint)
 
-  def top_vectors(self):
-    """:func:`lipjax.bounds.lipschitz.global_top_vectors` of these parameters (the
-    triage's Lanczos starts), computed at most once."""
-    slot = ("top",)
+  def _memo(self, slot, keyed: Optional[bool], compute):
+    """``compute()``'s result for ``slot``, computed at most once per call (and,
+    with ``cache``, kept across calls in ``_NORM_CACHE``)."""
     if slot in self.computed:
       return self.computed[slot]
-    ckey = self._cache_key(slot, keyed=True) if self.cache else None
+    ckey = self._cache_key(slot, keyed) if self.cache else None
     if ckey is not None and ckey in _NORM_CACHE:
       _NORM_CACHE.move_to_end(ckey)
       self.computed[slot] = _NORM_CACHE[ckey]
       return self.computed[slot]
     with self.timer.stage("norms", 0) as done:
-      vecs = lipschitz.global_top_vectors(self.model, self.variables, input_shape=self.shape,
-                                          key=jax.random.fold_in(self.key, 7))
-      done(vecs)
-    self.computed[slot] = vecs
+      value = compute()
+      done(value)
+    self.computed[slot] = value
     if ckey is not None:
-      _NORM_CACHE[ckey] = vecs
+      _NORM_CACHE[ckey] = value
       while len(_NORM_CACHE) > _NORM_CACHE_SIZE:
         _NORM_CACHE.popitem(last=False)
-    return vecs
+    return value
+
+  def top_vectors(self):
+    """:func:`lipjax.bounds.lipschitz.global_top_vectors` of these parameters (the
+    triage's Lanczos starts), computed at most once."""
+    return self._memo(("top",), True, lambda: lipschitz.global_top_vectors(
+        self.model, self.variables, input_shape=self.shape,
+        key=jax.random.fold_in(self.key, 7)))
 
   def get(self, mode: str, dense: str = "exact", failure_probability: float = 1e-9):
     """Norms for a pass of ``mode`` (``"global"``, ``"sound"`` or ``"lower"``)."""
@@ -558,24 +563,9 @@ class _ParameterNorms:
     # A generic layer's Lanczos global norm: an upper bound for the sound
     # passes, the estimate from below for the lower pass.
     lower = mode == "lower" and self.random
-    slot = (delta, lower) if self.random else None
-    if slot in self.computed:
-      return self.computed[slot]
-    ckey = self._cache_key(slot) if self.cache else None
-    if ckey is not None and ckey in _NORM_CACHE:
-      _NORM_CACHE.move_to_end(ckey)
-      self.computed[slot] = _NORM_CACHE[ckey]
-      return self.computed[slot]
     fn = lipschitz._compiled_norms(self.model, self.shape, delta, lower)  # pylint: disable=protected-access
-    with self.timer.stage("norms", 0) as done:
-      gn = fn(self.variables, self.key)
-      done(gn)
-    self.computed[slot] = gn
-    if ckey is not None:
-      _NORM_CACHE[ckey] = gn
-      while len(_NORM_CACHE) > _NORM_CACHE_SIZE:
-        _NORM_CACHE.popitem(last=False)
-    return gn
+    return self._memo((delta, lower) if self.random else None, None,
+                      lambda: fn(self.variables, self.key))
 
 
 def certify(model, variables, x, y, eps, *, bound: str = "local",
