@@ -214,8 +214,10 @@ def run(argv_flags) -> int:
       seed=f.seed, progress=f.progress)
   t0 = time.time()
   results = evaluate(model, variables, ds.images, ds.labels, eps, options)
-  title = (f"{config['dataset']} {config['model']} ({config['activation']}), checkpoint "
-           f"step {step}")
+  # A model named by import path defines its own activations (the config's
+  # ``activation`` describes zoo models only).
+  act = "" if ":" in str(config["model"]) else f" ({config['activation']})"
+  title = f"{config['dataset']} {config['model']}{act}, checkpoint step {step}"
   run_info = {"workdir": os.path.abspath(f.workdir), "checkpoint_step": step,
               "checkpoint": str(which), "split": split, "config": config,
               "wall_s": time.time() - t0, "device": str(jax.devices()[0].platform)}

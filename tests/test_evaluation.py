@@ -303,7 +303,9 @@ def test_pgd_on_the_first_examples_only(workdir):
   # Clean and certified accuracy still cover every example.
   assert part["summary"]["clean_accuracy"] == full["summary"]["clean_accuracy"]
   assert part["summary"]["certified"] == full["summary"]["certified"]
-  assert "48 examples; PGD on the first 16 examples" in report.to_markdown(part, title="t")
+  assert part["summary"]["pgd"]["clean_accuracy"] == pytest.approx(np.mean(correct[:16]))
+  assert (f"48 examples; PGD on the first 16 examples (clean accuracy on them "
+          f"{100 * np.mean(correct[:16]):.1f}%)") in report.to_markdown(part, title="t")
   assert "48 examples; PGD: " in report.to_markdown(full, title="t")
 
 

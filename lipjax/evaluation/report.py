@@ -54,6 +54,8 @@ def to_markdown(results: Dict, title: Optional[str] = None) -> str:
   out.append(f"# Evaluation: {setting}\n")
   n_pgd = s["pgd"].get("examples", s["num_examples"])
   on = "" if n_pgd == s["num_examples"] else f" on the first {n_pgd} examples"
+  if on and "clean_accuracy" in s["pgd"]:   # PGD accuracy is out of these, not of all
+    on += f" (clean accuracy on them {100 * s['pgd']['clean_accuracy']:.1f}%)"
   out.append(f"{s['num_examples']} examples; PGD{on}: {s['pgd']['steps']} steps, "
              f"{s['pgd']['restarts']} restart(s), step {s['pgd']['step']}, "
              f"{s['pgd']['loss']} loss.\n")

@@ -383,6 +383,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
               "step": (f"{options.pgd_step_size:g}" if options.pgd_step_size
                        else f"{options.pgd_step_scale:g} * eps"),
               "loss": options.pgd_loss, "examples": n_pgd,
+              "clean_accuracy": acc(correct[:n_pgd]) if n_pgd else 0.0,
               "skip_certified": bool(options.pgd_skip_certified),
               "attacked": [int(a) for a in pgd_attacked],
               "cross_check_examples": n_cc if options.cross_check else 0,
