@@ -239,16 +239,22 @@ def _global_norms(stages, keys, delta, differentiable=True, lower=False):
   return out
 
 
-def check_global_state(stages, global_state: PowerState) -> None:
-  """Raises ``ValueError`` unless ``global_state`` has one ``(1, *in_shape)`` per stage."""
+def check_global_state(stages, global_state: PowerState, batch: Optional[int] = None,
+                       what: str = "global power state") -> None:
+  """Raises ``ValueError`` unless ``global_state`` has one ``(1, *in_shape)`` per stage.
+
+  With ``batch``, ``(batch, *in_shape)`` vectors are accepted too.
+  """
   vecs = getattr(global_state, "vectors", None)
   if vecs is None or len(vecs) != len(stages):
-    raise ValueError(f"global power state must be a PowerState with {len(stages)} "
+    raise ValueError(f"{what} must be a PowerState with {len(stages)} "
                      f"vectors (one per linear layer), got {type(global_state).__name__}")
+  lead = (1,) if batch is None or batch == 1 else (1, batch)
   for st, v in zip(stages, vecs):
-    if tuple(v.shape) != (1,) + tuple(st.in_shape):
-      raise ValueError(f"global power state vector of {st.name} has shape "
-                       f"{tuple(v.shape)}, expected {(1,) + tuple(st.in_shape)}")
+    if tuple(v.shape) not in [(n,) + tuple(st.in_shape) for n in lead]:
+      expected = " or ".join(str((n,) + tuple(st.in_shape)) for n in lead)
+      raise ValueError(f"{what} vector of {st.name} has shape "
+                       f"{tuple(v.shape)}, expected {expected}")
 
 
 def running_global_norms(stages, global_state: PowerState, iterations: int,
@@ -526,15 +532,8 @@ def _lower_starts(stages, state, batch: int) -> list:
   """Per stage, the Lanczos start of ``mode="lower"``: ``state``'s vector or None."""
   if state is None:
     return [None] * len(stages)
-  vecs = getattr(state, "vectors", None)
-  if vecs is None or len(vecs) != len(stages):
-    raise ValueError(f"state must be a PowerState with {len(stages)} vectors (one per "
-                     f"linear layer), got {type(state).__name__}")
-  for st, v in zip(stages, vecs):
-    if tuple(v.shape) not in ((1,) + tuple(st.in_shape), (batch,) + tuple(st.in_shape)):
-      raise ValueError(f"state vector of {st.name} has shape {tuple(v.shape)}, expected "
-                       f"(1 or {batch}, *{tuple(st.in_shape)})")
-  return [jax.lax.stop_gradient(v) for v in vecs]
+  check_global_state(stages, state, batch=batch, what="state")
+  return [jax.lax.stop_gradient(v) for v in state.vectors]
 
 
 def global_top_vectors(model, variables, *, input_shape=None, key=None,
