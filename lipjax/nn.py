@@ -14,6 +14,9 @@ bound functions in :mod:`lipjax.bounds` read. The protocol has three roles:
   monotone nonlinearity with an interval rule and an activation-status rule.
 * :class:`Reshape` -- a shape change (``Flatten``) that the bounds pass through.
 
+:class:`Residual` wraps a chain of these into a residual block
+``activation(h + f(h))``, and :class:`Sequential` chains layers and blocks.
+
 All arrays are channels-last: images ``(B, H, W, C)``, features ``(B, F)``.
 """
 
@@ -38,6 +41,7 @@ __all__ = [
     "LinearLayer",
     "ReLU",
     "Reshape",
+    "Residual",
     "Sequential",
     "conv_init",
 ]
@@ -636,15 +640,48 @@ class Identity(Activation):
 
 
 # --------------------------------------------------------------------------
-# Container
+# Containers
 # --------------------------------------------------------------------------
 
 
-class Sequential(nn.Module):
-  """A chain of protocol layers. ``apply(variables, x)`` returns logits.
+class Residual(nn.Module):
+  """A residual block ``y = activation(h + f(h))`` (ResNet style).
+
+  ``f`` is the chain ``layers`` (linear layers, activations, reshapes; it must
+  keep the shape of ``h``). Inside a :class:`Sequential`, ``h`` must be the
+  model input or the output of an activation or of another block. The bounds
+  treat the block as a whole: its Jacobian is ``A (I + J_f)`` with
+  ``||A|| <= 1``, so it contributes ``1 + (product of the branch's masked
+  norms)``; a branch that is one linear layer followed by the activation
+  (``act(h + conv(h))``, LiResNet style) is merged into the single operator
+  ``I + W`` and its norm computed jointly.
 
   Attributes:
-    layers: the layers, applied in order. Parameters of layer ``i`` live
+    layers: the branch ``f``. Parameters of its layer ``j`` live under
+      ``variables["params"][<block>]["layers_{j}"]``.
+    activation: optional :class:`Activation` applied to the sum (its
+      parameters under ``variables["params"][<block>]["activation"]``).
+  """
+
+  layers: Sequence[nn.Module]
+  activation: Optional[nn.Module] = None
+
+  def __call__(self, h: Array) -> Array:
+    z = h
+    for layer in self.layers:
+      z = layer(z)
+    if z.shape != h.shape:
+      raise ValueError(f"{_layer_label(self)}: the branch maps shape {h.shape[1:]} to "
+                       f"{z.shape[1:]}; a residual branch must keep the shape")
+    y = h + z
+    return y if self.activation is None else self.activation(y)
+
+
+class Sequential(nn.Module):
+  """A chain of protocol layers and residual blocks; ``apply`` gives logits.
+
+  Attributes:
+    layers: the layers (and :class:`Residual` blocks), applied in order. Parameters of layer ``i`` live
       under ``variables["params"][f"layers_{i}"]``.
     input_shape: optional ``(H, W, C)`` or ``(F,)`` of one example; used by
       the global bound (conv norms depend on the spatial size) and to check

@@ -86,7 +86,17 @@ class ResBlockSmall(fnn.Module):
         fnn.Conv(3, (3, 3), padding=1)(h))))
 
 
-_MODELS = {"cnn": ResCNN, "mlp": ResMLP, "sequential": input_residual_sequential}
+def lipjax_residual_sequential():
+  """:class:`ResCNN` written with ``lipjax.nn.Sequential`` and ``lipjax.nn.Residual``."""
+  return lnn.Sequential((
+      lnn.Conv(4, 3, stride=2, padding=1), lnn.ReLU(),
+      lnn.Residual((lnn.Conv(4, 3), lnn.ReLU(), lnn.Conv(4, 3)), activation=lnn.ReLU()),
+      lnn.Residual((lnn.Conv(4, 3), lnn.ClippedReLU())),
+      lnn.Flatten(), lnn.Dense(CLASSES)), input_shape=SHAPE)
+
+
+_MODELS = {"cnn": ResCNN, "mlp": ResMLP, "sequential": input_residual_sequential,
+           "lipjax": lipjax_residual_sequential}
 _CACHE = {}
 
 
@@ -132,6 +142,8 @@ def test_blocks_are_traced_as_intended():
   leaves = jax.tree_util.tree_leaves_with_path(v)
   names = [jax.tree_util.keystr(leaves[i][0]) for i in graph.threshold_leaves(model, v, SHAPE)]
   assert names == ["['params']['theta']"], names
+  assert structure("lipjax") == [("ReLU", None), ("ReLU", None), ("Identity", (1, "ReLU")),
+                                 ("ClippedReLU", (3, "NoneType")), ("NoneType", None)]
   assert structure("sequential") == [("ReLU", None), ("Identity", (0, "NoneType")),
                                      ("ReLU", None), ("ReLU", None),
                                      ("Identity", (3, "ReLU")), ("NoneType", None)]
@@ -208,6 +220,53 @@ def test_lipjax_layers_and_flax_layers_give_the_same_bounds():
   np.testing.assert_allclose(float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE)),
                              float(lipjax.global_lipschitz_bound(other, v, input_shape=SHAPE)),
                              rtol=1e-6)
+
+
+def test_lipjax_residual_blocks_and_the_flax_residual_network_agree():
+  # ResCNN's weights moved into its lipjax.nn.Sequential / Residual form (the
+  # constant clip at 0.7 becomes a threshold of 0.7): same logits, bounds,
+  # masks and certificates.
+  model, v = _model("cnn")
+  other = lipjax_residual_sequential()
+  p = v["params"]
+  w = {"params": {
+      "layers_0": p["Conv_0"],
+      "layers_2": {"layers_0": p["ResBlock_0"]["Conv_0"], "layers_2": p["ResBlock_0"]["Conv_1"]},
+      "layers_3": {"layers_0": p["Conv_1"], "layers_1": {"theta": jnp.full((3, 3, 4), 0.7)}},
+      "layers_5": p["Dense_0"]}}
+  shapes = jax.eval_shape(other.init, jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+  assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(w)
+  x = jax.random.uniform(jax.random.PRNGKey(6), (B,) + SHAPE)
+  np.testing.assert_allclose(other.apply(w, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
+  for eps in (0.05, 0.3):
+    a = lipjax.local_lipschitz_bound(model, v, x, eps)
+    b = lipjax.local_lipschitz_bound(other, w, x, eps)
+    np.testing.assert_allclose(np.asarray(b.bound), np.asarray(a.bound), rtol=1e-5)
+  np.testing.assert_allclose(float(lipjax.global_lipschitz_bound(other, w)),
+                             float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE)),
+                             rtol=1e-6)
+  y = jnp.argmax(model.apply(v, x), -1)
+  ca = lipjax.certify(model, v, x, y, 0.01)
+  cb = lipjax.certify(other, w, x, y, 0.01)
+  np.testing.assert_array_equal(np.asarray(cb.certified), np.asarray(ca.certified))
+  np.testing.assert_allclose(np.asarray(cb.margin), np.asarray(ca.margin), rtol=1e-4, atol=1e-6)
+  # The training step runs on it and keeps the block's threshold feasible.
+  opt = optax.sgd(50.0)
+  power = lipjax.training.init_power_state(other, w, input_shape=SHAPE)
+  state = lipjax.training.create_train_state(w["params"], opt, rng=0, power=power)
+  step = lipjax.training.make_train_step(other, opt, loss="gloro", bound="local",
+                                         iterations=2, eps_schedule=0.1)
+  xs, ys = _clusters(jax.random.PRNGKey(13), 32)
+  for _ in range(3):
+    state, metrics = step(state, xs, ys)
+    assert np.isfinite(float(metrics["loss"]))
+  theta = np.asarray(state.params["layers_3"]["layers_1"]["theta"])
+  assert theta.min() >= 0.0 and not np.allclose(theta, 0.7)
+  # A branch that changes the shape is a one-line error at init.
+  bad = lnn.Sequential((lnn.Dense(4), lnn.ReLU(), lnn.Residual((lnn.Dense(3),)),
+                        lnn.Dense(CLASSES)), input_shape=(5,))
+  with pytest.raises(ValueError, match="must keep the shape"):
+    bad.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
 
 
 def test_global_bound_is_one_plus_branch_product_and_covers_jacobians():

@@ -4,7 +4,8 @@ A *stage* is one linear layer (with any reshapes before it folded into its
 map) followed by its activation (``None`` for the last layer). A
 :class:`lipjax.nn.Sequential` is read layer by layer (consecutive linear
 layers get an :class:`lipjax.nn.Identity` activation between them); any other
-Flax module or function ``fn(variables, x)`` is traced to a jaxpr by
+Flax module or function ``fn(variables, x)`` (and a ``Sequential`` holding
+:class:`lipjax.nn.Residual` blocks) is traced to a jaxpr by
 :mod:`lipjax.bounds.graph`.
 """
 
@@ -24,7 +25,8 @@ Array = jax.Array
 SUPPORTED = ("lipjax.nn.Dense", "lipjax.nn.Conv", "lipjax.nn.AvgPool",
              "any lipjax.nn.LinearLayer subclass", "lipjax.nn.ReLU",
              "lipjax.nn.ClippedReLU", "lipjax.nn.ClippedMaxMin",
-             "any lipjax.nn.Activation subclass", "lipjax.nn.Flatten")
+             "any lipjax.nn.Activation subclass", "lipjax.nn.Flatten",
+             "lipjax.nn.Residual")
 
 
 class UnsupportedModelError(TypeError):
@@ -225,7 +227,9 @@ def trace(model, variables, in_shape: Tuple[int, ...], dtype=None) -> List[Stage
     ValueError: for a layer whose output is empty (e.g. a kernel larger than
       the padded input), naming the layer and the shapes.
   """
-  if not isinstance(model, lnn.Sequential):
+  if not isinstance(model, lnn.Sequential) or any(
+      isinstance(layer, lnn.Residual) for layer in model.layers):
+    # Residual blocks are read from the traced graph, like any Flax module.
     from lipjax.bounds import graph   # pylint: disable=import-outside-toplevel
     return graph.trace(model, variables, in_shape)
   if not isinstance(variables, dict) and not hasattr(variables, "get"):
