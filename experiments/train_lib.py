@@ -553,12 +553,18 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       checkpoints.append_metrics(workdir, record)
       board.write(record)
 
+  since_val = [time.time()]   # end of the previous validation (or the start)
+
   def validate(epoch_done):
+    t0 = time.time()
     variables = {"params": jax.device_get(step_lib.unreplicate(state).params)}
     m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=cfg["val_bound"],
                  batch_size=int(cfg["certify_batch_size"]))
+    # Its cost against the training since the previous validation.
     record = {"val_clean_accuracy": m["clean_accuracy"],
-              "val_certified_accuracy": m["certified_accuracy"]}
+              "val_certified_accuracy": m["certified_accuracy"],
+              "val_seconds": time.time() - t0, "train_seconds_since_val": t0 - since_val[0]}
+    since_val[0] = time.time()
     log({"step": host_step, "epoch": epoch_done, "split": "val", "eps": float(cfg["eps_test"]),
          "bound": cfg["val_bound"], **record})
     return record
@@ -606,7 +612,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         val = validate(epoch)
         say(f"step {host_step} epoch {epoch}: val clean {val['val_clean_accuracy']:.4f}, "
             f"val certified {val['val_certified_accuracy']:.4f} at eps="
-            f"{float(cfg['eps_test']):.4g} ({cfg['val_bound']} bound, config.val_bound)")
+            f"{float(cfg['eps_test']):.4g} ({cfg['val_bound']} bound, config.val_bound; "
+            f"{val['val_seconds']:.1f} s, {val['train_seconds_since_val']:.0f} s of training "
+            "since the last)")
       if process_index == 0:
         ckpt.save(step_lib.unreplicate(state), epoch=epoch, batch_index=batch_index,
                   metrics=val)

@@ -227,7 +227,11 @@ def test_run_writes_config_metrics_and_chooses_best_on_val(uninterrupted):
   # which says the bound it certifies with.
   for step in range(2, TOTAL_STEPS + 1, 2):
     assert f"step {step}/{TOTAL_STEPS} epoch {(step - 1) // 4}: loss " in out
-  assert out.count("val certified") == 3 and "(global bound, config.val_bound)" in out
+  assert out.count("val certified") == 3 and "(global bound, config.val_bound; " in out
+  # Each validation records its cost against the training since the previous one.
+  for r in val:
+    assert 0 < r["val_seconds"] and 0 < r["train_seconds_since_val"]
+    assert f"config.val_bound; {r['val_seconds']:.1f} s, " in out
   assert "validation (which picks the best checkpoint) certifies with the global bound" in out
   # Every file of the run is readable by others (0666 less the umask).
   mask = os.umask(0)
