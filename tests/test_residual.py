@@ -269,6 +269,44 @@ def test_lipjax_residual_blocks_and_the_flax_residual_network_agree():
     bad.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
 
 
+def test_lipjax_residual_blocks_in_any_position_are_sound_or_refused_in_one_line():
+  d = lambda n=6: lnn.Dense(n)   # noqa: E731
+  ok = {
+      "on the input": (lnn.Residual((lnn.Dense(5), lnn.ReLU(), lnn.Dense(5))), d(CLASSES)),
+      "empty branch": (d(), lnn.ReLU(), lnn.Residual(()), d(CLASSES)),
+      "consecutive": (d(), lnn.ReLU(), lnn.Residual((d(),), lnn.ReLU()),
+                      lnn.Residual((d(), lnn.ReLU(), d())),
+                      lnn.Residual((d(), lnn.ClippedMaxMin(), d()), lnn.ClippedReLU()),
+                      d(CLASSES)),
+  }
+  x = jax.random.uniform(jax.random.PRNGKey(2), (B, 5))
+  eps = 0.2
+  for name, layers in ok.items():
+    model = lnn.Sequential(layers, input_shape=(5,))
+    v = _random_variables_for(model, (5,))
+    bound = np.asarray(lipjax.local_lipschitz_bound(model, v, x, eps).bound, np.float64)
+    glob = float(lipjax.global_lipschitz_bound(model, v))
+    assert np.all(bound <= glob * (1 + 1e-5)), name
+    pts = jnp.concatenate([x[None], U.sample_ball(jax.random.PRNGKey(3), x, eps, 8)])
+    worst = _jacobian_norms(model.apply, v, pts.reshape(-1, 5)).reshape(-1, B).max(axis=0)
+    assert np.all(worst <= bound * (1 + 1e-5)), (name, worst, bound)
+  refused = {
+      "two activations in a row": (d(), lnn.ReLU(), lnn.Residual((lnn.ReLU(),)), d(CLASSES)),
+      "different layers": (d(), lnn.Residual((d(), lnn.ReLU(), d()), lnn.ReLU()), d(CLASSES)),
+  }
+  for words, layers in refused.items():
+    model = lnn.Sequential(layers, input_shape=(5,))
+    v = model.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(lipjax.UnsupportedModelError) as e:
+      lipjax.local_lipschitz_bound(model, v, x, eps)
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+
+
+def _random_variables_for(model, shape):
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
+  return U.randomize(v, jax.random.PRNGKey(4))
+
+
 def test_global_bound_is_one_plus_branch_product_and_covers_jacobians():
   model, v = _model("mlp")
   total, per = lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE, per_layer=True)
