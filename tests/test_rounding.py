@@ -19,6 +19,10 @@ from lipjax.bounds import lipschitz, network, rounding
 
 import _bounds_util as U
 
+# These regressions are about the float32 forward pass users run: they run at
+# XLA's default optimisation level (tests/test_default_xla.py).
+pytestmark = pytest.mark.default_xla
+
 
 # ---------------------------------------------------------------------------
 # Exact (float64) forward pass, independent of lipjax.bounds
@@ -448,3 +452,4 @@ def test_reduced_matmul_precision_shrinks_the_margins():
   with jax.default_matmul_precision("bfloat16"):
     reduced = lipjax.certify(model, v, x, y, 1e-3, triage=False)
   assert np.all(np.asarray(reduced.margin) < np.asarray(full.margin))
+

@@ -1,0 +1,39 @@
+"""Test-session settings.
+
+Most of the suite's time is XLA compiling many small programs, not running
+them, so the tests run with XLA's CPU backend optimisation level 0 (about
+half the compile time). Code generated at level 0 rounds differently from the
+default (no fused multiply-adds), so tests marked ``default_xla`` (the
+float32-edge regressions of ``tests/test_rounding.py``, about the float32
+forward pass users run) are skipped here and run in a subprocess at the
+default level by ``tests/test_default_xla.py``. Set
+``LIPJAX_TEST_XLA_DEFAULT=1`` to run everything at the default level.
+"""
+
+import os
+
+import pytest
+
+OPT_FLAG = "--xla_backend_optimization_level"
+
+if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and OPT_FLAG not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {OPT_FLAG}=0").strip()
+
+
+def xla_at_default_level() -> bool:
+  """Whether this process compiles at XLA's default optimisation level."""
+  return OPT_FLAG not in os.environ.get("XLA_FLAGS", "")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "default_xla: runs at XLA's default optimisation level")
+
+
+def pytest_collection_modifyitems(config, items):
+  if xla_at_default_level():
+    return
+  skip = pytest.mark.skip(reason="run at the default XLA level by tests/test_default_xla.py")
+  for item in items:
+    if item.get_closest_marker("default_xla") is not None:
+      item.add_marker(skip)
