@@ -82,7 +82,7 @@ def table(runs: List[Tuple[str, Dict]]) -> str:
     eps = [float(e) for e in r["eps"]]
     n_pgd = s["pgd"].get("examples", s["num_examples"])
     pgd_note = "" if n_pgd == s["num_examples"] else f" (first {n_pgd})"
-    ratio = s.get("tightness", {}).get("local_over_global", {}).get("median")
+    ratio = s.get("tightness", {}).get("local_over_global", {}).get("q50")
     wall = r.get("run", {}).get("wall_s")
     for e in common:
       k = eps.index(e)

@@ -502,6 +502,7 @@ def test_compare_table_and_plot_from_reports(evaluated, tmp_path):
     assert cells[2] == f"{100 * s['clean_accuracy']:.1f}"
     assert cells[4] == f"{100 * s['certified']['local']['accuracy'][k]:.1f}"
     assert cells[5] == f"{100 * s['certified']['global']['accuracy'][k]:.1f}"
+    assert cells[6] == f"{s['tightness']['local_over_global']['q50']:.3f}"
   png = compare_cli.plot(runs, str(tmp_path / "c.png"), "t")
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
