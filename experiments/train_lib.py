@@ -553,9 +553,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       checkpoints.append_metrics(workdir, record)
       board.write(record)
 
-  since_val = [time.time()]   # end of the previous validation (or the start)
+  since_val = time.time()   # end of the previous validation (or the start)
 
   def validate(epoch_done):
+    nonlocal since_val
     t0 = time.time()
     variables = {"params": jax.device_get(step_lib.unreplicate(state).params)}
     m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=cfg["val_bound"],
@@ -563,8 +564,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     # Its cost against the training since the previous validation.
     record = {"val_clean_accuracy": m["clean_accuracy"],
               "val_certified_accuracy": m["certified_accuracy"],
-              "val_seconds": time.time() - t0, "train_seconds_since_val": t0 - since_val[0]}
-    since_val[0] = time.time()
+              "val_seconds": time.time() - t0, "train_seconds_since_val": t0 - since_val}
+    since_val = time.time()
     log({"step": host_step, "epoch": epoch_done, "split": "val", "eps": float(cfg["eps_test"]),
          "bound": cfg["val_bound"], **record})
     return record

@@ -681,8 +681,8 @@ class Sequential(nn.Module):
   """A chain of protocol layers and residual blocks; ``apply`` gives logits.
 
   Attributes:
-    layers: the layers (and :class:`Residual` blocks), applied in order. Parameters of layer ``i`` live
-      under ``variables["params"][f"layers_{i}"]``.
+    layers: the layers (and :class:`Residual` blocks), applied in order.
+      Parameters of layer ``i`` live under ``variables["params"][f"layers_{i}"]``.
     input_shape: optional ``(H, W, C)`` or ``(F,)`` of one example; used by
       the global bound (conv norms depend on the spatial size) and to check
       inputs.

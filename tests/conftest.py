@@ -16,14 +16,15 @@ import pytest
 
 OPT_FLAG = "--xla_backend_optimization_level"
 
-if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and OPT_FLAG not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {OPT_FLAG}=0").strip()
 
 
 def xla_at_default_level() -> bool:
   """Whether this process compiles at XLA's default optimisation level."""
   return OPT_FLAG not in os.environ.get("XLA_FLAGS", "")
+
+
+if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {OPT_FLAG}=0").strip()
 
 
 def pytest_configure(config):
