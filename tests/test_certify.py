@@ -308,6 +308,32 @@ def test_lower_mode_is_below_the_sound_bound(trained):
     np.testing.assert_array_equal(np.asarray(low.failure_probability), 1.0)
 
 
+def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained):
+  # The triage's first round: one-step estimates, no rounding bounds. Its
+  # boxes lie inside the sound boxes and its margins above the sound ones,
+  # so "not positive" there proves "not certified" by the sound bound.
+  t = trained
+  model, v, x, y = t.model, t.variables, t.x, t.y
+  starts = lipjax.bounds.global_top_vectors(model, v, input_shape=tuple(x.shape[1:]))
+  for eps in (0.5 * t.eps, t.eps, 2 * t.eps):
+    sound = lipjax.bounds.certify_arrays(model, v, x, y, eps)
+    low = lipjax.bounds.certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1,
+                         rounding=False, state=starts)
+    assert np.all(np.asarray(low.margin) >= np.asarray(sound.margin))
+    assert np.all(np.asarray(low.lipschitz) <= np.asarray(sound.lipschitz) * (1 + 1e-5))
+    lb_s = lipjax.local_lipschitz_bound(model, v, x, eps)
+    lb_l = lipjax.local_lipschitz_bound(model, v, x, eps, mode="lower", lanczos_steps=1,
+                                        rounding=False, state=starts)
+    for s_, l_ in zip(lb_s.layers, lb_l.layers):
+      assert np.all(np.asarray(l_.lower) >= np.asarray(s_.lower))
+      assert np.all(np.asarray(l_.upper) <= np.asarray(s_.upper))
+      assert np.all(np.isnan(np.asarray(l_.error)))
+  with pytest.raises(ValueError, match="rounding=False is for mode='lower'"):
+    lipjax.local_lipschitz_bound(model, v, x, t.eps, rounding=False)
+  with pytest.raises(ValueError, match="rounding=False is for mode='lower'"):
+    lipjax.certify(model, v, x, y, t.eps, rounding=False)
+
+
 def test_global_top_vectors_and_lower_mode_started_from_them(trained):
   t = trained
   model, v, x = t.model, t.variables, t.x
@@ -327,9 +353,10 @@ def test_global_top_vectors_and_lower_mode_started_from_them(trained):
     np.testing.assert_allclose(got, top, rtol=1e-3)
   for eps in (0.5 * t.eps, t.eps):
     sound = lipjax.local_lipschitz_bound(model, v, x, eps)
-    for steps in (2,):
+    for steps, rounding in ((2, True), (1, False)):
       low = lipjax.local_lipschitz_bound(model, v, x, eps, mode="lower",
-                                         lanczos_steps=steps, state=starts)
+                                         lanczos_steps=steps, state=starts,
+                                         rounding=rounding)
       assert np.all(np.asarray(low.bound) <= np.asarray(sound.bound) * (1 + 1e-5))
       for n_l, n_s in zip(low.layer_norms, sound.layer_norms):
         assert np.all(np.asarray(n_l) <= np.asarray(n_s) * (1 + 1e-5))
@@ -560,6 +587,9 @@ def test_global_norms_are_computed_once_per_call_not_per_chunk(host_svd_calls, k
   if kw.get("triage", True) and "bound" not in kw:
     assert stats["global"]["examples"] == 20
     assert stats.get("sound", {"examples": 0})["examples"] == int(np.sum(cert.local))
+    # Each round of the triage sees only what the previous stage left.
+    first = stats.get("triage", {"examples": 0})["examples"]
+    assert stats.get("triage_lanczos", {"examples": 0})["examples"] <= first <= 20
   # The same call again recomputes them (no cache unless asked for).
   lipjax.certify(model, v, x, y, t.eps, batch_size=4, **kw)
   assert len(host_svd_calls) == 6

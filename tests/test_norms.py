@@ -256,6 +256,29 @@ def test_masked_dense_norm_solves_each_distinct_mask_pair_once(monkeypatch):
   assert got[0] == got[2] and got[1] == got[4]
 
 
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+def test_masked_dense_norm_of_nearly_full_masks_matches_svd(shape):
+  # Wide balls keep almost every row and column: the Gram is then formed
+  # from the full matrix's Gram minus the dropped entries' (both
+  # orientations of the smaller dimension), and must stay a tight upper bound.
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=shape).astype(np.float32)
+  b = 5
+  rows = (rng.random((b, shape[0])) > 0.05).astype(np.float32)
+  cols = (rng.random((b, shape[1])) > 0.05).astype(np.float32)
+  rows[0], cols[0] = 1, 1                     # nothing dropped
+  cols[1, :] = 1
+  cols[1, 7] = 0                              # one inner entry dropped
+  rows[2] = 0
+  rows[2, 3] = 1                              # a single row: the direct route
+  got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
+                                            jnp.asarray(cols)))
+  for i in range(b):
+    exact = top_sv(rows[i][:, None].astype(np.float64) * w * cols[i][None, :])
+    assert exact <= got[i] <= exact * (1 + 1.01e-4), (i, got[i] / exact)
+  np.testing.assert_allclose(got[0], top_sv(w) * (1 + bounds.ROUNDING_SLACK), rtol=1e-6)
+
+
 def test_masked_dense_norm_under_jit_and_vmap():
   w, rows, cols = _masked_matrices()
   eager = bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows), jnp.asarray(cols))
@@ -425,6 +448,57 @@ def test_lanczos_stopping_early_is_judged_by_the_steps_it_completed():
   upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
   assert np.all(np.isinf(np.asarray(upper))), upper
   np.testing.assert_allclose(np.asarray(est), 2.0, rtol=1e-5)
+
+
+def test_lanczos_capped_by_a_known_bound_gives_the_same_minimum(masked_conv):
+  # cap: steps stop once no example's bound can come below the cap, so
+  # min(upper, cap) is what the full run gives; examples below the cap get
+  # the full run's bound itself.
+  op, cols, exact = masked_conv
+  key = jax.random.PRNGKey(3)
+  full, est_full = bounds.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9)
+  full = np.asarray(full)
+  for cap in (np.full(B, 1e30), exact * 1.5, exact * 1.001, np.array(exact)):
+    upper, est = bounds.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9,
+                                           cap=jnp.asarray(cap, jnp.float32))
+    upper, est = np.asarray(upper), np.asarray(est)
+    np.testing.assert_allclose(np.minimum(upper, cap), np.minimum(full, cap), rtol=1e-6)
+    assert np.all(np.minimum(upper, cap) >= exact)
+    assert np.all(est <= exact * (1 + 1e-4))
+  below = np.full(B, 1e30)
+  upper, _ = bounds.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9,
+                                       cap=jnp.asarray(below, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(upper), full)
+
+
+def test_lanczos_blocks_stop_once_every_example_is_settled():
+  # A settled test that is true from the start skips every block (no step
+  # is counted); one that never holds runs every step, as without it.
+  n, b = 50, 3
+  mat = jnp.asarray(np.random.default_rng(2).normal(size=(b, n, n)), jnp.float32)
+  gram = lambda q: jnp.einsum("bij,bj->bi", mat, jnp.einsum("bji,bj->bi", mat, q))
+  q0 = jax.random.normal(jax.random.PRNGKey(0), (b, n))
+  top, done = power._lanczos(gram, q0, 25)
+  never, done_never = power._lanczos(gram, q0, 25, settled=lambda t, d: t < 0)
+  np.testing.assert_array_equal(np.asarray(done_never), np.asarray(done))
+  np.testing.assert_allclose(np.asarray(never), np.asarray(top), rtol=1e-6)
+  _, done_now = power._lanczos(gram, q0, 25, settled=lambda t, d: t >= 0)
+  np.testing.assert_array_equal(np.asarray(done_now), 0)
+  # Settled after the first block of 10 steps: 10 steps counted.
+  _, done_one = power._lanczos(gram, q0, 25, settled=lambda t, d: d >= 10)
+  np.testing.assert_array_equal(np.asarray(done_one), 10)
+
+
+def test_one_step_lanczos_estimate_is_the_rayleigh_quotient(masked_conv):
+  op, cols, exact = masked_conv
+  q0 = jax.random.normal(jax.random.PRNGKey(4), cols.shape) * cols
+  one = np.asarray(power.lanczos_estimate(op, power.adjoint(op, cols), q0, 1))
+  flat = lambda a: np.asarray(a).reshape(a.shape[0], -1)
+  rq = np.linalg.norm(flat(op(q0)), axis=1) / np.linalg.norm(flat(q0), axis=1)
+  np.testing.assert_allclose(one, rq, rtol=1e-5)
+  assert np.all(one <= exact * (1 + 1e-5))
+  zero = np.asarray(power.lanczos_estimate(op, power.adjoint(op, cols), 0 * q0, 1))
+  np.testing.assert_array_equal(zero, 0.0)
 
 
 def test_lanczos_bound_includes_the_rounding_margin(masked_conv):

@@ -236,9 +236,16 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
 
   gnorms = lb.global_norms if bound == "local" else gn
+  if bound == "local" and not options.get("rounding", True):
+    # Estimates from below without rounding bounds (the triage's first
+    # test): no rounding is subtracted, so the margins stay above the sound ones.
+    b_, m_ = lo.shape
+    fwd = (jnp.zeros((b_, m_), logits.dtype), jnp.zeros((b_,), logits.dtype),
+           jnp.zeros_like(logits))
+  else:
+    fwd = _tightest_rounding(stages, x, eps, gnorms, layers[-1])
   return _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-                 finite_extra, _tightest_rounding(stages, x, eps, gnorms, layers[-1]),
-                 bound == "local")
+                 finite_extra, fwd, bound == "local")
 
 
 def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
@@ -583,10 +590,15 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
      margin is never smaller than the global one);
   3. an example whose margin is not positive even with every per-layer norm
      replaced by an estimate from below (``local_lipschitz_bound`` with
-     ``mode="lower"`` and ``triage_steps`` Lanczos steps, each started from
-     the layer's top singular vector times the example's column mask: any
-     start gives an estimate from below, a good one a close estimate in few
-     steps) is not certified, since the sound margin is smaller still.
+     ``mode="lower"``, each estimate started from the layer's top singular
+     vector times the example's column mask: any start gives an estimate
+     from below, a good one a close estimate in few steps) is not certified,
+     since the sound margin is smaller still. This test runs twice: first
+     for every undecided example with one step (the Rayleigh quotient of the
+     start, one application of each masked layer) and without the rounding
+     bounds (``rounding=False``: smaller boxes, no rounding subtracted, so
+     the margins stay above the sound ones), then for the examples left with
+     ``triage_steps`` Lanczos steps and the rounding bounds.
 
   The triage never certifies anything the global certificate does not; it
   only saves the Lanczos runs whose outcome is known.
@@ -612,8 +624,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
     triage: ``bound="local"``: decide what the cheap tests above can decide
       without the sound local bound (see ``Certificate.local``). False runs
       the sound local bound on every example.
-    triage_steps: Lanczos steps of the lower estimates in test 3 (more
-      steps rule out more examples and cost more each).
+    triage_steps: Lanczos steps of the second round of lower estimates in
+      test 3 (more steps rule out more examples and cost more each; >= 1).
     cache: keep the per-layer global norms for later calls with the same
       parameters (e.g. a sweep over ``eps``). The cache is keyed by a hash of
       the parameters' bytes (and the model, input shape and, for generic
@@ -635,7 +647,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"`` (all examples, screen included),
-      ``"global_exact"`` (the examples the screen left), ``"triage"``,
+      ``"global_exact"`` (the examples the screen left), ``"triage"`` (the
+      first round of test 3), ``"triage_lanczos"`` (its second round),
       ``"sound"``; timing waits for each stage's results).
     **options: passed to :func:`lipjax.local_lipschitz_bound` (sound mode
       only: ``lanczos_steps``, ``failure_probability``, ``dense``, ...).
@@ -649,8 +662,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   if "global_norms" in options:
     raise ValueError("certify computes the global norms itself; do not pass global_norms")
   model = graph.as_model(model)
-  if triage_steps < 2:
-    raise ValueError(f"triage_steps must be >= 2, got {triage_steps}")
+  if triage_steps < 1:
+    raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
   if bound not in ("local", "global"):
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if bound == "local":
@@ -802,19 +815,29 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
   undecided = np.asarray((glob.predicted == y) & ~glob.certified)
   idx = np.nonzero(undecided)[0]
   if idx.size:
-    lower_opts = dict(options, mode="lower", lanczos_steps=steps)
-    lower_opts.pop("dense", None)
     gn_lower = pnorms.get("lower", failure_probability=options.get("failure_probability",
                                                                    1e-9))
     starts = pnorms.top_vectors()
-    with timer.stage("triage", idx.size):
-      low = _certify_chunks(model, variables, (gn_lower, starts), x[idx], y[idx], eps[idx],
-                            "lower", batch_size, jax.random.fold_in(key, 2), jit, lower_opts,
-                            bucket=True)
-      # A margin that is not positive with the lower estimates cannot be with
-      # the sound bound; NaN or inf stays undecided (the sound run then says no).
-      hopeless = np.asarray((low.margin <= 0) & jnp.isfinite(low.margin))
-    idx = idx[~hopeless]
+    # Two rounds of estimates from below: a cheap one for every undecided
+    # example (one application of each masked layer to its start vector,
+    # no rounding bounds), then ``steps`` Lanczos steps with the rounding
+    # bounds for those the first leaves.
+    rounds = (dict(lanczos_steps=1, rounding=False), dict(lanczos_steps=steps))
+    for r, extra in enumerate(rounds):
+      if not idx.size:
+        break
+      lower_opts = dict(options, mode="lower", **extra)
+      lower_opts.pop("dense", None)
+      with timer.stage(("triage", "triage_lanczos")[r], idx.size):
+        low = _certify_chunks(model, variables, (gn_lower, starts), x[idx], y[idx],
+                              eps[idx], "lower", batch_size,
+                              jax.random.fold_in(key, (12, 2)[r]), jit, lower_opts,
+                              bucket=True)
+        # A margin that is not positive with the lower estimates cannot be
+        # with the sound bound; NaN or inf stays undecided (the sound run
+        # then says no).
+        hopeless = np.asarray((low.margin <= 0) & jnp.isfinite(low.margin))
+      idx = idx[~hopeless]
   if not idx.size:
     return glob
   gn_sound = pnorms.get("sound", options.get("dense", "exact"),

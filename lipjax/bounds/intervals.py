@@ -134,7 +134,8 @@ def _activation_error(act, params, z_lo, z_hi, ez, dz):
 def propagate(stages: Sequence[Stage], x: Array, eps: Array,
               row_norms: Sequence[Array], radius_norm: RadiusNorm,
               error_norms: Optional[Sequence[Array]] = None,
-              rounding_bounds: bool = True) -> List[LayerBounds]:
+              rounding_bounds: bool = True,
+              widen: bool = True) -> List[LayerBounds]:
   """Propagates the ball ``B(x_b, eps_b)`` through every stage.
 
   Args:
@@ -155,6 +156,9 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       widen by a cheap relative ``1e-5 (|z(x)| + width) + 1e-7``, which is
       not a bound, and fill the error fields with NaN; saves two passes of
       ``|W|`` per layer.
+    widen: with ``rounding_bounds=False`` only: False leaves the boxes
+      unwidened (exact interval arithmetic carried out in float32; estimates
+      from below, whose boxes must stay inside the sound ones).
 
   Returns:
     One :class:`LayerBounds` per stage. Every box contains the exact set of
@@ -192,8 +196,9 @@ def propagate(stages: Sequence[Stage], x: Array, eps: Array,
       ball = per_example.expand(r, zc) * rnorm[None]
       z_lo = jnp.maximum(zmid - abs_half, zc - ball)
       z_hi = jnp.minimum(zmid + abs_half, zc + ball)
-      widen = 1e-5 * (jnp.abs(zc) + (z_hi - z_lo)) + 1e-7
-      z_lo, z_hi = z_lo - widen, z_hi + widen
+      if widen:
+        pad = 1e-5 * (jnp.abs(zc) + (z_hi - z_lo)) + 1e-7
+        z_lo, z_hi = z_lo - pad, z_hi + pad
       rho = ez = jnp.full_like(zc, jnp.nan)
       size = dz = None
     else:

@@ -405,27 +405,57 @@ def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
 def _host_masked_dense_norm(matrix, rows, cols):
   out_real = np.dtype(_real_dtype(np.asarray(matrix).dtype))
   m = np.asarray(matrix, np.float64)
-  rows = np.asarray(rows, np.float64)
-  cols = np.asarray(cols, np.float64)
+  rows = np.asarray(rows, np.float64) > 0
+  cols = np.asarray(cols, np.float64) > 0
+  # Work with the Gram over the smaller dimension of W: ``a`` is ``(p, q)``
+  # with ``p <= q``, its kept lines ``keep_p`` and kept inner entries ``keep_q``.
+  if m.shape[0] <= m.shape[1]:
+    a, keep_p, keep_q = m, rows, cols
+  else:
+    a, keep_p, keep_q = m.T, cols, rows
+  q = a.shape[1]
+
+  def prefers_update(b):
+    """Whether ``G[kp, kp] - A_d A_d^T`` (``d`` the dropped inner entries) is
+    cheaper than the Gram of the submatrix itself."""
+    kp, kq = int(keep_p[b].sum()), int(keep_q[b].sum())
+    small, large = min(kp, kq), max(kp, kq)
+    return kp * kp * (q - kq) + kp ** 3 < small * small * large + small ** 3
 
   def one(b):
-    mb = m[rows[b] > 0][:, cols[b] > 0]
+    kp, kq = keep_p[b], keep_q[b]
+    mb = a[kp][:, kq]
     if not np.all(np.isfinite(mb)):
       return np.nan
     if mb.size == 0:
       return 0.0
-    g, _ = _gram(mb)
+    if full is not None and prefers_update(b):
+      # Entries of the computed G carry at most gamma_q |A||A|^T, the
+      # dropped part's gamma_k, the subtraction u (|x| + |y|): together below
+      # gamma_{q + k + 3} |A_kp| |A_kp|^T, whose norm is at most the kept
+      # lines' squared Frobenius norm over all q entries.
+      drop = a[kp][:, ~kq]
+      g = full[np.ix_(kp, kp)] - drop @ drop.T
+      inner, fro2 = q + drop.shape[1] + 3, float(np.trace(full[np.ix_(kp, kp)]))
+    else:
+      g, _ = _gram(mb)
+      inner, fro2 = max(mb.shape), float(np.trace(g))
     lam = max(float(np.linalg.eigvalsh(g)[-1]), 0.0)
-    lam += _eig_rounding(max(mb.shape), min(mb.shape), float(np.trace(g)))
+    lam += _eig_rounding(inner, g.shape[0], fro2)
     return math.sqrt(lam)
 
   # Examples with the same masks (padding repeats an example; wide balls
   # vary almost everything) share one eigenvalue problem.
-  keys = [(rows[b] > 0).tobytes() + (cols[b] > 0).tobytes() for b in range(rows.shape[0])]
+  keys = [keep_p[b].tobytes() + keep_q[b].tobytes() for b in range(keep_p.shape[0])]
   first = {}
   for b, k in enumerate(keys):
     first.setdefault(k, b)
   todo = sorted(first.values())
+  # Masks that keep most inner entries (wide balls) reuse one full Gram.
+  full = None
+  if len(todo) > 1 and np.all(np.isfinite(a)) and any(prefers_update(b) for b in todo):
+    with _single_blas_thread():
+      full = a @ a.T
   done = dict(zip(todo, _map_chunks(one, todo)))
   out = np.asarray([done[first[k]] for k in keys], np.float64)
   return (out * (1.0 + ROUNDING_SLACK)).astype(out_real)
@@ -434,9 +464,12 @@ def _host_masked_dense_norm(matrix, rows, cols):
 def masked_dense_norm(matrix: Array, rows: Array, cols: Array) -> Array:
   """Deterministic upper bound on ``||diag(rows) W diag(cols)||_2`` per example.
 
-  Computed on the host in float64: the submatrix of varying rows and columns
-  is extracted, and the largest eigenvalue of its Gram matrix (in the smaller
-  dimension) is found with LAPACK's symmetric eigensolver. The result is
+  Computed on the host in float64: the largest eigenvalue of the Gram matrix
+  of the submatrix of varying rows and columns (in the smaller dimension) is
+  found with LAPACK's symmetric eigensolver. When most of the inner
+  dimension varies (wide balls), that Gram is formed as the full matrix's
+  Gram, computed once per call, restricted to the kept lines, minus the
+  Gram of the dropped entries. The result is
   multiplied by ``1 + ROUNDING_SLACK`` (after a bound on the float64
   rounding) before it is returned in the matrix's working precision (float32,
   or float64 for a float64 matrix). Works under ``jit`` (through

@@ -54,6 +54,23 @@ def _batch_dot(a: Array, b: Array) -> Array:
   return jnp.sum(a * b, axis=tuple(range(1, a.ndim)))
 
 
+def gaussian(key: Array, shape: Tuple[int, ...], dtype=jnp.float32) -> Array:
+  """Standard normal samples of ``shape``, seeded by ``key``.
+
+  Drawn with XLA's counter-based bit generator (``impl="rbg"``) seeded from
+  ``key``'s bits, which compiles in a fraction of the time the default
+  generator takes on the CPU (a second or more per call site there). The
+  samples are standard normal and independent of anything but ``key``: what
+  the Lanczos bound's guarantee asks of its start vector.
+  """
+  data = key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(key)
+  data = jnp.ravel(data).astype(jnp.uint32)
+  data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]
+  return jax.random.normal(jax.random.wrap_key_data(data, impl="rbg"), shape, dtype)
+
+
 def adjoint(op: Operator, u_like: Array) -> Operator:
   """The adjoint of the batched linear ``op`` (via ``jax.linear_transpose``)."""
   t = jax.linear_transpose(op, jax.ShapeDtypeStruct(u_like.shape, u_like.dtype))
@@ -115,20 +132,32 @@ def norm_at(op: Operator, u: Array) -> Array:
   return _batch_norm(op(u))
 
 
-def _lanczos(matvec: Operator, q0: Array, steps: int) -> Tuple[Array, Array]:
+def _lanczos(matvec: Operator, q0: Array, steps: int,
+             settled: Optional[Callable[[Array, Array], Array]] = None,
+             block: int = 10) -> Tuple[Array, Array]:
   """``(top Ritz value, completed steps)``, both ``(B,)``.
 
   An example stops early (its Krylov space is numerically invariant) once the
   new residual falls below ``1e-6`` of the largest ``|alpha|`` seen; its
   count of completed steps is then below ``steps``.
+
+  With ``settled`` the steps run in blocks of ``block``, and before each
+  block ``settled(top, done)`` (``(B,)`` bools from the current top Ritz value
+  and step counts) is asked: once every live example is settled, the
+  remaining blocks are skipped (their count of completed steps stays where
+  it is). The Ritz value never decreases as steps are added (the tridiagonal
+  matrices are nested), so a test on it holds for every later step too.
   """
   q = _normalise(q0)
   alive0 = _batch_norm(q0) > 0
+  steps = int(steps)
 
-  def body(carry, _):
+  def body(carry, index):
     q, q_prev, beta_prev, scale, alive = carry
+    real = index < steps                  # False: padding steps of the last block
+    alive = alive & real
     w = matvec(q) - per_example.expand(beta_prev, q) * q_prev
-    alpha = _batch_dot(q, w)
+    alpha = jnp.where(real, _batch_dot(q, w), 0.0)
     w = w - per_example.expand(alpha, q) * q
     beta = _batch_norm(w)
     scale = jnp.maximum(scale, jnp.abs(alpha))
@@ -142,9 +171,34 @@ def _lanczos(matvec: Operator, q0: Array, steps: int) -> Tuple[Array, Array]:
   b = q.shape[0]
   init = (q, jnp.zeros_like(q), jnp.zeros((b,), q.dtype), jnp.zeros((b,), q.dtype),
           alive0)
-  _, (alphas, betas, counted) = jax.lax.scan(body, init, None, length=int(steps))
-  alphas, betas = alphas.T, betas.T  # (B, steps)
-  done = jnp.sum(counted.astype(jnp.int32), axis=0)
+  if settled is None:
+    _, (alphas, betas, counted) = jax.lax.scan(body, init, jnp.arange(steps))
+    alphas, betas = alphas.T, betas.T  # (B, steps)
+    done = jnp.sum(counted.astype(jnp.int32), axis=0)
+  else:
+    block = max(1, min(int(block), steps))
+    blocks = -(-steps // block)
+    total = blocks * block
+
+    def run_block(carry):
+      state, alphas, betas, done, start = carry
+      state, (a, bt, c) = jax.lax.scan(body, state, start + jnp.arange(block))
+      alphas = jax.lax.dynamic_update_slice(alphas, a.T, (0, start))
+      betas = jax.lax.dynamic_update_slice(betas, bt.T, (0, start))
+      return state, alphas, betas, done + jnp.sum(c, axis=0, dtype=jnp.int32), start
+
+    def outer(carry, start):
+      state, alphas, betas, done = carry
+      top = tridiagonal_top(alphas, betas[:, :-1])
+      finished = jnp.all(settled(jnp.maximum(top, 0.0), done) | ~state[4])
+      state, alphas, betas, done, _ = jax.lax.cond(
+          finished, lambda c: c, run_block, (state, alphas, betas, done, start))
+      return (state, alphas, betas, done), None
+
+    zeros = jnp.zeros((b, total), q.dtype)
+    (_, alphas, betas, done), _ = jax.lax.scan(
+        outer, (init, zeros, zeros, jnp.zeros((b,), jnp.int32)),
+        jnp.arange(blocks) * block)
   top = tridiagonal_top(alphas, betas[:, :-1])
   return jnp.where(alive0, jnp.maximum(top, 0.0), 0.0), done
 
@@ -167,8 +221,12 @@ def lanczos_estimate(op: Operator, transpose: Operator, q0: Array, steps: int) -
     steps: Lanczos steps (``>= 1``).
 
   Returns:
-    ``(B,)`` estimates.
+    ``(B,)`` estimates. One step is the Rayleigh quotient
+    ``||op(q0)|| / ||q0||``, computed with ``op`` alone.
   """
+  if int(steps) == 1:
+    n = _batch_norm(q0)
+    return jnp.where(n > 0, _batch_norm(op(q0)) / jnp.maximum(n, _TINY), 0.0)
   top, _ = _lanczos(lambda q: transpose(op(q)), q0, int(steps))
   return jnp.sqrt(top)
 
@@ -221,11 +279,27 @@ def kw_relative_error(n: Array, steps, delta: float) -> Array:
   return jnp.square(jnp.maximum(root, 0.0))
 
 
+def _settled_at(cap, n: Array, steps: int, delta: float, dtype):
+  """``settled(theta, done)`` of :func:`_lanczos`: whether the bound after
+  all ``steps`` (at least ``sqrt(theta / (1 - e))`` with the ``steps``-step
+  ``e``: theta only grows, and fewer steps only enlarge ``e``) is already at
+  or above ``cap``."""
+  e_cap = kw_relative_error(n, int(steps), 0.5 * delta)
+  limit = jnp.broadcast_to(jnp.asarray(cap, dtype), n.shape) * (1.0 + 1e-6)
+
+  def settled(theta, done):   # pylint: disable=unused-argument
+    full = jnp.sqrt(theta / jnp.maximum(1.0 - e_cap, _TINY)) * (1.0 + ROUNDING_SLACK)
+    return (e_cap >= 1.0) | (full >= limit)
+
+  return settled
+
+
 def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...],
                        col_mask: Array, steps: int, delta: float,
                        adjoint_of: Optional[Operator] = None,
                        rank_bound: Optional[Array] = None,
-                       transpose: Optional[Operator] = None) -> Tuple[Array, Array]:
+                       transpose: Optional[Operator] = None,
+                       cap: Optional[Array] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -255,16 +329,25 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
       cannot have stopped too early.
     transpose: optional explicit adjoint ``op^T`` (must be exactly the
       transpose of ``op``); replaces ``adjoint_of``.
+    cap: optional scalar or ``(B,)`` upper bound on ``||op||`` known
+      otherwise (e.g. the global norm), which the caller takes the minimum
+      with. Steps stop, in blocks of 10, once every example's bound can no
+      longer come below it: ``min(upper, cap)`` is then ``cap`` whether or
+      not the remaining steps run, as it would be after all of them (the
+      Ritz value only grows with more steps, and a run judged by fewer steps
+      gets a larger relative error ``e``). The estimate is then the Ritz
+      value reached so far.
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
     the Ritz estimate ``sqrt(theta)`` (a lower bound).
   """
   dtype = jnp.promote_types(col_mask.dtype, jnp.float32)   # the working precision
-  g = jax.random.normal(key, in_shape_batch, dtype) * col_mask
+  g = gaussian(key, in_shape_batch, dtype) * col_mask
   opt = transpose if transpose is not None else adjoint(adjoint_of or op, g)
-  theta, done = _lanczos(lambda q: opt(op(q)), g, steps)
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
+  theta, done = _lanczos(lambda q: opt(op(q)), g, steps,
+                         None if cap is None else _settled_at(cap, n, steps, delta, dtype))
   # The number of steps an example completes depends on its start vector, so
   # the failure budget is split over the possible stopping points: half for a
   # run of all ``steps`` or one whose Krylov space reached its largest possible
