@@ -8,9 +8,18 @@ float32-edge regressions of ``tests/test_rounding.py``, about the float32
 forward pass users run) are skipped here and run in a subprocess at the
 default level by ``tests/test_default_xla.py``. Set
 ``LIPJAX_TEST_XLA_DEFAULT=1`` to run everything at the default level.
+
+The session also shares one JAX persistent compilation cache (a fresh
+temporary folder unless ``LIPJAX_COMPILATION_CACHE`` names one) between this
+process and the commands the tests launch, so a program compiled once (the
+same training step in several launcher runs, the same certificate in several
+tests) is not compiled again. XLA's flags are part of the cache key, so the
+default-level subprocess never gets level-0 code.
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -27,6 +36,15 @@ if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {OPT_FLAG}=0").strip()
 
 
+_OWN_CACHE = None
+if "LIPJAX_COMPILATION_CACHE" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="lipjax-test-xla-")
+  os.environ["LIPJAX_COMPILATION_CACHE"] = _OWN_CACHE
+if os.environ["LIPJAX_COMPILATION_CACHE"]:
+  import jax   # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.environ["LIPJAX_COMPILATION_CACHE"])
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "default_xla: runs at XLA's default optimisation level")
 
@@ -38,3 +56,8 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.get_closest_marker("default_xla") is not None:
       item.add_marker(skip)
+
+
+def pytest_unconfigure(config):   # pylint: disable=unused-argument
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
