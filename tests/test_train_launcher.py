@@ -447,3 +447,27 @@ def test_demo_and_train_state_what_they_trained():
   assert train_lib.train_time_text(r) == "12s (last 10 of 40 steps)"
   r = {"steps_trained": 40, "step": 40, "train_seconds": 31.0}
   assert train_lib.train_time_text(r) == "31s"
+
+
+def test_commands_turn_on_the_persistent_compilation_cache(monkeypatch, tmp_path):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv(cli.COMPILATION_CACHE_ENV, "")            # turned off
+    assert cli.enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+    folder = tmp_path / "named"
+    monkeypatch.setenv(cli.COMPILATION_CACHE_ENV, str(folder))  # a folder of the user's
+    assert cli.enable_compilation_cache() == str(folder) and folder.is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(folder)
+    # JAX's own setting wins over ours.
+    monkeypatch.setenv(cli.COMPILATION_CACHE_ENV, str(tmp_path / "other"))
+    assert cli.enable_compilation_cache() == str(folder)
+    # Default: under the home folder.
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.delenv(cli.COMPILATION_CACHE_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = os.path.join(str(tmp_path), ".cache", "lipjax", "xla")
+    assert cli.enable_compilation_cache() == expected and os.path.isdir(expected)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
