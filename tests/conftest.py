@@ -23,6 +23,8 @@ import tempfile
 
 import pytest
 
+from experiments import cli
+
 OPT_FLAG = "--xla_backend_optimization_level"
 
 
@@ -37,12 +39,10 @@ if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
 
 
 _OWN_CACHE = None
-if "LIPJAX_COMPILATION_CACHE" not in os.environ:
+if cli.COMPILATION_CACHE_ENV not in os.environ:
   _OWN_CACHE = tempfile.mkdtemp(prefix="lipjax-test-xla-")
-  os.environ["LIPJAX_COMPILATION_CACHE"] = _OWN_CACHE
-if os.environ["LIPJAX_COMPILATION_CACHE"]:
-  import jax   # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", os.environ["LIPJAX_COMPILATION_CACHE"])
+  os.environ[cli.COMPILATION_CACHE_ENV] = _OWN_CACHE
+cli.enable_compilation_cache()   # the commands' own switch, for this process too
 
 
 def pytest_configure(config):

@@ -822,17 +822,17 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
     # example (one application of each masked layer to its start vector,
     # no rounding bounds), then ``steps`` Lanczos steps with the rounding
     # bounds for those the first leaves.
-    rounds = (dict(lanczos_steps=1, rounding=False), dict(lanczos_steps=steps))
-    for r, extra in enumerate(rounds):
+    rounds = (("triage", 12, dict(lanczos_steps=1, rounding=False)),
+              ("triage_lanczos", 2, dict(lanczos_steps=steps)))
+    for stage, fold, extra in rounds:
       if not idx.size:
         break
       lower_opts = dict(options, mode="lower", **extra)
       lower_opts.pop("dense", None)
-      with timer.stage(("triage", "triage_lanczos")[r], idx.size):
+      with timer.stage(stage, idx.size):
         low = _certify_chunks(model, variables, (gn_lower, starts), x[idx], y[idx],
-                              eps[idx], "lower", batch_size,
-                              jax.random.fold_in(key, (12, 2)[r]), jit, lower_opts,
-                              bucket=True)
+                              eps[idx], "lower", batch_size, jax.random.fold_in(key, fold),
+                              jit, lower_opts, bucket=True)
         # A margin that is not positive with the lower estimates cannot be
         # with the sound bound; NaN or inf stays undecided (the sound run
         # then says no).

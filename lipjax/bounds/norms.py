@@ -424,7 +424,8 @@ def _host_masked_dense_norm(matrix, rows, cols):
 
   def one(b):
     kp, kq = keep_p[b], keep_q[b]
-    mb = a[kp][:, kq]
+    lines = a[kp]
+    mb = lines[:, kq]
     if not np.all(np.isfinite(mb)):
       return np.nan
     if mb.size == 0:
@@ -434,9 +435,10 @@ def _host_masked_dense_norm(matrix, rows, cols):
       # dropped part's gamma_k, the subtraction u (|x| + |y|): together below
       # gamma_{q + k + 3} |A_kp| |A_kp|^T, whose norm is at most the kept
       # lines' squared Frobenius norm over all q entries.
-      drop = a[kp][:, ~kq]
-      g = full[np.ix_(kp, kp)] - drop @ drop.T
-      inner, fro2 = q + drop.shape[1] + 3, float(np.trace(full[np.ix_(kp, kp)]))
+      drop = lines[:, ~kq]
+      kept = full[np.ix_(kp, kp)]
+      g = kept - drop @ drop.T
+      inner, fro2 = q + drop.shape[1] + 3, float(np.trace(kept))
     else:
       g, _ = _gram(mb)
       inner, fro2 = max(mb.shape), float(np.trace(g))
