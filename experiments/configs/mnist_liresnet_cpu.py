@@ -15,9 +15,13 @@ Run the local-bound model and its global-bound baseline (same seed)::
 
 then evaluate each on the 10,000 test images::
 
-  python -m experiments.certify --workdir=runs/mliresnet_local --eps=0.5,1.0,1.58 --cross_check
+  python -m experiments.certify --workdir=runs/mliresnet_local --checkpoint=latest --eps=0.5,1.0,1.58 --pgd_restarts=3 --pgd_examples=1000 --pgd_skip_certified --cross_check
 
-Results of this recipe are not measured yet.
+Measured on a 2-core CPU (step 2,140 for both), clean / PGD (first 1,000) /
+certified with the sound local bound at eps 1.58: local-bound run 90.1 / 51.9
+/ 6.8 %, global-bound run 89.2 / 49.4 / 10.3 % (at eps 0.5: 62.3 against
+62.1 % certified). Training took 8,865 s (local) and 3,655 s (global) without
+validation. Details in the README section "The paper's MNIST row on a CPU".
 """
 
 from experiments.configs import mnist_4c3f_cpu, mnist_liresnet
