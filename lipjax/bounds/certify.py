@@ -189,14 +189,15 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
 
 
 def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
-                   global_norms=None, **options) -> Certificate:
+                   global_norms=None, abs_norms=None, **options) -> Certificate:
   """Un-batched core of :func:`certify` (jit-compatible; one call, one batch).
 
   ``global_norms``: optionally the per-layer global norms of *these*
   ``variables``, computed once by the caller for many batches
   (:func:`lipjax.bounds.lipschitz.layer_global_norms` with the same options
   for ``bound="local"``, ``global_lipschitz_bound(per_layer=True)`` for
-  ``bound="global"``); computed here when None.
+  ``bound="global"``); computed here when None. ``abs_norms``: likewise
+  :func:`abs_norm_bounds` of these variables (the rounding bound's norms).
   """
   model = graph.as_model(model)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
@@ -243,12 +244,12 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     fwd = (jnp.zeros((b_, m_), logits.dtype), jnp.zeros((b_,), logits.dtype),
            jnp.zeros_like(logits))
   else:
-    fwd = _tightest_rounding(stages, x, eps, gnorms, layers[-1])
+    fwd = _tightest_rounding(stages, x, eps, gnorms, layers[-1], abs_norms)
   return _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
                  finite_extra, fwd, bound == "local")
 
 
-def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
+def _tightest_rounding(stages, x, eps, gnorms, last_bounds, abs_norms=None):
   """``(e, d, rho)`` of :func:`_margins`: the elementwise smaller of the
   boxes' bounds (``last_bounds``) and, where it applies, the norm-based one
   of :func:`_norm_rounding`.
@@ -263,7 +264,7 @@ def _tightest_rounding(stages, x, eps, gnorms, last_bounds):
   d, rho = last_bounds.input_error_l2, last_bounds.rounding
   if not screenable(stages):
     return e, d, rho
-  e_n, d_n, rho_n = _norm_rounding(stages, x, eps, gnorms)
+  e_n, d_n, rho_n = _norm_rounding(stages, x, eps, gnorms, abs_norms)
   return jnp.minimum(e, e_n), jnp.minimum(d, d_n), jnp.minimum(rho, rho_n)
 
 
@@ -343,18 +344,75 @@ def screenable(stages) -> bool:
   return True
 
 
-def _abs_norm_bound(st) -> Array:
-  """An upper bound on ``|| |W| ||_2``: ``sqrt(max row sum * max column sum)`` of ``|W|``."""
+_ABS_NORM_ITERATIONS = 20
+
+
+def _abs_norm_bound(st, iterations: int = _ABS_NORM_ITERATIONS) -> Array:
+  """A rigorous upper bound on ``|| |W| ||_2`` of one stage's linear layer.
+
+  The smaller of ``sqrt(max row sum * max column sum)`` of ``A = |W|`` and
+  the Collatz-Wielandt bound of the Perron root of ``B = A^T A``: for any
+  entrywise positive ``v``, ``lambda_max(B) <= max_i (B v)_i / v_i``, so
+  every iterate of the power method on ``B`` (started at the all-ones
+  vector, each iterate floored at ``1e-6`` of its largest entry to stay
+  positive) gives a bound; the smallest one over ``iterations`` iterates is
+  kept, typically within 1% of the norm, where the row-column bound is often
+  1.5-2 times it. Both are made rigorous for the float32 (or lower-precision
+  operand) evaluation of ``A v`` and ``A^T u``: sums of nonnegative terms,
+  rounded up by :func:`lipjax.bounds.rounding.upper_factor`, plus
+  ``2^-126`` per product for the ones flushed to zero.
+  """
   spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
-  rows = st.abs_linear(jnp.ones(spec.shape, st.dtype))
-  cols = jax.linear_transpose(st.abs_linear, spec)(jnp.ones(rows.shape, st.dtype))[0]
-  n_in, n_out = int(np.prod(st.in_shape)), int(np.prod(rows.shape[1:]))
-  r = jnp.max(rows) * rounding.upper_factor(n_in)
-  c = jnp.max(cols) * rounding.upper_factor(n_out)
-  return jnp.sqrt(r * c) * (1.0 + 1e-3)
+  tiny = 2.0 ** -126
+  v_op = rounding.operand_roundoff()
+  n_in = int(np.prod(st.in_shape))
+  out_spec = jax.eval_shape(st.abs_linear, spec)
+  n_out = int(np.prod(out_spec.shape[1:]))
+  f_in, f_out = rounding.upper_factor(n_in, v_op), rounding.upper_factor(n_out, v_op)
+  transpose = jax.linear_transpose(st.abs_linear, spec)
+  ones = jnp.ones(spec.shape, st.dtype)
+  rows = st.abs_linear(ones)
+  cols = transpose(jnp.ones(rows.shape, st.dtype))[0]
+  r = (jnp.max(rows) + n_in * tiny) * f_in
+  c = (jnp.max(cols) + n_out * tiny) * f_out
+  crude = jnp.sqrt(r) * jnp.sqrt(c)   # not sqrt(r * c), which underflows for tiny weights
+
+  def step(_, carry):
+    v, best = carry
+    u = st.abs_linear(v)
+    w = transpose(u)[0]
+    # Exact (A^T A v)_i <= f_in f_out (fl(w_i) + n_out 2^-126 (1 + max u))
+    # + f_in n_in 2^-126 c: the rounding of both sums of nonnegative terms
+    # and the products lost to underflow, in either pass.
+    umax = jnp.max(u) * f_in + n_in * tiny
+    slack = f_in * f_out * n_out * tiny * (1.0 + umax) + f_in * n_in * tiny * c
+    bw = w * (f_in * f_out) + slack
+    lam = jnp.max(bw / v) * (1.0 + 4 * rounding.U)
+    best = jnp.minimum(best, lam)
+    v = jnp.maximum(w / jnp.maximum(jnp.max(w), tiny), 1e-6).astype(st.dtype)
+    return v, best
+
+  _, lam = jax.lax.fori_loop(0, iterations, step, (ones, jnp.asarray(jnp.inf, st.dtype)))
+  # A failed iteration (NaN from inf / inf) falls back to the row-column
+  # bound, whose own NaN or inf stays.
+  cw = jnp.where(jnp.isnan(lam), jnp.inf, jnp.sqrt(lam))
+  return jnp.minimum(crude, cw) * (1.0 + 1e-3)
 
 
-def _norm_rounding(stages, x, eps, gn):
+def abs_norm_bounds(stages) -> Optional[tuple]:
+  """Per stage, :func:`_abs_norm_bound` of its layer (the last stage: 0, unused).
+
+  ``None`` when the network is not :func:`screenable` (the norm-based
+  rounding bound does not apply). Depends only on the parameters: computed
+  once per :func:`certify` call and shared by every chunk and pass.
+  """
+  if not screenable(stages):
+    return None
+  return tuple(_abs_norm_bound(st) if st.activation is not None else jnp.zeros((), st.dtype)
+               for st in stages)
+
+
+def _norm_rounding(stages, x, eps, gn, abs_norms=None):
   """``(e, d, rho)`` of the last stage (see :func:`_margins`) from norms only.
 
   The float32 forward pass at any ``x'`` of ``B(x, eps)`` is bounded layer
@@ -372,12 +430,16 @@ def _norm_rounding(stages, x, eps, gn):
   pass instead of the several per layer of
   :func:`lipjax.bounds.intervals.propagate`; neither bound is always the
   smaller, and the exact certificates keep the minimum of both
-  (:func:`_tightest_rounding`).
+  (:func:`_tightest_rounding`). ``abs_norms``: :func:`abs_norm_bounds` of
+  these stages, computed here when None.
   """
+  abs_norms = abs_norm_bounds(stages) if abs_norms is None else tuple(abs_norms)
+  if len(abs_norms) != len(stages):
+    raise ValueError(f"abs_norms must hold {len(stages)} scalars, got {len(abs_norms)}")
   u, v = rounding.U, rounding.operand_roundoff()
   safe = 1.0 + 1e-3
   c, r, d = x, eps, jnp.zeros_like(eps)
-  for st, g in zip(stages, gn):
+  for st, g, an in zip(stages, gn, abs_norms):
     n = intervals._fan_in(st)   # pylint: disable=protected-access
     size_in = int(np.prod(st.in_shape))
     hn = per_example.l2_norm(c) * rounding.upper_factor(size_in)
@@ -400,14 +462,15 @@ def _norm_rounding(stages, x, eps, gn):
     bn = (jnp.zeros(()) if bias is None else
           jnp.sqrt(jnp.sum(jnp.square(jnp.broadcast_to(bias, st.out_shape))))
           * rounding.upper_factor(size_out))
-    rn = (coef * (_abs_norm_bound(st) * m + bn) + np.sqrt(size_out) * under) * safe
+    rn = (coef * (an * m + bn) + np.sqrt(size_out) * under) * safe
     d = (g * d + rn) * safe
     r = r * g * (1.0 + 4 * u)
     c = st.activation.activate(st.act_params, st.affine(c))
   raise ValueError("the network has no last linear layer")
 
 
-def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability=1e-9):
+def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability=1e-9,
+                  abs_norms=None):
   """The global certificate with the norm-based rounding bound, and a screen.
 
   Returns ``(cert, hopeless)``: ``cert`` is a sound global certificate
@@ -417,9 +480,10 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   ``hopeless`` ``(B,)`` marks examples for which the margin of the exact
   global certificate (``certify_arrays(bound="global")``, any float32
   evaluation of it) cannot be positive: an upper bound on it,
-  ``min_i (g_iy + 2 E_iy - R_iy)`` with the float32 gap ``g``, the rounding
+  ``min_i (g_iy + E_iy - R_iy)`` with the float32 gap ``g``, the rounding
   bound ``E`` and the Lipschitz term ``R`` lowered by its own rounding, is
-  not positive. ``global_norms`` as in :func:`certify_arrays`.
+  not positive. ``global_norms`` and ``abs_norms`` as in
+  :func:`certify_arrays`.
   """
   model = graph.as_model(model)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
@@ -428,14 +492,17 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   gn = lipschitz.check_global_norms(stages, global_norms)
   logits = model.apply(variables, x)
-  fwd = _norm_rounding(stages, x, eps, gn)
+  fwd = _norm_rounding(stages, x, eps, gn, abs_norms)
   inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
       stages, gn, b, failure_probability)
   cert = _finish(stages, logits, y, eps, inner, col, None, lip, fail, last_norm, last_global,
                  finite_extra, fwd, False)
-  # An upper bound on the exact certificate's margin (see the module
-  # docstring): its gaps are within E of the exact ones, as are these, and
-  # its chain of subtractions adds at most 6 u (|g| + R) (err drops out).
+  # An upper bound on the exact certificate's margin m' = g' - 2 E' - R'
+  # (see the module docstring), from its own float32 gap g', rounding bound
+  # E' and Lipschitz term R' >= delta: both rounding bounds are sound, so
+  # |g' - g*| <= E' and |g - g*| <= E around the exact gap g*, hence
+  # g' <= g + E + E' and m' <= g + E - E' - R' <= g + E - delta; its chain
+  # of subtractions adds at most 6 u (|g| + R).
   u = rounding.U
   last = stages[-1]
   mat = last.layer.explicit_matrix(last.params)
@@ -459,7 +526,7 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   err = (an * d[:, None] * (1 + 4 * u) + rho + jnp.take_along_axis(rho, lab, axis=1)) \
       * (1 + 8 * u)
   delta = (eps * inner)[:, None] * den * (1.0 - 4 * (m + 16) * u)
-  upper = gap + 2 * err - delta + 32 * u * (jnp.abs(gap) + 2 * err + jnp.abs(delta))
+  upper = gap + err - delta + 32 * u * (jnp.abs(gap) + 2 * err + jnp.abs(delta))
   other = jnp.arange(logits.shape[1])[None, :] != lab
   hopeless = jnp.min(jnp.where(other, upper, jnp.inf), axis=1) <= 0   # NaN: not hopeless
   return cert, hopeless
@@ -473,15 +540,18 @@ def _jitted(model, bound, options_items):
   return jax.jit(functools.partial(_call_plain, model, bound, options))
 
 
-def _call_plain(model, bound, options, variables, gnorms, x, y, eps, key):
+def _call_plain(model, bound, options, variables, norms_, x, y, eps, key):
+  """One chunk; ``norms_ = (global norms, abs_norm_bounds)`` (for ``"lower"``
+  the first is ``(norms, Lanczos starts)``), computed once per call."""
+  gnorms, absn = norms_
   if bound == "screen":
-    return screen_arrays(model, variables, x, y, eps, gnorms, **options)
-  if bound == "lower":   # the triage's estimates from below; gnorms = (norms, starts)
+    return screen_arrays(model, variables, x, y, eps, gnorms, abs_norms=absn, **options)
+  if bound == "lower":   # the triage's estimates from below
     gnorms, starts = gnorms
     return certify_arrays(model, variables, x, y, eps, bound="local", key=key,
-                          global_norms=gnorms, state=starts, **options)
+                          global_norms=gnorms, abs_norms=absn, state=starts, **options)
   return certify_arrays(model, variables, x, y, eps, bound=bound, key=key,
-                        global_norms=gnorms, **options)
+                        global_norms=gnorms, abs_norms=absn, **options)
 
 
 _NORM_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -504,6 +574,17 @@ def parameter_fingerprint(variables) -> Optional[bytes]:
     h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
     h.update(a.tobytes())
   return h.digest()
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_abs_norms(model, input_shape, dtype_name):
+  dtype = jnp.dtype(dtype_name)
+
+  def fn(variables):
+    variables = network.cast_floating(variables, dtype)
+    return abs_norm_bounds(network.trace(model, variables, input_shape, dtype))
+
+  return jax.jit(fn)
 
 
 class _ParameterNorms:
@@ -563,6 +644,15 @@ class _ParameterNorms:
     return self._memo(("top",), True, lambda: lipschitz.global_top_vectors(
         self.model, self.variables, input_shape=self.shape,
         key=jax.random.fold_in(self.key, 7)))
+
+  def abs_norms(self, dtype):
+    """:func:`abs_norm_bounds` of these parameters in ``dtype`` (None when the
+    network is not screenable), computed at most once."""
+    if not screenable(self.stages):
+      return None
+    name = jnp.dtype(dtype).name
+    fn = _compiled_abs_norms(self.model, self.shape, name)
+    return self._memo(("abs", name), False, lambda: fn(self.variables))
 
   def get(self, mode: str, dense: str = "exact", failure_probability: float = 1e-9):
     """Norms for a pass of ``mode`` (``"global"``, ``"sound"`` or ``"lower"``)."""
@@ -687,8 +777,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   gn = pnorms.get("sound", options.get("dense", "exact"),
                   options.get("failure_probability", 1e-9))
   with timer.stage("sound", n) as done:
-    out = _certify_chunks(model, variables, gn, x, y, eps, bound, batch_size, key, jit,
-                          options)
+    out = _certify_chunks(model, variables, (gn, pnorms.abs_norms(x.dtype)), x, y, eps,
+                          bound, batch_size, key, jit, options)
     done(out)
   return out
 
@@ -774,7 +864,7 @@ def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, opti
   """
   n = x.shape[0]
   fp = options.get("failure_probability", 1e-9)
-  gn = pnorms.get("global", failure_probability=fp)
+  gn = (pnorms.get("global", failure_probability=fp), pnorms.abs_norms(x.dtype))
   opts = {"failure_probability": fp} if "failure_probability" in options else {}
   with timer.stage("global", n) as done:
     if not (screen and screenable(pnorms.stages)):
@@ -794,12 +884,11 @@ def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, opti
     idx = np.nonzero(~hopeless & ~np.asarray(cert.certified))[0]
     if idx.size:
       with timer.stage("global_exact", idx.size):
-        # Chunks of the full pass's size: the shape a screen=False pass
-        # compiles, whatever the number of examples left (no recompilation
-        # from one call to the next).
+        # Bucketed chunks (a few shapes in all, compiled once each): the
+        # examples left are few, and padding them to a full chunk would
+        # cost up to twice their own time.
         exact = _certify_chunks(model, variables, gn, x[idx], y[idx], eps[idx], "global",
-                                batch_size, key, jit, opts,
-                                size=n if batch_size is None else min(batch_size, n))
+                                batch_size, key, jit, opts, bucket=True)
         ji = jnp.asarray(idx)
         cert = jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), cert,
                                       exact)
@@ -818,6 +907,7 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
     gn_lower = pnorms.get("lower", failure_probability=options.get("failure_probability",
                                                                    1e-9))
     starts = pnorms.top_vectors()
+    absn = pnorms.abs_norms(x.dtype)
     # Two rounds of estimates from below: a cheap one for every undecided
     # example (one application of each masked layer to its start vector,
     # no rounding bounds), then ``steps`` Lanczos steps with the rounding
@@ -830,7 +920,7 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
       lower_opts = dict(options, mode="lower", **extra)
       lower_opts.pop("dense", None)
       with timer.stage(stage, idx.size):
-        low = _certify_chunks(model, variables, (gn_lower, starts), x[idx], y[idx],
+        low = _certify_chunks(model, variables, ((gn_lower, starts), absn), x[idx], y[idx],
                               eps[idx], "lower", batch_size, jax.random.fold_in(key, fold),
                               jit, lower_opts, bucket=True)
         # A margin that is not positive with the lower estimates cannot be
@@ -843,8 +933,9 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
   gn_sound = pnorms.get("sound", options.get("dense", "exact"),
                         options.get("failure_probability", 1e-9))
   with timer.stage("sound", idx.size) as done:
-    sound = _certify_chunks(model, variables, gn_sound, x[idx], y[idx], eps[idx], "local",
-                            batch_size, jax.random.fold_in(key, 3), jit, options, bucket=True)
+    sound = _certify_chunks(model, variables, (gn_sound, pnorms.abs_norms(x.dtype)), x[idx],
+                            y[idx], eps[idx], "local", batch_size, jax.random.fold_in(key, 3),
+                            jit, options, bucket=True)
     ji = jnp.asarray(idx)
     out = jax.tree_util.tree_map(lambda g, s: g.at[ji].set(s.astype(g.dtype)), glob, sound)
     done(out)
