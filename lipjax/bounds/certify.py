@@ -896,6 +896,12 @@ def _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, opti
   return cert
 
 
+def _triage_rounds(steps: int):
+  """``(stage, key fold, options)`` of each round of estimates from below."""
+  return (("triage", 12, dict(lanczos_steps=1, rounding=False)),
+          ("triage_lanczos", 2, dict(lanczos_steps=steps)))
+
+
 def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, steps,
                      options, timer, screen):
   glob_opts = {k: v for k, v in options.items() if k == "failure_probability"}
@@ -912,9 +918,7 @@ def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, 
     # example (one application of each masked layer to its start vector,
     # no rounding bounds), then ``steps`` Lanczos steps with the rounding
     # bounds for those the first leaves.
-    rounds = (("triage", 12, dict(lanczos_steps=1, rounding=False)),
-              ("triage_lanczos", 2, dict(lanczos_steps=steps)))
-    for stage, fold, extra in rounds:
+    for stage, fold, extra in _triage_rounds(steps):
       if not idx.size:
         break
       lower_opts = dict(options, mode="lower", **extra)

@@ -134,7 +134,7 @@ def norm_at(op: Operator, u: Array) -> Array:
 
 def _lanczos(matvec: Operator, q0: Array, steps: int,
              settled: Optional[Callable[[Array, Array], Array]] = None,
-             block: int = 10) -> Tuple[Array, Array]:
+             block: int = 5) -> Tuple[Array, Array]:
   """``(top Ritz value, completed steps)``, both ``(B,)``.
 
   An example stops early (its Krylov space is numerically invariant) once the
@@ -299,7 +299,8 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
                        adjoint_of: Optional[Operator] = None,
                        rank_bound: Optional[Array] = None,
                        transpose: Optional[Operator] = None,
-                       cap: Optional[Array] = None) -> Tuple[Array, Array]:
+                       cap: Optional[Array] = None,
+                       capped: Optional[Array] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -331,12 +332,19 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
       transpose of ``op``); replaces ``adjoint_of``.
     cap: optional scalar or ``(B,)`` upper bound on ``||op||`` known
       otherwise (e.g. the global norm), which the caller takes the minimum
-      with. Steps stop, in blocks of 10, once every example's bound can no
+      with. Steps stop, in blocks of 5, once every example's bound can no
       longer come below it: ``min(upper, cap)`` is then ``cap`` whether or
       not the remaining steps run, as it would be after all of them (the
       Ritz value only grows with more steps, and a run judged by fewer steps
       gets a larger relative error ``e``). The estimate is then the Ritz
       value reached so far.
+    capped: optional ``(B,)`` bools (with ``cap``): examples whose ``||op||``
+      the caller knows to be at most ``cap`` without Lanczos (e.g. masks
+      that keep every row and column, so ``op`` is the unmasked layer). They
+      count as settled from the first step (no steps run for them unless
+      other examples need them) and get ``upper = inf``, so that
+      ``min(upper, cap)`` is ``cap``; their estimate is at least the start
+      vector's Rayleigh quotient.
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
@@ -346,8 +354,13 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   g = gaussian(key, in_shape_batch, dtype) * col_mask
   opt = transpose if transpose is not None else adjoint(adjoint_of or op, g)
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
-  theta, done = _lanczos(lambda q: opt(op(q)), g, steps,
-                         None if cap is None else _settled_at(cap, n, steps, delta, dtype))
+  settled = None if cap is None else _settled_at(cap, n, steps, delta, dtype)
+  if capped is not None:
+    if cap is None:
+      raise ValueError("capped needs cap")
+    base = settled
+    settled = lambda top, done: base(top, done) | capped   # noqa: E731
+  theta, done = _lanczos(lambda q: opt(op(q)), g, steps, settled)
   # The number of steps an example completes depends on its start vector, so
   # the failure budget is split over the possible stopping points: half for a
   # run of all ``steps`` or one whose Krylov space reached its largest possible
@@ -361,7 +374,14 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   e = jnp.where((done >= steps) | (done >= full_dim), e_full, e_early)
   upper = jnp.where(e < 1.0, jnp.sqrt(theta / jnp.maximum(1.0 - e, _TINY)), jnp.inf)
   upper = upper * (1.0 + ROUNDING_SLACK)
-  return upper, jnp.sqrt(theta)
+  est = jnp.sqrt(theta)
+  if capped is not None:
+    upper = jnp.where(capped, jnp.inf, upper)
+    # Their steps may not have run: the start's Rayleigh quotient (one
+    # product) keeps their estimate from below informative.
+    rq = _batch_norm(op(g)) / jnp.maximum(_batch_norm(g), _TINY)
+    est = jnp.where(capped, jnp.maximum(est, rq), est)
+  return upper, est
 
 
 def steps_for(n: int, delta: float, rel_error: float) -> int:
