@@ -364,26 +364,28 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     s = norms.masked_dense_norm(mat, r, c)
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
   cap = jax.lax.stop_gradient(gnorm)
-  # An example whose masks keep every row and column has the layer itself
-  # as its operator: one Lanczos run on the unmasked layer (batch of one,
-  # its own start) bounds all of them, and their own runs are skipped.
-  full = (jnp.all(row.reshape(b, -1) == 1, axis=1)
-          & jnp.all(col.reshape(b, -1) == 1, axis=1))
+  # Examples whose masks equal the batch's elementwise maximum (e.g. masks
+  # that keep every row and column) all have that one operator: a single
+  # Lanczos run on it (batch of one, its own start) bounds each of them,
+  # and their own runs are skipped.
+  ref_row = jnp.max(row, axis=0, keepdims=True)
+  ref_col = jnp.max(col, axis=0, keepdims=True)
+  full = (jnp.all((row == ref_row).reshape(b, -1), axis=1)
+          & jnp.all((col == ref_col).reshape(b, -1), axis=1))
   # Steps stop once no example's bound can come below the global norm.
   upper, est = _lanczos(_masked_op(stage, row, col), key, col.shape, col, steps, delta,
                         rank_bound=jnp.sum(row.reshape(b, -1), axis=1),
                         transpose=_masked_adjoint(stage, row, col), cap=cap, capped=full)
 
-  def unmasked():
-    row1, col1 = jnp.ones((1,) + row.shape[1:], row.dtype), jnp.ones((1,) + col.shape[1:],
-                                                                     col.dtype)
+  def shared():
+    row1, col1 = ref_row, ref_col
     u, e = _lanczos(_masked_op(stage, row1, col1), jax.random.fold_in(key, 1), col1.shape,
                     col1, steps, delta, rank_bound=jnp.sum(row1.reshape(1, -1), axis=1),
                     transpose=_masked_adjoint(stage, row1, col1), cap=cap)
     return u[0], e[0]
 
   inf = jnp.asarray(jnp.inf, upper.dtype)
-  u_full, e_full = jax.lax.cond(jnp.any(full), unmasked, lambda: (inf, jnp.zeros_like(inf)))
+  u_full, e_full = jax.lax.cond(jnp.any(full), shared, lambda: (inf, jnp.zeros_like(inf)))
   upper = jnp.where(full, u_full, upper)
   est = jnp.where(full, jnp.maximum(est, e_full), est)
   return jnp.minimum(upper, gnorm), jnp.minimum(est, gnorm)
