@@ -279,6 +279,22 @@ def test_masked_dense_norm_of_nearly_full_masks_matches_svd(shape):
   np.testing.assert_allclose(got[0], top_sv(w) * (1 + bounds.ROUNDING_SLACK), rtol=1e-6)
 
 
+def test_masked_dense_norm_never_reuses_the_gram_of_other_parameters():
+  # The full matrix's Gram is kept across calls, keyed by the matrix's
+  # bytes: a matrix changed in place (one entry) must get its own.
+  rng = np.random.default_rng(11)
+  w = rng.normal(size=(30, 200)).astype(np.float32)
+  rows = (rng.random((4, 30)) > 0.05).astype(np.float32)
+  cols = (rng.random((4, 200)) > 0.05).astype(np.float32)
+  for step in range(3):
+    got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
+                                              jnp.asarray(cols)))
+    for i in range(4):
+      exact = top_sv(rows[i][:, None].astype(np.float64) * w * cols[i][None, :])
+      assert exact <= got[i] <= exact * (1 + 1.01e-4), (step, i, got[i] / exact)
+    w[np.unravel_index(np.argmax(np.abs(w)), w.shape)] *= 3.0 if step == 0 else 0.1
+
+
 def test_masked_dense_norm_under_jit_and_vmap():
   w, rows, cols = _masked_matrices()
   eager = bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows), jnp.asarray(cols))

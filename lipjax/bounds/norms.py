@@ -20,8 +20,10 @@ randomness). The values come back in the working precision of the inputs
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import math
 import os
 import threading
@@ -402,6 +404,32 @@ def conv_global_norm(kernel: Array, spatial: Sequence[int], stride: int = 1,
   return sigma + (1.0 + ROUNDING_SLACK) * (lin - jax.lax.stop_gradient(lin))
 
 
+_GRAMS: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+_GRAMS_LOCK = threading.Lock()
+
+
+def _full_gram(a: np.ndarray) -> np.ndarray:
+  """``a @ a.T`` in float64, kept for the last few matrices.
+
+  The Gram depends only on the parameters, but the host call that needs it
+  runs once per chunk: it is keyed by a hash of ``a``'s bytes (never by
+  identity), so a matrix that changed in any way gets a new Gram.
+  """
+  key = (a.shape, hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=32).digest())
+  with _GRAMS_LOCK:
+    if key in _GRAMS:
+      _GRAMS.move_to_end(key)
+      return _GRAMS[key]
+  with _single_blas_thread():
+    g = a @ a.T
+  g.flags.writeable = False
+  with _GRAMS_LOCK:
+    _GRAMS[key] = g
+    while len(_GRAMS) > 4:
+      _GRAMS.popitem(last=False)
+  return g
+
+
 def _host_masked_dense_norm(matrix, rows, cols):
   out_real = np.dtype(_real_dtype(np.asarray(matrix).dtype))
   m = np.asarray(matrix, np.float64)
@@ -456,8 +484,7 @@ def _host_masked_dense_norm(matrix, rows, cols):
   # Masks that keep most inner entries (wide balls) reuse one full Gram.
   full = None
   if len(todo) > 1 and np.all(np.isfinite(a)) and any(prefers_update(b) for b in todo):
-    with _single_blas_thread():
-      full = a @ a.T
+    full = _full_gram(a)
   done = dict(zip(todo, _map_chunks(one, todo)))
   out = np.asarray([done[first[k]] for k in keys], np.float64)
   return (out * (1.0 + ROUNDING_SLACK)).astype(out_real)
