@@ -9,17 +9,14 @@ forward pass users run) are skipped here and run in a subprocess at the
 default level by ``tests/test_default_xla.py``. Set
 ``LIPJAX_TEST_XLA_DEFAULT=1`` to run everything at the default level.
 
-The session also shares one JAX persistent compilation cache (a fresh
-temporary folder unless ``LIPJAX_COMPILATION_CACHE`` names one) between this
-process and the commands the tests launch, so a program compiled once (the
-same training step in several launcher runs, the same certificate in several
-tests) is not compiled again. XLA's flags are part of the cache key, so the
-default-level subprocess never gets level-0 code.
+The test process itself runs without JAX's persistent compilation cache
+(writing an executable to it crashed the process once in a full run), and
+the commands the tests launch too unless ``LIPJAX_COMPILATION_CACHE`` names
+a folder (the launcher tests give their runs a shared one of their own), so
+nothing is written to the user's cache folder.
 """
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -38,11 +35,7 @@ if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {OPT_FLAG}=0").strip()
 
 
-_OWN_CACHE = None
-if cli.COMPILATION_CACHE_ENV not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix="lipjax-test-xla-")
-  os.environ[cli.COMPILATION_CACHE_ENV] = _OWN_CACHE
-cli.enable_compilation_cache()   # the commands' own switch, for this process too
+os.environ.setdefault(cli.COMPILATION_CACHE_ENV, "")   # "": the commands' cache off
 
 
 def pytest_configure(config):
@@ -57,7 +50,3 @@ def pytest_collection_modifyitems(config, items):
     if item.get_closest_marker("default_xla") is not None:
       item.add_marker(skip)
 
-
-def pytest_unconfigure(config):   # pylint: disable=unused-argument
-  if _OWN_CACHE is not None:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
