@@ -38,6 +38,18 @@ if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
 os.environ.setdefault(cli.COMPILATION_CACHE_ENV, "")   # "": the commands' cache off
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_cache_in_this_process():
+  """Whatever a test turns on (the commands' switch, tested in-process), the
+  test process goes on without the persistent compilation cache."""
+  yield
+  import jax   # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache   # pylint: disable=import-outside-toplevel
+  if jax.config.jax_compilation_cache_dir is not None:
+    jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "default_xla: runs at XLA's default optimisation level")
 
