@@ -38,6 +38,16 @@ if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
 os.environ.setdefault(cli.COMPILATION_CACHE_ENV, "")   # "": the commands' cache off
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_compiled_programs():
+  """Drops JAX's compiled programs after each test module: a full run
+  otherwise keeps thousands of executables in one process, and XLA's
+  compiler crashed in the last tenth of such runs."""
+  yield
+  import jax   # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _no_persistent_cache_in_this_process():
   """Whatever a test turns on (the commands' switch, tested in-process), the
