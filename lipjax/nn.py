@@ -518,6 +518,47 @@ def _as_float(mask, like=None):
   return mask.astype(jnp.promote_types(dtype, jnp.float32))
 
 
+def elementwise_masks(act: "Activation", params: Params, lb: Array,
+                      ub: Array) -> Tuple[Array, Array]:
+  """Exact status masks of an elementwise, monotone (nondecreasing) activation.
+
+  On a box ``[lb, ub]`` such an activation ``s`` takes values between
+  ``s(lb)`` and ``s(ub)``, so an entry is constant on the box exactly when
+  ``s(lb) == s(ub)`` (its interval rule's output has zero width): a clipped
+  ReLU with ``theta <= 0``, a clamp with ``upper <= lower`` and a degenerate
+  box included. ``max``, ``min`` and clamping are exact in floating point,
+  so the comparison is exact. NaN bounds count as varying.
+
+  Returns:
+    ``(row_mask, col_mask)``, equal 0/1 arrays of the shape of ``lb``.
+  """
+  lo, hi = act.interval(params, lb, ub)
+  m = _as_float(~(hi <= lo), ub)
+  return m, m
+
+
+def pairwise_masks(act: "Activation", params: Params, lb: Array,
+                   ub: Array) -> Tuple[Array, Array]:
+  """Exact status masks of a MaxMin-style activation over the halves of the last axis.
+
+  Each output is a monotone (nondecreasing in both arguments) function of
+  one pair ``(a_k, b_k)``, so it is constant on the box exactly when the
+  interval rule's bounds for it coincide. A pre-activation entry is deleted
+  from the rows only when both outputs of its pair are constant (the outputs
+  may come in either order; each pair's two outputs sit at ``k`` and
+  ``k + C/2``). NaN bounds count as varying.
+
+  Returns:
+    ``(row_mask, col_mask)`` 0/1 arrays of the shape of ``lb``.
+  """
+  lo, hi = act.interval(params, lb, ub)
+  col = ~(hi <= lo)
+  c = col.shape[-1] // 2
+  pair = col[..., :c] | col[..., c:]
+  row = jnp.concatenate([pair, pair], axis=-1)
+  return _as_float(row, ub), _as_float(col, ub)
+
+
 class ReLU(Activation):
   """``max(z, 0)``; constant where the pre-activation box has ``ub <= 0``."""
 
@@ -531,16 +572,16 @@ class ReLU(Activation):
     return jax.nn.relu(lb), jax.nn.relu(ub)
 
   def varying(self, params, lb, ub):
-    m = _as_float(~(ub <= 0), ub)   # NaN bounds count as varying
-    return m, m
+    return elementwise_masks(self, params, lb, ub)
 
 
 class ClippedReLU(Activation):
   """``min(max(z, 0), theta)`` with a learnable per-neuron ``theta``.
 
   ``theta`` has the shape of one example's activation (shared across the
-  batch). Constant on a box where ``ub <= 0`` (always 0) or ``lb >= theta``
-  (always theta). Keep ``theta >= 0`` during training (see
+  batch). Constant on a box where ``ub <= 0`` (always 0), ``lb >= theta``
+  (always theta) or ``theta <= 0`` (always ``min(0, theta)``), and nowhere
+  else (:func:`elementwise_masks`). Keep ``theta >= 0`` during training (see
   :func:`lipjax.training.project_thresholds`).
 
   Attributes:
@@ -561,8 +602,7 @@ class ClippedReLU(Activation):
     return self.activate(params, lb), self.activate(params, ub)
 
   def varying(self, params, lb, ub):
-    m = _as_float(~((ub <= 0) | (lb >= params["theta"])), ub)   # NaN -> varying
-    return m, m
+    return elementwise_masks(self, params, lb, ub)
 
 
 class ClippedMaxMin(Activation):
@@ -612,14 +652,7 @@ class ClippedMaxMin(Activation):
             jnp.concatenate([hi_u, lo_u], axis=-1))
 
   def varying(self, params, lb, ub):
-    la, lb_ = self._split(lb)
-    ua, ub_ = self._split(ub)
-    hi_var = ~(jnp.maximum(la, lb_) >= params["upper"])   # NaN -> varying
-    lo_var = ~(jnp.minimum(ua, ub_) <= params["lower"])
-    col = jnp.concatenate([hi_var, lo_var], axis=-1)
-    pair = hi_var | lo_var
-    row = jnp.concatenate([pair, pair], axis=-1)
-    return _as_float(row, ub), _as_float(col, ub)
+    return pairwise_masks(self, params, lb, ub)
 
 
 class Identity(Activation):
@@ -635,8 +668,7 @@ class Identity(Activation):
     return lb, ub
 
   def varying(self, params, lb, ub):
-    m = jnp.ones_like(lb)
-    return m, m
+    return elementwise_masks(self, params, lb, ub)
 
 
 # --------------------------------------------------------------------------

@@ -220,7 +220,8 @@ class Clamp(lnn.Activation):
 
   ``params = {"lower": ..., "upper": ...}`` of the activation's per-example
   shape (``-inf`` / ``+inf`` for a missing side). Monotone and 1-Lipschitz;
-  constant where the box has ``ub <= lower`` or ``lb >= upper``.
+  constant exactly where the box has ``ub <= lower`` or ``lb >= upper``, or
+  ``upper <= lower`` (:func:`lipjax.nn.elementwise_masks`).
   """
 
   def __call__(self, z):
@@ -233,8 +234,7 @@ class Clamp(lnn.Activation):
     return self.activate(params, lb), self.activate(params, ub)
 
   def varying(self, params, lb, ub):
-    m = _f32(~((ub <= params["lower"]) | (lb >= params["upper"])))   # NaN -> varying
-    return m, m
+    return lnn.elementwise_masks(self, params, lb, ub)
 
 
 class PairMaxMin(lnn.Activation):
@@ -286,16 +286,7 @@ class PairMaxMin(lnn.Activation):
     return lower, upper
 
   def varying(self, params, lb, ub):
-    la, lb_ = self._split(lb)
-    ua, ub_ = self._split(ub)
-    p = params
-    hi_const = ((jnp.maximum(ua, ub_) <= p["max_lower"])
-                | (jnp.maximum(la, lb_) >= p["max_upper"]))
-    lo_const = ((jnp.minimum(ua, ub_) <= p["min_lower"])
-                | (jnp.minimum(la, lb_) >= p["min_upper"]))
-    hi_var, lo_var = ~hi_const, ~lo_const            # NaN -> varying
-    pair = hi_var | lo_var
-    return _f32(jnp.concatenate([pair, pair], axis=-1)), _f32(self._join(hi_var, lo_var))
+    return lnn.pairwise_masks(self, params, lb, ub)
 
 
 # ---------------------------------------------------------------------------
