@@ -1,10 +1,11 @@
 """Certified training loop: data, schedules, checkpoints, evaluation.
 
 ``train_and_evaluate(config, workdir)`` trains a zoo model with the certified
-training step on all local devices, checkpoints to ``workdir`` (resuming from
-it when it already holds checkpoints), selects the best checkpoint on a
-validation split held out from the training set, and finally certifies the
-test split with a sound bound. See ``experiments/configs/base.py`` for the
+training step on all devices (``config.parallel``: ``jax.pmap`` over each
+process's devices, or ``jax.jit`` over a mesh of all of them), checkpoints to
+``workdir`` (resuming from it when it already holds checkpoints), selects the
+best checkpoint on a validation split held out from the training set, and
+finally certifies the test split with a sound bound. See ``experiments/configs/base.py`` for the
 config fields and :mod:`lipjax.training.checkpoints` for the workdir layout.
 """
 
@@ -17,7 +18,7 @@ import math
 import os
 from pathlib import Path
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from lipjax import data
 from lipjax.training import checkpoints
 from lipjax.training import losses as losses_lib
 from lipjax.training import schedules
+from lipjax.training import sharded
 from lipjax.training import step as step_lib
 
 _HOLDOUT_SEED = 20211102   # fixes which training images form the validation split
@@ -56,6 +58,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   for key, allowed in choices.items():
     if cfg[key] not in allowed:
       raise InputError(f"config.{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+  if _parallel(cfg) not in PARALLEL_PATHS:
+    raise InputError(f"config.parallel must be one of {', '.join(PARALLEL_PATHS)}; got "
+                     f"{_parallel(cfg)!r}")
   model = cfg["model"]
   if not isinstance(model, str) or (":" not in model and model not in lipjax.models.NAMES):
     raise InputError(f"config.model must be one of {', '.join(lipjax.models.NAMES)} or an "
@@ -95,7 +100,9 @@ def _finite(value) -> bool:
 # neither the trained weights nor the metrics already logged. max_steps only
 # says where training stops (the schedules do not depend on it), so raising
 # it continues the same run.
-RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps")
+# parallel picks how the same step is spread over the devices (pmap or jit),
+# not what it computes, so a run started on one path resumes on the other.
+RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps", "parallel")
 # Fields config.json holds besides the config, computed from the data.
 DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "image_shape")
 
@@ -276,10 +283,71 @@ def _lr_hold(cfg: Mapping[str, Any]):
   return None if hold < 0 else hold
 
 
-def _first(metrics) -> Dict[str, float]:
-  """Host copy of the first replica's metrics."""
-  metrics = jax.device_get(metrics)
-  return {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+#: Values of ``config.parallel``: how the training step uses the devices.
+PARALLEL_PATHS = ("pmap", "jit")
+
+
+def _parallel(cfg: Mapping[str, Any]) -> str:
+  """``cfg["parallel"]``; a config of older code without the field gets the default."""
+  if "parallel" in cfg:
+    return cfg["parallel"]
+  from experiments.configs import base   # pylint: disable=import-outside-toplevel
+  return base.get_config().parallel
+
+
+class ParallelStep(NamedTuple):
+  """The training step of one ``config.parallel`` path and its data layout.
+
+  Attributes:
+    step: ``step(state, images, labels) -> (state, metrics)`` on the laid out
+      state and batch.
+    place: host/single-device ``TrainState`` -> the step's state layout.
+    host: the step's state -> one ``TrainState`` without a device axis (to
+      checkpoint or evaluate).
+    batch: this process's part of the batch ``(B, ...)`` -> the step's input.
+    metrics: the step's metrics -> ``{name: float}`` on the host.
+  """
+
+  step: Any
+  place: Any
+  host: Any
+  batch: Any
+  metrics: Any
+
+
+def make_parallel_step(cfg: Mapping[str, Any], model, optimizer, *, eps_schedule,
+                       kappa_schedule) -> ParallelStep:
+  """The certified training step of ``cfg`` on the path ``cfg["parallel"]``.
+
+  ``"pmap"``: :func:`lipjax.training.step.make_parallel_train_step` over the
+  local devices (state with a leading device axis, batch ``(D, B/D, ...)``).
+  ``"jit"``: :func:`lipjax.training.sharded.make_sharded_train_step` over a
+  mesh of every process's devices (replicated state, batch split along the
+  mesh's ``data`` axis). Both compute the single-device step on the global
+  batch and checkpoint the same state, so either resumes the other's run.
+  """
+  kwargs = dict(loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
+                grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]),
+                eps_schedule=eps_schedule, kappa_schedule=kappa_schedule)
+  path = _parallel(cfg)
+  if path == "pmap":
+    num_devices = jax.local_device_count()
+
+    def first(metrics):   # the first replica's copy
+      metrics = jax.device_get(metrics)
+      return {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+
+    return ParallelStep(step_lib.make_parallel_train_step(model, optimizer, **kwargs),
+                        step_lib.replicate, step_lib.unreplicate,
+                        lambda x: step_lib.shard_batch(x, num_devices), first)
+  if path == "jit":
+    step = sharded.make_sharded_train_step(model, optimizer, **kwargs)
+    mesh = step.mesh
+    return ParallelStep(
+        step, lambda state: sharded.replicate_on_mesh(state, mesh), sharded.fetch_replicated,
+        lambda x: sharded.shard_batch_on_mesh(x, mesh),
+        lambda metrics: {k: float(v) for k, v in sharded.fetch_replicated(metrics).items()})
+  raise InputError(f"config.parallel must be one of {', '.join(PARALLEL_PATHS)}; got {path!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -524,12 +592,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     print("note: validation (which picks the best checkpoint) certifies with the global "
           "bound (config.val_bound=global: fast, deterministic, never more than the local "
           f"bound certifies); the final test uses the {cfg['certify_bound']} bound", flush=True)
-  step_fn = step_lib.make_parallel_train_step(
-      model, optimizer, loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
-      grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]),
-      eps_schedule=eps_schedule, kappa_schedule=kappa_schedule)
+  parallel = make_parallel_step(cfg, model, optimizer, eps_schedule=eps_schedule,
+                                kappa_schedule=kappa_schedule)
   host_step = int(state.step)
-  state = step_lib.replicate(state)
+  state = parallel.place(state)
 
   bar = _progress(total_steps, host_step, cfg["progress"] and host_step < total_steps)
   log_every = int(cfg["log_every_steps"])
@@ -558,7 +624,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   def validate(epoch_done):
     nonlocal since_val
     t0 = time.time()
-    variables = {"params": jax.device_get(step_lib.unreplicate(state).params)}
+    variables = {"params": jax.device_get(parallel.host(state).params)}
     m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=cfg["val_bound"],
                  batch_size=int(cfg["certify_batch_size"]))
     # Its cost against the training since the previous validation.
@@ -578,14 +644,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       for _ in range(batch_index):          # fast-forward to the saved position
         next(it)
       for batch in it:
-        images = step_lib.shard_batch(batch["image"], num_devices)
-        labels = step_lib.shard_batch(batch["label"], num_devices)
-        state, metrics = step_fn(state, images, labels)
+        images, labels = parallel.batch(batch["image"]), parallel.batch(batch["label"])
+        state, metrics = parallel.step(state, images, labels)
         host_step += 1
         batch_index += 1
         train_time_steps += 1
         if host_step % log_every == 0 or host_step == total_steps:
-          m = _first(metrics)
+          m = parallel.metrics(metrics)
           m["lr"] = float(lr_schedule(host_step - 1))
           log({"step": host_step, "epoch": epoch, "split": "train", **m})
           if bar is not None:
@@ -604,7 +669,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         if host_step == total_steps or end_of_epoch:
           break
         if ckpt_every and host_step % ckpt_every == 0 and process_index == 0:
-          ckpt.save(step_lib.unreplicate(state), epoch=epoch, batch_index=batch_index)
+          ckpt.save(parallel.host(state), epoch=epoch, batch_index=batch_index)
       if batch_index == steps_per_epoch:
         epoch, batch_index = epoch + 1, 0
       finished = host_step >= total_steps
@@ -617,7 +682,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             f"{val['val_seconds']:.1f} s, {val['train_seconds_since_val']:.0f} s of training "
             "since the last)")
       if process_index == 0:
-        ckpt.save(step_lib.unreplicate(state), epoch=epoch, batch_index=batch_index,
+        ckpt.save(parallel.host(state), epoch=epoch, batch_index=batch_index,
                   metrics=val)
   finally:
     if bar is not None:

@@ -8,6 +8,12 @@ Usage::
   python tests/_parallel_worker.py process ADDRESS NUM_PROCESSES INDEX OUT.npz
       # one of NUM_PROCESSES processes training together after
       # jax.distributed.initialize; each feeds its own slice of the batch
+  python tests/_parallel_worker.py sharded OUT.npz CHECKPOINT_DIR
+      # the sharded-jit step and the pmapped step over all local devices, and
+      # runs that switch between them through a checkpoint (prefixes jit/,
+      # pmap/, pmap_to_jit/, jit_to_pmap/)
+  python tests/_parallel_worker.py process-sharded ADDRESS NUM_PROCESSES INDEX OUT.npz
+      # like process, with the sharded-jit step over every process's devices
 
 Writes the final parameters (``param/<path>``), power vectors
 (``power/<path>``) and per-step metrics
@@ -98,18 +104,114 @@ def parallel_run(x, y):
   return out
 
 
+def _result(state, metrics):
+  """The flat record of a run: final params and power, metrics per step."""
+  out = _flat("param/", state.params)
+  out.update(_flat("power/", state.power))
+  out.update({f"metric/{k}": np.array([m[k] for m in metrics]) for k in metrics[0]})
+  out["step"] = np.asarray(state.step)
+  return out
+
+
+def _steps():
+  """The pmapped and the sharded-jit step of :func:`problem`, built once."""
+  from lipjax import training
+  model, _, opt, kwargs, _, _ = problem()
+  return (training.make_parallel_train_step(model, opt, **kwargs),
+          training.make_sharded_train_step(model, opt, **kwargs))
+
+
+def _run_pmap(p_step, state, x, y, steps, metrics):
+  """``steps`` pmapped steps from a host (unreplicated) state; returns a host state."""
+  from lipjax import training
+  state = training.replicate(state)
+  xs, ys = training.shard_batch(x), training.shard_batch(y)
+  for _ in range(steps):
+    state, m = p_step(state, xs, ys)
+    metrics.append(jax.device_get(training.unreplicate(m)))
+  return jax.device_get(training.unreplicate(state))
+
+
+def _run_jit(s_step, state, x, y, steps, metrics):
+  """``steps`` sharded-jit steps from a host state; returns a host state."""
+  from lipjax import training
+  state = training.replicate_on_mesh(state, s_step.mesh)
+  for _ in range(steps):
+    state, m = s_step(state, x, y)
+    metrics.append(training.fetch_replicated(m))
+  return training.fetch_replicated(state)
+
+
+def _through_checkpoint(state, directory):
+  """Saves ``state`` and restores it into a fresh template, as a resumed run does."""
+  from lipjax.training import checkpoints
+  _, params, opt, _, _, _ = problem()
+  with checkpoints.TrainCheckpointer(directory) as ckpt:
+    ckpt.save(state, epoch=0, batch_index=int(state.step))
+  with checkpoints.TrainCheckpointer(directory) as ckpt:
+    restored, position = ckpt.restore_latest(_state(params, opt))
+  assert position.batch_index == int(state.step)
+  return restored
+
+
+def sharded_devices_run(directory):
+  """The sharded-jit and pmapped steps on the local devices, and switches between them."""
+  from lipjax import training
+  _, params, opt, _, x, y = problem()
+  p_step, s_step = _steps()
+  out = {}
+  for name, run in (("jit", _run_jit), ("pmap", _run_pmap)):
+    metrics = []
+    state = run(p_step if name == "pmap" else s_step, _state(params, opt), x, y, STEPS,
+                metrics)
+    out.update({f"{name}/{k}": v for k, v in _result(state, metrics).items()})
+  # Two steps on one path, a checkpoint, the rest on the other path.
+  for name, first, then in (("pmap_to_jit", (_run_pmap, p_step), (_run_jit, s_step)),
+                            ("jit_to_pmap", (_run_jit, s_step), (_run_pmap, p_step))):
+    metrics = []
+    state = first[0](first[1], _state(params, opt), x, y, STEPS - 1, metrics)
+    state = _through_checkpoint(state, f"{directory}/{name}")
+    state = then[0](then[1], state, x, y, 1, metrics)
+    out.update({f"{name}/{k}": v for k, v in _result(state, metrics).items()})
+  out["jit_compiles"] = np.array(s_step.jitted._cache_size())  # pylint: disable=protected-access
+  out["local_devices"] = np.array(jax.local_device_count())
+  try:
+    s_step(training.replicate_on_mesh(_state(params, opt), s_step.mesh), x[:BATCH - 1],
+           y[:BATCH - 1])
+    out["odd_batch_error"] = np.array("")
+  except ValueError as e:
+    out["odd_batch_error"] = np.array(str(e))
+  return out
+
+
+def sharded_process_run(x, y):
+  """The sharded-jit step over all processes; ``x``, ``y`` are this process's part."""
+  _, params, opt, _, _, _ = problem()
+  _, s_step = _steps()
+  metrics = []
+  state = _run_jit(s_step, _state(params, opt), x, y, STEPS, metrics)
+  out = _result(state, metrics)
+  out["devices"] = np.array(jax.device_count())
+  out["local_devices"] = np.array(jax.local_device_count())
+  out["mesh_devices"] = np.array(s_step.mesh.size)
+  return out
+
+
 def main(argv):
   mode = argv[1]
   if mode == "devices":
     _, _, _, _, x, y = problem()
     np.savez(argv[2], **parallel_run(x, y))
-  elif mode == "process":
+  elif mode == "sharded":
+    np.savez(argv[2], **sharded_devices_run(argv[3]))
+  elif mode in ("process", "process-sharded"):
     address, n, i, path = argv[2], int(argv[3]), int(argv[4]), argv[5]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, n, i)
     _, _, _, _, x, y = problem()
     part = BATCH // n
-    out = parallel_run(x[i * part:(i + 1) * part], y[i * part:(i + 1) * part])
+    run = parallel_run if mode == "process" else sharded_process_run
+    out = run(x[i * part:(i + 1) * part], y[i * part:(i + 1) * part])
     np.savez(path, **out)
     jax.distributed.shutdown()
   else:

@@ -98,7 +98,8 @@ def test_command_line_overrides_every_kind_of_field():
     ("loss", "hinge", "config.loss"), ("model", "5c5f", "config.model"),
     ("dataset", "imagenet", "config.dataset"), ("eps_test", -0.5, "eps_test.*> 0"),
     ("eps_test", 0.0, "eps_test"), ("eps_train", float("nan"), "eps_train"),
-    ("batch_size", 0, "batch_size"), ("certify_batch_size", 0, "certify_batch_size")])
+    ("batch_size", 0, "batch_size"), ("certify_batch_size", 0, "certify_batch_size"),
+    ("parallel", "vmap", "config.parallel must be one of pmap, jit; got 'vmap'")])
 def test_bad_config_values_are_rejected(field, value, match):
   config = _parse(["--config=demo"]).to_dict()
   config[field] = value
@@ -163,9 +164,9 @@ def launch_env(tmp_path_factory):
   return env
 
 
-def _launch(workdir, data_dir, env):
+def _launch(workdir, data_dir, env, extra=()):
   cmd = [sys.executable, "-m", "experiments.train", "--config=demo",
-         f"--workdir={workdir}", f"--config.data_dir={data_dir}"] + TINY
+         f"--workdir={workdir}", f"--config.data_dir={data_dir}"] + TINY + list(extra)
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=env)
 
@@ -300,6 +301,40 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_mnist
   assert train_steps == list(range(2, TOTAL_STEPS + 1, 2))
 
 
+@needs_mnist
+def test_a_run_switches_between_jit_and_pmap_and_matches_the_uninterrupted_run(
+    uninterrupted, tiny_mnist, launch_env, tmp_path):
+  # Steps 1-3 with the sharded jit step, 4-6 with pmap, 7-12 with jit again:
+  # each launch resumes the checkpoint the other path wrote.
+  reference, _ = uninterrupted
+  workdir = str(tmp_path / "switched")
+  for parallel, stop, start in (("jit", 3, None), ("pmap", 6, 3), ("jit", 0, 6)):
+    proc = _launch(workdir, tiny_mnist, launch_env,
+                   [f"--config.parallel={parallel}", f"--config.max_steps={stop}"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    if start is not None:
+      assert f"resuming {workdir} from step {start} of " in out, out[-3000:]
+    assert _steps(workdir)[-1] == (stop or TOTAL_STEPS)
+  assert checkpoints.load_config(workdir)["parallel"] == "jit"
+  # The whole state (parameters, optimiser state, PRNG key, power vectors) is
+  # what the uninterrupted run reached, to float32 rounding (the two paths
+  # compile the same update into different programs).
+  got, want = _saved_state(workdir, TOTAL_STEPS), _saved_state(reference, TOTAL_STEPS)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert int(got["step"]) == TOTAL_STEPS
+  # The uninterrupted run's losses (the first launch also logged its last step, 3).
+  def losses(run):
+    return {r["step"]: r["loss"] for r in checkpoints.read_metrics(run)
+            if r["split"] == "train"}
+  got_loss, want_loss = losses(workdir), losses(reference)
+  assert sorted(got_loss) == sorted(list(range(2, TOTAL_STEPS + 1, 2)) + [3])
+  np.testing.assert_allclose([got_loss[k] for k in sorted(want_loss)],
+                             [want_loss[k] for k in sorted(want_loss)], rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit code 1, the workdir exactly as it was.
 # ---------------------------------------------------------------------------
@@ -414,6 +449,8 @@ def test_workdir_check_accepts_runs_of_older_code_and_refuses_changes(tmp_path):
   # Fields that change neither weights nor logged metrics may differ.
   assert train_lib.check_workdir(dict(cfg, progress=True, max_steps=5000,
                                       certify_batch_size=64), str(tmp_path)) is not None
+  for parallel in train_lib.PARALLEL_PATHS:   # how the step uses the devices
+    assert train_lib.check_workdir(dict(cfg, parallel=parallel), str(tmp_path)) is not None
   for field, value in (("lr", 0.002), ("bound", "local"), ("lr_hold_epochs", -1),
                        ("model", "2c2f"),
                        ("log_every_steps", 10), ("eps_test", 1.0)):

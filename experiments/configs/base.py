@@ -37,6 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.end_lr = 5e-6                   # held to epoch epochs / 2 + 25, then geometric decay
   c.lr_hold_epochs = -1             # >= 0: hold lr to this epoch instead (short schedules)
   c.batch_size = 256                # global batch, over all processes and devices
+  # How the step spreads over the devices (both compute the single-device step on
+  # the global batch and write the same checkpoints, so a run resumes on either):
+  # "jit" compiles it once with jax.jit over a mesh of all devices (batch split,
+  # state replicated); "pmap" maps it over each process's devices. jit is the
+  # default: benchmarks/bench_parallel.py measured it as fast as pmap on 2 forced
+  # CPU devices (jit / pmap 0.83-1.05, within the shared machine's noise) and
+  # faster on one device (1.11-1.31, pmap's per-device mapping costs there), and
+  # it is the path JAX recommends (pmap is in maintenance mode).
+  c.parallel = "jit"                # jit | pmap
   c.seed = 0
   # Checkpoints and evaluation.
   c.checkpoint_every_steps = 1000   # besides the end of every epoch; 0: epochs only

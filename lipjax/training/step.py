@@ -258,7 +258,9 @@ def make_parallel_train_step(model, optimizer: optax.GradientTransformation, *,
   applies the same update: with ``D`` devices and ``B/D`` examples each the
   step equals the single-device step on the ``B`` examples (up to float
   rounding). After ``jax.distributed.initialize`` the mapped axis spans all
-  processes; each process passes its own local shard.
+  processes; each process passes its own local shard. For new code prefer
+  :func:`lipjax.training.sharded.make_sharded_train_step` (``jax.jit`` over a
+  device mesh, no device axis in the state); both write the same checkpoints.
 
   Returns:
     ``p_step(state, images (D, B/D, ...), labels (D, B/D)) -> (state, metrics)``
