@@ -84,7 +84,7 @@ def _time(fn, repeats):
 
 
 def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant", "through"),
-                tightness=True, estimators=("power",)):
+                tightness=True, estimators=("power",), pairs=False):
   model, shape = _model(name)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape)
@@ -122,6 +122,9 @@ def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant"
                    else f"local, Lanczos {k} steps")
           run(label, loss="gloro", bound="local", iterations=k, grad=grad,
               bound_options={"estimator": est})
+          if pairs and est == "lanczos":
+            run(label + ", pair bounds", loss="gloro", bound="local", iterations=k,
+                grad=grad, bound_options={"estimator": est, "pair": True})
     base = rows[0][1]
     print(f"\n### {name}, batch {batch}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), "
@@ -161,13 +164,16 @@ def main():
   p.add_argument("--no_timing", action="store_true", help="tightness table only")
   p.add_argument("--grads", default="constant,through", help="gradient options to time")
   p.add_argument("--no_tightness", action="store_true", help="timing table only")
+  p.add_argument("--pair_bounds", action="store_true",
+                 help="also time the local step with the per-class-pair bound in the loss")
   p.add_argument("--estimators", default="power",
                  help="training estimators to time: power, lanczos (comma-separated)")
   a = p.parse_args()
   for name in a.models.split(","):
     bench_model(name, a.batch, a.repeats, [int(k) for k in a.iterations.split(",")],
                 timing=not a.no_timing, grads=a.grads.split(","),
-                tightness=not a.no_tightness, estimators=a.estimators.split(","))
+                tightness=not a.no_tightness, estimators=a.estimators.split(","),
+                pairs=a.pair_bounds)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def bound_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   """The training-estimator options of a config (``bound_options`` of the step)."""
   inter = cfg.get("intermediate", "auto")
   return {"estimator": cfg.get("estimator", "power"),
-          "intermediate": None if inter == "auto" else inter}
+          "intermediate": None if inter == "auto" else inter,
+          "pair": bool(cfg.get("pair_bounds", False))}
 
 
 def validation_bound(cfg: Mapping[str, Any]) -> str:
@@ -126,7 +127,7 @@ RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps", 
 # What runs started before a field existed did: an absent field is equal to this
 # value, not to today's default (a run never resumes with another estimator).
 LEGACY_DEFAULTS = {"estimator": "power", "intermediate": "auto", "val_bound": "global",
-                   "diag_examples": 0, "parallel": "pmap"}
+                   "diag_examples": 0, "parallel": "pmap", "pair_bounds": False}
 # Fields config.json holds besides the config, computed from the data.
 DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "image_shape")
 
@@ -719,14 +720,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         other = "global" if validation_bound(cfg) == "local" else "local"
         diag = ""
         if "diag_network_ratio_median" in val:
-          diag = (f"; training bound / sound local bound: median "
+          diag = (f"; training bound / sound local bound at eps_train "
+                  f"{float(cfg['eps_train']):.4g}: median "
                   f"{val['diag_network_ratio_median']:.3f}, q10 "
-                  f"{val['diag_network_ratio_q10']:.3f} at eps {float(cfg['eps_train']):.4g}")
+                  f"{val['diag_network_ratio_q10']:.3f}")
         say(f"step {host_step} epoch {epoch}: val clean {val['val_clean_accuracy']:.4f}, "
             f"val certified {val['val_certified_accuracy']:.4f} at eps="
             f"{float(cfg['eps_test']):.4g} ({validation_bound(cfg)} bound, config.val_bound; "
-            f"{val[f'val_certified_accuracy_{other}']:.4f} with the {other} bound){diag} "
-            f"({val['val_seconds']:.1f} s, {val['train_seconds_since_val']:.0f} s of training "
+            f"{other} bound: {val[f'val_certified_accuracy_{other}']:.4f}{diag}; "
+            f"{val['val_seconds']:.1f} s, {val['train_seconds_since_val']:.0f} s of training "
             "since the last)")
       if process_index == 0:
         ckpt.save(parallel.host(state), epoch=epoch, batch_index=batch_index,

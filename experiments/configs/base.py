@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.estimator = "lanczos"           # lanczos | power (the paper's): per-layer method
   c.intermediate = "auto"           # auto | global | local: norms of the intermediate ball
                                     # radii (auto: global for power, local for lanczos)
+  c.pair_bounds = False             # local bound: also the per-class-pair bound in the loss
   c.sparsity_weight = 0.0
   c.eps_train = 1.75
   c.eps_test = 1.58

@@ -28,4 +28,5 @@ def get_config():
   c.end_lr = 1e-3
   c.certify_batch_size = 500
   c.checkpoint_every_steps = 200
+  c.diag_examples = 128
   return c

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lipjax import nn as lnn
-from lipjax.bounds import graph, lipschitz, margins, network, power
+from lipjax.bounds import graph, lipschitz, margins, network, pairwise, power
 
 Array = jax.Array
 
@@ -73,7 +73,7 @@ def _init_power(model, variables, shape, key, iterations):
 
 
 #: The training-estimator options of :func:`worst_case_deltas` a training step accepts.
-BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations")
+BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations", "pair")
 
 #: The default training estimator (``"power"`` when gradients go through the iterations).
 DEFAULT_ESTIMATOR = "lanczos"
@@ -140,6 +140,8 @@ def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
   resolve_intermediate(options["estimator"], options.get("intermediate"))
   if options["estimator"] == "lanczos" and grad != "constant":
     raise ValueError("estimator='lanczos' needs grad='constant'")
+  if not isinstance(options.get("pair", False), bool):
+    raise ValueError(f"pair must be True or False, got {options['pair']!r}")
   g = options.get("global_iterations")
   if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
     raise ValueError(f"global_iterations must be an int >= 0, got {g!r}")
@@ -149,8 +151,8 @@ def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
 def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                       iterations: Optional[int] = None, power=None, key=None,
                       grad: str = "constant", global_iterations: Optional[int] = None,
-                      estimator: Optional[str] = None, intermediate: Optional[str] = None
-                      ) -> Tuple[Array, Array, Dict[str, Any]]:
+                      estimator: Optional[str] = None, intermediate: Optional[str] = None,
+                      pair: bool = False) -> Tuple[Array, Array, Dict[str, Any]]:
   """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
 
   Both bounds use the running global power vectors ``power`` (see
@@ -194,6 +196,11 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
       estimator only) or ``"local"`` (the per-example estimates, as the
       sound bound builds its masks). Default: ``"global"`` for the power
       estimator, ``"local"`` for Lanczos.
+    pair: local bound: also the per-class-pair bound of
+      :mod:`lipjax.bounds.pairwise` (the slopes of the estimate's boxes, its
+      per-layer norms), each pair's delta the smaller of the two. A chain
+      network only (no residual branch); gradients flow through the
+      linearised network's backward pass.
 
   Returns:
     ``(logits (B, C), deltas (B, C), aux)`` with ``deltas[b, y_b] = 0`` and
@@ -248,6 +255,11 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     col = jnp.ones((b, mat.shape[1]))
     cols = [None] * (len(stages) - 1)
   deltas = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
+  if pair and lb is not None and pairwise.supports(stages):
+    # The per-class-pair bound of the sound certificate, as an estimate: the
+    # estimate's boxes give the slopes, its per-layer norms the prefixes.
+    pb = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, y, sound=False)
+    deltas = jnp.minimum(deltas, eps[:, None] * pb)
   return logits, deltas, {"power": new_power, "local_bound": lb, "layer_norms": used,
                           "col_masks": cols}
 
