@@ -1,0 +1,167 @@
+"""Runs the code of the documentation pages, so the docs cannot drift from the code.
+
+Every fenced ``python`` block of ``docs/getting_started.md`` and of each page
+in ``docs/guides/`` runs, in the order of the page, in one fresh Python
+process per page (the blocks of a page share one namespace, as a reader
+typing them in order would). A block that raises fails the page's test, which
+names the block's line.
+
+Shell blocks (``bash``, ``console``, ``text``) are never run: they show
+commands that train for hours or need a data set.
+
+A python block that only illustrates (a fragment that cannot run on its own)
+is marked by the MyST comment line ``% docs-test: skip`` directly above its
+opening fence. Such blocks must be listed in ``ILLUSTRATIVE`` below, so that
+adding one is a visible change of this test, and every run reports them as a
+warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import List, NamedTuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SKIP_MARKER = "% docs-test: skip"
+
+#: Python blocks that are shown but not run: (page, first line of the block).
+ILLUSTRATIVE = frozenset()
+
+#: Seconds one page may take (its blocks together, in a fresh process).
+PAGE_TIMEOUT = 300
+
+_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})\s*([^`\s]*)(.*)$")
+
+
+class Block(NamedTuple):
+  page: str          # path relative to docs/
+  line: int          # 1-based line of the first line of code
+  language: str
+  code: str
+  skip: bool
+
+
+def guide_pages() -> List[Path]:
+  """The pages whose code must run: getting started and every guide."""
+  return [DOCS / "getting_started.md"] + sorted((DOCS / "guides").glob("*.md"))
+
+
+def extract_blocks(path: Path) -> List[Block]:
+  """The fenced code blocks of a Markdown page, in order."""
+  lines = path.read_text(encoding="utf-8").splitlines()
+  blocks, i = [], 0
+  rel = str(path.relative_to(DOCS)) if path.is_relative_to(DOCS) else path.name
+  while i < len(lines):
+    m = _FENCE.match(lines[i])
+    if not m:
+      i += 1
+      continue
+    indent, fence, language = len(m.group(1)), m.group(2), m.group(3).lower()
+    skip = i > 0 and lines[i - 1].strip() == SKIP_MARKER
+    start = i + 1
+    j = start
+    closing = re.compile(r"^ {0,3}" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}\s*$")
+    while j < len(lines) and not closing.match(lines[j]):
+      j += 1
+    if j == len(lines):
+      raise ValueError(f"{rel}:{i + 1}: code fence never closed")
+    body = [ln[indent:] if ln[:indent].strip() == "" else ln for ln in lines[start:j]]
+    blocks.append(Block(rel, start + 1, language, "\n".join(body) + "\n", skip))
+    i = j + 1
+  return blocks
+
+
+def python_blocks(path: Path) -> List[Block]:
+  return [b for b in extract_blocks(path) if b.language in ("python", "py", "python3")]
+
+
+# Runs in the page's own process: executes the blocks in order in one namespace.
+_RUNNER = r"""
+import json, sys, traceback
+blocks = json.load(sys.stdin)
+namespace = {"__name__": "__main__"}
+for b in blocks:
+  code = compile("\n" * (b["line"] - 1) + b["code"], b["page"], "exec")
+  try:
+    exec(code, namespace)
+  except BaseException:
+    traceback.print_exc()
+    print(f"DOCS BLOCK FAILED: {b['page']}, block starting at line {b['line']}", flush=True)
+    sys.exit(1)
+  print(f"docs block ok: {b['page']}:{b['line']}", flush=True)
+"""
+
+
+def run_blocks(blocks: List[Block]) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+  env.setdefault("LIPJAX_COMPILATION_CACHE", "")      # no persistent cache written
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  payload = json.dumps([b._asdict() for b in blocks])
+  return subprocess.run([sys.executable, "-c", _RUNNER], input=payload, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=PAGE_TIMEOUT, check=False)
+
+
+PAGES = guide_pages()
+#: The pages with python blocks to run (reproducing.md, benchmarks.md: shell only).
+RUN_PAGES = [p for p in PAGES if p.exists() and any(not b.skip for b in python_blocks(p))]
+
+
+def test_guide_pages_exist():
+  names = {p.name for p in PAGES}
+  for name in ("getting_started.md", "certify.md", "training.md", "flax_models.md",
+               "residual.md", "custom_rules.md", "composing.md", "guarantees.md",
+               "reproducing.md", "benchmarks.md"):
+    assert name in names, f"docs page {name} is missing"
+
+
+def test_illustrative_blocks_are_listed():
+  """Every block marked as not run is listed in ILLUSTRATIVE (and reported)."""
+  marked = {(b.page, b.code.splitlines()[0] if b.code.strip() else "")
+            for p in PAGES for b in python_blocks(p) if b.skip}
+  assert marked == set(ILLUSTRATIVE), (
+      f"python blocks marked '{SKIP_MARKER}' differ from ILLUSTRATIVE: "
+      f"marked but not listed {sorted(marked - set(ILLUSTRATIVE))}, "
+      f"listed but not marked {sorted(set(ILLUSTRATIVE) - marked)}")
+  for page, first in sorted(marked):
+    warnings.warn(f"docs block not run (illustrative): {page}: {first!r}")
+
+
+def test_extractor_sees_blocks_and_markers(tmp_path):
+  page = tmp_path / "page.md"
+  page.write_text("# t\n\n```python\nx = 1\n```\n\n```bash\nexit 1\n```\n\n"
+                  f"{SKIP_MARKER}\n```python\nundefined_name\n```\n\n"
+                  "- item\n\n  ```python\n  y = x + 1\n  ```\n", encoding="utf-8")
+  blocks = [b for b in extract_blocks(page)]
+  assert [(b.language, b.skip, b.line) for b in blocks] == [
+      ("python", False, 4), ("bash", False, 8), ("python", True, 13), ("python", False, 19)]
+  assert blocks[3].code == "y = x + 1\n"
+
+
+def test_failing_block_fails_the_page(tmp_path):
+  """The runner exits non-zero and names the block when a block raises."""
+  blocks = [Block("p.md", 3, "python", "x = 1\n", False),
+            Block("p.md", 9, "python", "assert x == 2, 'wrong'\n", False)]
+  proc = run_blocks(blocks)
+  assert proc.returncode != 0
+  assert "block starting at line 9" in proc.stdout
+  assert 'File "p.md", line 9' in proc.stderr
+
+
+@pytest.mark.parametrize("page", RUN_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_code_runs(page):
+  blocks = [b for b in python_blocks(page) if not b.skip]
+  proc = run_blocks(blocks)
+  if proc.returncode != 0:
+    pytest.fail(f"a code block of docs/{page.relative_to(DOCS)} raised:\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", pytrace=False)
+  assert proc.stdout.count("docs block ok:") == len(blocks)
