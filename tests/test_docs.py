@@ -86,18 +86,20 @@ def python_blocks(path: Path) -> List[Block]:
 
 # Runs in the page's own process: executes the blocks in order in one namespace.
 _RUNNER = r"""
-import json, sys, traceback
+import json, sys, time, traceback
 blocks = json.load(sys.stdin)
 namespace = {"__name__": "__main__"}
 for b in blocks:
   code = compile("\n" * (b["line"] - 1) + b["code"], b["page"], "exec")
+  start = time.perf_counter()
   try:
     exec(code, namespace)
   except BaseException:
     traceback.print_exc()
     print(f"DOCS BLOCK FAILED: {b['page']}, block starting at line {b['line']}", flush=True)
     sys.exit(1)
-  print(f"docs block ok: {b['page']}:{b['line']}", flush=True)
+  print(f"docs block ok: {b['page']}:{b['line']} ({time.perf_counter() - start:.1f} s)",
+        flush=True)
 """
 
 
