@@ -1,7 +1,7 @@
 """Runs the code of the documentation pages, so the docs cannot drift from the code.
 
-Every fenced ``python`` block of ``docs/getting_started.md`` and of each page
-in ``docs/guides/`` runs, in the order of the page, in one fresh Python
+Every fenced ``python`` block of ``docs/index.md``, ``docs/getting_started.md``
+and of each page in ``docs/guides/`` runs, in the order of the page, in one fresh Python
 process per page (the blocks of a page share one namespace, as a reader
 typing them in order would). A block that raises fails the page's test, which
 names the block's line.
@@ -34,7 +34,10 @@ DOCS = ROOT / "docs"
 SKIP_MARKER = "% docs-test: skip"
 
 #: Python blocks that are shown but not run: (page, first line of the block).
-ILLUSTRATIVE = frozenset()
+ILLUSTRATIVE = frozenset({
+    # The one-line teaser of the front page; getting_started.md runs the same call.
+    ("index.md", "import lipjax"),
+})
 
 #: Seconds one page may take (its blocks together, in a fresh process).
 PAGE_TIMEOUT = 300
@@ -51,8 +54,9 @@ class Block(NamedTuple):
 
 
 def guide_pages() -> List[Path]:
-  """The pages whose code must run: getting started and every guide."""
-  return [DOCS / "getting_started.md"] + sorted((DOCS / "guides").glob("*.md"))
+  """The pages whose code must run: the front page, getting started and every guide."""
+  return ([DOCS / "index.md", DOCS / "getting_started.md"]
+          + sorted((DOCS / "guides").glob("*.md")))
 
 
 def extract_blocks(path: Path) -> List[Block]:
@@ -114,7 +118,8 @@ def run_blocks(blocks: List[Block]) -> subprocess.CompletedProcess:
 
 
 PAGES = guide_pages()
-#: The pages with python blocks to run (reproducing.md, benchmarks.md: shell only).
+#: The pages with python blocks to run (index.md: illustrative only; reproducing.md and
+#: benchmarks.md: shell blocks only).
 RUN_PAGES = [p for p in PAGES if p.exists() and any(not b.skip for b in python_blocks(p))]
 
 
