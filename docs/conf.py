@@ -6,6 +6,7 @@ Build (from the repository root)::
 """
 
 import os
+import re
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -51,3 +52,17 @@ html_theme = "furo"
 html_title = f"lipjax {release}"
 html_static_path = []
 pygments_style = "sphinx"
+
+
+def _drop_flax_module_fields(app, what, name, obj, options, signature, return_annotation):
+  """Hides the ``parent`` and ``name`` fields every Flax module has in its signature."""
+  del app, what, name, obj, options
+  if signature and "parent=" in signature:
+    signature = re.sub(r"(,\s*)?parent=<[^>]*>", "", signature)
+    signature = re.sub(r"(,\s*)?name=None", "", signature)
+    signature = signature.replace("(, ", "(")
+  return signature, return_annotation
+
+
+def setup(app):
+  app.connect("autodoc-process-signature", _drop_flax_module_fields)

@@ -18,6 +18,7 @@ warning.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -41,6 +42,9 @@ ILLUSTRATIVE = frozenset({
 
 #: Seconds one page may take (its blocks together, in a fresh process).
 PAGE_TIMEOUT = 300
+#: Pages run at the same time. Most of a page's time is XLA compiling, one
+#: program at a time, so two pages in parallel use two cores.
+WORKERS = int(os.environ.get("LIPJAX_DOCS_TEST_WORKERS", "2"))
 
 _FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})\s*([^`\s]*)(.*)$")
 
@@ -164,10 +168,25 @@ def test_failing_block_fails_the_page(tmp_path):
   assert 'File "p.md", line 9' in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def page_runs(request):
+  """Starts the process of every selected page (WORKERS at a time); each test
+  waits for its own."""
+  selected = [item.callspec.params["page"] for item in request.session.items
+              if getattr(item, "originalname", None) == "test_page_code_runs"]
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(WORKERS, 1))
+  futures = {page: pool.submit(run_blocks, [b for b in python_blocks(page) if not b.skip])
+             for page in selected}
+  yield futures
+  for future in futures.values():
+    future.cancel()
+  pool.shutdown(wait=True)
+
+
 @pytest.mark.parametrize("page", RUN_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_code_runs(page):
+def test_page_code_runs(page, page_runs):
   blocks = [b for b in python_blocks(page) if not b.skip]
-  proc = run_blocks(blocks)
+  proc = page_runs[page].result()
   if proc.returncode != 0:
     pytest.fail(f"a code block of docs/{page.relative_to(DOCS)} raised:\n"
                 f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", pytrace=False)
