@@ -10,10 +10,10 @@ Shell blocks (``bash``, ``console``, ``text``) are never run: they show
 commands that train for hours or need a data set.
 
 A python block that only illustrates (a fragment that cannot run on its own)
-is marked by the MyST comment line ``% docs-test: skip`` directly above its
-opening fence. Such blocks must be listed in ``ILLUSTRATIVE`` below, so that
-adding one is a visible change of this test, and every run reports them as a
-warning.
+is marked by the line ``<!-- docs-test: skip -->`` (an HTML comment, invisible
+in the site and on GitHub) directly above its opening fence. Such blocks must
+be listed in ``ILLUSTRATIVE`` below, so that adding one is a visible change of
+this test, and every run reports them as a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-SKIP_MARKER = "% docs-test: skip"
+SKIP_MARKER = "<!-- docs-test: skip -->"
 
 #: Python blocks that are shown but not run: (page, first line of the block).
 ILLUSTRATIVE = frozenset({
