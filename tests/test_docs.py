@@ -111,8 +111,11 @@ for b in blocks:
 """
 
 
-def run_blocks(blocks: List[Block]) -> subprocess.CompletedProcess:
+def run_blocks(blocks: List[Block], tmpdir=None) -> subprocess.CompletedProcess:
+  """Runs the blocks in order in one fresh process (temporary files under ``tmpdir``)."""
   env = dict(os.environ)
+  if tmpdir is not None:
+    env["TMPDIR"] = str(tmpdir)                        # what tempfile.mkdtemp() uses
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
   env.setdefault("LIPJAX_COMPILATION_CACHE", "")      # no persistent cache written
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -128,7 +131,7 @@ RUN_PAGES = [p for p in PAGES if p.exists() and any(not b.skip for b in python_b
 
 
 def test_guide_pages_exist():
-  names = {p.name for p in PAGES}
+  names = {p.name for p in PAGES if p.exists()}
   for name in ("getting_started.md", "certify.md", "training.md", "flax_models.md",
                "residual.md", "custom_rules.md", "composing.md", "guarantees.md",
                "reproducing.md", "benchmarks.md"):
@@ -169,13 +172,14 @@ def test_failing_block_fails_the_page(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def page_runs(request):
+def page_runs(request, tmp_path_factory):
   """Starts the process of every selected page (WORKERS at a time); each test
   waits for its own."""
   selected = [item.callspec.params["page"] for item in request.session.items
               if getattr(item, "originalname", None) == "test_page_code_runs"]
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(WORKERS, 1))
-  futures = {page: pool.submit(run_blocks, [b for b in python_blocks(page) if not b.skip])
+  futures = {page: pool.submit(run_blocks, [b for b in python_blocks(page) if not b.skip],
+                               tmp_path_factory.mktemp(page.stem))
              for page in selected}
   yield futures
   for future in futures.values():
