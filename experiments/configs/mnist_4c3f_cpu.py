@@ -21,7 +21,7 @@ clean / PGD (first 1,000) / certified with the sound local bound at eps 1.58:
 local-bound run 90.8 / 51.5 / 33.6 %, global-bound run 89.3 / 48.8 /
 36.92 % (at eps 0.5: 75.7 against 75.27 % certified). The local-bound run
 trains at about 2.7 s per step (about 1.6 h), the global-bound one at about
-1.1 s. Details in the README section "The paper's MNIST row on a CPU".
+1.1 s. Details in docs/guides/reproducing.md ("The paper's MNIST row on a CPU").
 """
 
 from experiments.configs import mnist_4c3f
