@@ -273,7 +273,8 @@ def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
   boxes that the *global* norms give (:func:`lipjax.bounds.lipschitz.ball_bounds`:
   deterministic, the same in every mode, and containing the ball's exact
   pre-activations) and the local per-layer norms ``lb.layer_norms`` for the
-  prefixes. Sound mode: rigorous (sound local norms, float32 rounding
+  prefixes (where a layer's masks under the local bound's boxes keep fewer
+  units than under the global ones, its global norm). Sound mode: rigorous (sound local norms, float32 rounding
   bounded). Lower mode (the triage's estimates from below): the same
   computation with the estimates from below and no rounding terms, so it
   stays below the sound pair bound (the slopes are identical and the bound
@@ -286,10 +287,17 @@ def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
     if abs_norms is None:
       return None
   predicted = jnp.argmax(lb.logits, axis=-1).astype(jnp.int32)
-  boxes = lipschitz.ball_bounds(stages, x, eps, [jax.lax.stop_gradient(g)
-                                                 for g in lb.global_norms])
-  return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted,
-                              sound=mode == "sound", abs_norms=abs_norms)
+  gnorms = [jax.lax.stop_gradient(g) for g in lb.global_norms]
+  boxes = lipschitz.ball_bounds(stages, x, eps, gnorms)
+  if mode == "sound":
+    # The local norms hold under the local bound's own masks (those of
+    # ``lb.layers``, inside the global boxes' masks): where a mask differs,
+    # the layer's global norm stands in.
+    return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=True,
+                                abs_norms=abs_norms, norm_layers=lb.layers,
+                                global_norms=gnorms)
+  # The estimates from below are below whichever factor the sound bound uses.
+  return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=False)
 
 
 def _tightest_rounding(stages, x, eps, gnorms, last_bounds, abs_norms=None):

@@ -119,7 +119,9 @@ def _flat_norm(v: Array) -> Array:
 
 def pair_bounds(stages: Sequence[network.Stage], layers: Sequence[intervals.LayerBounds],
                 layer_norms: Sequence[Array], labels: Array, *, sound: bool = True,
-                abs_norms: Optional[Sequence[Array]] = None) -> Optional[Array]:
+                abs_norms: Optional[Sequence[Array]] = None,
+                norm_layers: Optional[Sequence[intervals.LayerBounds]] = None,
+                global_norms: Optional[Sequence[Array]] = None) -> Optional[Array]:
   """``(B, C)`` bounds on the local Lipschitz constant of ``z_i - z_{labels}``.
 
   Args:
@@ -129,7 +131,8 @@ def pair_bounds(stages: Sequence[network.Stage], layers: Sequence[intervals.Laye
       the ball (sound boxes in sound mode).
     layer_norms: per stage, ``(B,)`` or scalar bounds ``s_l`` on
       ``||D^r_l A_l D^c_{l-1}||`` (the product bound's factors; only the
-      hidden stages' are used).
+      hidden stages' are used), with the masks of ``layers`` or, when given,
+      of ``norm_layers``.
     labels: ``(B,)`` integer classes ``y``.
     sound: True: every float32 rounding of the computation is bounded and
       the result rounded up (needs ``abs_norms``). False (estimates for
@@ -138,6 +141,14 @@ def pair_bounds(stages: Sequence[network.Stage], layers: Sequence[intervals.Laye
     abs_norms: sound mode, per hidden stage, a rigorous bound on
       ``|| |A_l| ||_2`` (e.g. :func:`lipjax.bounds.certify.abs_norm_bounds`;
       the last stage's entry is not used).
+    norm_layers: the :class:`~lipjax.bounds.intervals.LayerBounds` whose
+      masks ``layer_norms`` hold under, when they are not those of
+      ``layers`` (e.g. the local bound's own boxes, while ``layers`` are
+      boxes from the global norms). A layer's norm then serves an example
+      only where its row and column masks keep every unit that ``layers``
+      keeps; elsewhere ``global_norms`` (required with ``norm_layers``)
+      stand in, valid for any rows and columns.
+    global_norms: per stage, scalar bounds on ``||A_l||``.
 
   Returns:
     ``(B, C)`` with 0 at ``labels``; in sound mode an upper bound on the
@@ -177,10 +188,23 @@ def pair_bounds(stages: Sequence[network.Stage], layers: Sequence[intervals.Laye
     pair_rows = rows[None, :] + rows[labels][:, None]                   # (B, C)
     err = (rounding.dot_coefficient(c, v_op) * pair_rows.reshape(b * c)
            + rounding.underflow_term(c, 1.0) * np.sqrt(mat.shape[1]))
+  factors = [jnp.asarray(n, dtype) for n in layer_norms[:-1]]
+  if norm_layers is not None:
+    if global_norms is None:
+      raise ValueError("norm_layers needs global_norms")
+    # A norm under masks M' bounds the map under masks M only where M <= M'.
+    def within(a, bnd):
+      return jnp.all((a.reshape(b, -1) <= bnd.reshape(b, -1)), axis=1)
+    cols_in = [jnp.ones((b,), bool)]
+    for lb, nl in zip(layers[:-1], norm_layers[:-1]):
+      cols_in.append(within(lb.col_mask, nl.col_mask))
+    factors = [jnp.where(within(lb.row_mask, nl.row_mask) & cols_in[k], f,
+                         jnp.asarray(global_norms[k], dtype))
+               for k, (f, lb, nl) in enumerate(zip(factors, layers[:-1], norm_layers[:-1]))]
   prefix = []
   p = jnp.ones((b,), dtype)
-  for s in layer_norms[:-1]:
-    p = p * s
+  for f in factors:
+    p = p * f
     prefix.append(p)
   total = jnp.zeros((b * c,), dtype)
   for k in range(len(stages) - 2, -1, -1):
@@ -200,7 +224,7 @@ def pair_bounds(stages: Sequence[network.Stage], layers: Sequence[intervals.Laye
       w_norm = _flat_norm(w) * rounding.upper_factor(size)
       # The error carried (on the units the next slopes keep, which the
       # local norm's column mask covers) and this layer's rounding.
-      err = (per_pair(layer_norms[k]) * err
+      err = (per_pair(factors[k]) * err
              + rounding.dot_coefficient(n_out, v_op) * jnp.asarray(abs_norms[k], dtype)
              * w_norm + rounding.underflow_term(n_out, w_norm) + size * 2.0 ** -149)
       err = err * (1.0 + 8 * u)   # the products and sums just computed

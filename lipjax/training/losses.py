@@ -152,7 +152,8 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                       iterations: Optional[int] = None, power=None, key=None,
                       grad: str = "constant", global_iterations: Optional[int] = None,
                       estimator: Optional[str] = None, intermediate: Optional[str] = None,
-                      pair: bool = False) -> Tuple[Array, Array, Dict[str, Any]]:
+                      pair: bool = False,
+                      batch_axis: Optional[str] = None) -> Tuple[Array, Array, Dict[str, Any]]:
   """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
 
   Both bounds use the running global power vectors ``power`` (see
@@ -201,6 +202,9 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
       per-layer norms), each pair's delta the smaller of the two. A chain
       network only (no residual branch); gradients flow through the
       linearised network's backward pass.
+    batch_axis: inside ``jax.pmap`` over a split batch, the mapped axis'
+      name: the Lanczos running vectors then follow the union of masks of
+      the whole batch (see :func:`lipjax.local_lipschitz_bound`).
 
   Returns:
     ``(logits (B, C), deltas (B, C), aux)`` with ``deltas[b, y_b] = 0`` and
@@ -238,7 +242,8 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                          iterations=iterations, grad=grad,
                                          global_state=power,
                                          global_iterations=n_global,
-                                         estimator=estimator, intermediate=intermediate)
+                                         estimator=estimator, intermediate=intermediate,
+                                         batch_axis=batch_axis)
     logits = lb.logits
     used = list(lb.layer_norms)
     inner = network.chain_product(stages[:-1], used[:-1])
