@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax._src import frontends
 from lipjax import nn as lnn
 from lipjax.bounds import (graph, intervals, lipschitz, margins, network, norms, per_example,
                            rounding)
@@ -199,7 +200,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   ``bound="global"``); computed here when None. ``abs_norms``: likewise
   :func:`abs_norm_bounds` of these variables (the rounding bound's norms).
   """
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   variables = network.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
@@ -485,7 +486,7 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   not positive. ``global_norms`` and ``abs_norms`` as in
   :func:`certify_arrays`.
   """
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   variables = network.cast_floating(variables, x.dtype)
   b = x.shape[0]
@@ -751,7 +752,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   options.pop("mode", None)
   if "global_norms" in options:
     raise ValueError("certify computes the global norms itself; do not pass global_norms")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
   if bound not in ("local", "global"):

@@ -17,7 +17,7 @@ of the jaxpr. A walk over its equations (sub-jaxprs of ``jit``,
 Each primitive applied to an activation value goes through a small rule
 (:data:`LINEAR_RULES` for the linear and affine ones, ``max`` / ``min`` /
 ``clamp`` for activations); any other primitive raises
-:class:`~lipjax.bounds.network.UnsupportedModelError` naming it, the module
+:class:`~lipjax.bounds.errors.UnsupportedModelError` naming it, the module
 path and the user's source line. The activation patterns recognised are
 
 * chains of elementwise ``max`` / ``min`` with static operands (``relu``,
@@ -83,18 +83,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax import nn as lnn
+from lipjax._src import errors, frontends
 from lipjax.bounds import network
 
 Array = jax.Array
 
-SUPPORTED = (
-    "flax.linen.Dense / Conv (any kernel, stride, padding, with or without bias), "
-    "lipjax.nn layers, average pooling (flax.linen.avg_pool), reshapes, transposes, "
-    "padding, slicing, concatenation, sums and scalings by parameters or constants, "
-    "sums of two values computed from the same activation, relu, clipped relu "
-    "(jnp.clip / jnp.minimum(jnp.maximum(z, 0), theta) with a constant or a "
-    "parameter), MaxMin over the two halves of the channel axis, residual blocks "
-    "h + f(h) (optionally activated) with h an activation output or the input")
+SUPPORTED = errors.SUPPORTED
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "named_call")
@@ -120,90 +114,8 @@ LINEAR_RULES: Dict[str, str] = {
 _ACTIVATION_PRIMS = ("max", "min", "clamp")
 
 
-# ---------------------------------------------------------------------------
-# Models: flax modules, pure functions, identity handles for unhashable ones
-# ---------------------------------------------------------------------------
-
-
-class FunctionModel:
-  """A pure function ``fn(variables, x) -> logits`` seen as a model."""
-
-  def __init__(self, fn: Callable):
-    self.fn = fn
-
-  def apply(self, variables, x):
-    return self.fn(variables, x)
-
-  def __eq__(self, other):
-    return isinstance(other, FunctionModel) and other.fn is self.fn
-
-  def __hash__(self):
-    return hash(("lipjax.FunctionModel", id(self.fn)))
-
-  def __repr__(self):
-    return f"FunctionModel({getattr(self.fn, '__qualname__', self.fn)!r})"
-
-
-class _Handle:
-  """Identity-hashed stand-in for an unhashable model (e.g. a
-  ``flax.linen.Sequential`` built from a list), so compiled computations can
-  be cached per model object."""
-
-  def __init__(self, model):
-    self.model = model
-
-  def apply(self, variables, x, *args, **kwargs):
-    return self.model.apply(variables, x, *args, **kwargs)
-
-  def __getattr__(self, name):
-    if name == "model":
-      raise AttributeError(name)
-    return getattr(self.model, name)
-
-  def __repr__(self):
-    return repr(self.model)
-
-
-_HANDLES: "collections.OrderedDict[int, Tuple[Any, _Handle]]" = collections.OrderedDict()
-_HANDLES_LOCK = threading.Lock()
-_MAX_HANDLES = 256
-
-
-def _handle(model) -> _Handle:
-  with _HANDLES_LOCK:
-    hit = _HANDLES.get(id(model))
-    if hit is not None and hit[0] is model:
-      _HANDLES.move_to_end(id(model))
-      return hit[1]
-    h = _Handle(model)
-    _HANDLES[id(model)] = (model, h)   # the strong reference keeps id() unique
-    while len(_HANDLES) > _MAX_HANDLES:
-      _HANDLES.popitem(last=False)
-    return h
-
-
-def as_model(model):
-  """The model as lipjax passes it around: an object with ``apply`` that hashes.
-
-  A :class:`lipjax.nn.Sequential` and any hashable object with ``apply`` (a
-  Flax module) are returned as they are; a plain callable becomes a
-  :class:`FunctionModel`; an unhashable one gets a cached identity handle.
-
-  Raises:
-    TypeError: for an object that is neither.
-  """
-  if isinstance(model, (lnn.Sequential, FunctionModel, _Handle)):
-    return model
-  if not hasattr(model, "apply"):
-    if not callable(model):
-      raise TypeError("model must be a flax.linen.Module or a function "
-                      f"fn(variables, x) -> logits, got {type(model).__name__}")
-    model = FunctionModel(model)
-  try:
-    hash(model)
-  except TypeError:
-    return _handle(model)
-  return model
+FunctionModel = frontends.FunctionModel
+as_model = frontends.as_model
 
 
 # ---------------------------------------------------------------------------
@@ -766,33 +678,37 @@ class RegisteredActivation(lnn.Activation):
 # ---------------------------------------------------------------------------
 
 
-_FLAX_DIR = os.path.dirname(os.path.abspath(flax.__file__)) + os.sep
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                      for m in (jax, flax, np))
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _source_line(source_info) -> Optional[str]:
-  """``file:line`` of the first frame outside JAX, Flax and this module."""
+  """``file:line`` of the innermost frame outside JAX, Flax, numpy and lipjax
+  (the user's own code), else the innermost frame outside JAX."""
   try:
-    from jax._src import source_info_util   # pylint: disable=import-outside-toplevel
-    first = None
-    for frame in source_info_util.user_frames(source_info.traceback):
-      path = os.path.abspath(frame.file_name)
-      loc = f"{frame.file_name}:{frame.start_line}"
-      first = first or loc
-      if not path.startswith(_FLAX_DIR) and not path.startswith(_OWN_DIR):
-        return loc
-    return first
+    frames = list(source_info.traceback.frames)
   except Exception:   # pylint: disable=broad-except
     return None
+  first = None
+  for frame in frames:
+    path = os.path.abspath(frame.file_name)
+    if path.startswith(_SKIPPED_DIRS[0]) or "/jaxlib/" in path:
+      continue
+    loc = f"{frame.file_name}:{frame.line_num}"
+    first = first or loc
+    if not path.startswith(_SKIPPED_DIRS) and not path.startswith(_OWN_DIR):
+      return loc
+  return first
 
 
 def _where(eqn, context: Tuple[str, ...]) -> str:
-  """``module <Flax name stack>, inside <calls>, <file>:<line>`` of an equation.
+  """``module <Flax name stack>, inside <calls>, <file>:<line>`` of an equation
+  (shortened: see :func:`lipjax._src.errors.short_where`).
 
   ``context`` holds, for each enclosing inlined call, ``"module <stack>"``
   (its name stack, relative to the enclosing call) and its name.
   """
-  parts = []
   try:
     stack = str(eqn.source_info.name_stack)
   except Exception:   # pylint: disable=broad-except
@@ -800,19 +716,12 @@ def _where(eqn, context: Tuple[str, ...]) -> str:
   outer = [c[len("module "):] for c in context if c.startswith("module ")]
   calls = [c for c in context if not c.startswith("module ")]
   path = "/".join(outer + ([stack] if stack else []))
-  if path:
-    parts.append(f"module {path}")
-  if calls:
-    parts.append("inside " + " > ".join(calls))
-  line = _source_line(eqn.source_info)
-  if line:
-    parts.append(line)
-  return ", ".join(parts) if parts else "an unnamed place"
+  return errors.short_where(path or None, " > ".join(calls) or None,
+                            _source_line(eqn.source_info))
 
 
-def _unsupported(what: str, where: str) -> network.UnsupportedModelError:
-  return network.UnsupportedModelError(
-      f"{what} at {where} has no sound rule in lipjax bounds; supported: {SUPPORTED}")
+def _unsupported(what: str, where: str) -> errors.UnsupportedModelError:
+  return errors.unsupported(what, where)
 
 
 # ---------------------------------------------------------------------------
@@ -1337,7 +1246,7 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[List[Any]]:
                          "activation", g.where)
     exits[seg_of[g.input]].append(g.input)
   if out_aid not in seg_of or out_aid in by_output:
-    raise network.UnsupportedModelError(
+    raise errors.UnsupportedModelError(
         "the model must end with a linear layer (the logits); its output comes "
         "straight from an activation")
   exits[seg_of[out_aid]].append(out_aid)
@@ -1417,7 +1326,7 @@ def _extract(b: _Builder, out_aid: int, in_aid: int) -> List[List[Any]]:
       visited.add(s)
       s = close_block(by_input[nxt][0])
   if len(visited) != len(seg_input):
-    raise network.UnsupportedModelError("the traced model is not a chain of layers")
+    raise errors.UnsupportedModelError("the traced model is not a chain of layers")
   return out
 
 
@@ -1699,11 +1608,7 @@ def _activation(kind: str, g: _Group, get, out_shape) -> Tuple[lnn.Activation, D
 # ---------------------------------------------------------------------------
 
 
-def _describe(model) -> str:
-  m = model.model if isinstance(model, _Handle) else model
-  if isinstance(m, FunctionModel):
-    return f"function {getattr(m.fn, '__qualname__', m.fn)!r}"
-  return f"{type(m).__module__}.{type(m).__name__}"
+_describe = frontends.describe
 
 
 def _abstract(tree):
@@ -1716,28 +1621,28 @@ def _build_plan(model, variables, in_shape) -> _Plan:
   x1 = jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32)
   try:
     closed = jax.make_jaxpr(lambda v, x: model.apply(v, x))(abstract_vars, x1)
-  except network.UnsupportedModelError:
+  except errors.UnsupportedModelError:
     raise
   except Exception as e:   # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise network.UnsupportedModelError(
-        f"tracing {_describe(model)} on one input of shape {tuple(in_shape)} failed "
-        f"({type(e).__name__}: {first}); lipjax calls model.apply(variables, x) with "
-        "the variables given to it") from e
+    raise errors.model_error(
+        f"tracing {_describe(model)} on an input of shape {tuple(in_shape)} failed "
+        f"({type(e).__name__}: {errors.shorten(first, 70)}); lipjax calls "
+        "model.apply(variables, x) with the variables given") from e
   b = _Builder()
   args = [b.leaf(i, a.shape) for i, a in enumerate(jax.tree_util.tree_leaves(abstract_vars))]
   x_act = b.new_act((1,) + tuple(in_shape))
   outs = b.walk(closed.jaxpr, closed.consts, args + [x_act], ())
   if len(outs) != 1:
-    raise network.UnsupportedModelError(
+    raise errors.UnsupportedModelError(
         f"{_describe(model)} returns {len(outs)} arrays; lipjax bounds need a single "
         "(batch, num_classes) array of logits")
   (out,) = outs
   if not isinstance(out, _A):
-    raise network.UnsupportedModelError(
+    raise errors.UnsupportedModelError(
         f"the output of {_describe(model)} does not depend on its input")
   if len(b.shapes[out.aid]) != 2:
-    raise network.UnsupportedModelError(
+    raise errors.UnsupportedModelError(
         f"the model must output (batch, num_classes), got per-example shape "
         f"{b.shapes[out.aid][1:]}")
   chain = _extract(b, out.aid, x_act.aid)

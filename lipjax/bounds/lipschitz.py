@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax._src import frontends
 from lipjax.bounds import graph, intervals, network, norms, per_example, power, rounding
 
 Array = jax.Array
@@ -524,7 +525,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   """
   intermediate = _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                                 intermediate, dense, global_state, global_iterations, rounding)
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x, eps = check_inputs(model, x, eps, variables)
   stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
   if global_norms is not None:
@@ -585,7 +586,7 @@ def global_top_vectors(model, variables, *, input_shape=None, key=None,
   """
   if iterations < 1:
     raise ValueError(f"iterations must be >= 1, got {iterations}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
   network.trace(model, variables, shape)   # validates the model early
   key = jax.random.PRNGKey(0) if key is None else key
@@ -741,7 +742,7 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   Returns:
     A scalar (or ``(scalar, per_layer_norms)``).
   """
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
@@ -772,7 +773,7 @@ def layer_global_norms(model, variables, *, input_shape=None, key=None,
     raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
   if not 0 < failure_probability < 1:
     raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
@@ -842,7 +843,7 @@ def bound_guarantee(model, variables, *, bound: str = "local", input_shape=None,
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if dense not in ("exact", "lanczos"):
     raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
   stages = network.trace(model, variables, shape)
   rows, probabilistic = [], False

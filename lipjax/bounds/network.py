@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lipjax import nn as lnn
+from lipjax._src import errors
 
 Array = jax.Array
 
@@ -29,8 +30,7 @@ SUPPORTED = ("lipjax.nn.Dense", "lipjax.nn.Conv", "lipjax.nn.AvgPool",
              "lipjax.nn.Residual")
 
 
-class UnsupportedModelError(TypeError):
-  """The model contains something the bounds cannot handle."""
+UnsupportedModelError = errors.UnsupportedModelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +205,11 @@ def _params_of(variables, i):
   return params.get(f"layers_{i}", {})
 
 
+def _short_name(layer) -> str:
+  """``package.subpackage.Name`` of a layer's class (``flax.linen.Dense``)."""
+  return ".".join(type(layer).__module__.split(".")[:2] + [type(layer).__name__])
+
+
 def _describe(layer) -> str:
   return f"{type(layer).__module__}.{type(layer).__name__}"
 
@@ -287,10 +292,10 @@ def trace(model, variables, in_shape: Tuple[int, ...], dtype=None) -> List[Stage
         close(lnn.Identity(), {})
       pending_reshapes.append(layer)
     else:
-      raise UnsupportedModelError(
-          f"layers_{i} is {_describe(layer)}, which lipjax bounds do not support. "
-          f"Supported: {', '.join(SUPPORTED)}. A new linear layer only needs to "
-          "subclass lipjax.nn.LinearLayer and implement linear() and bias().")
+      raise errors.model_error(
+          f"layers_{i} ({_short_name(layer)}) has no sound rule; supported: lipjax.nn.Dense, "
+          "lipjax.nn.Conv, lipjax.nn.ClippedReLU etc., subclasses of lipjax.nn.LinearLayer "
+          "or lipjax.nn.Activation")
   if current is None or pending_reshapes:
     raise UnsupportedModelError(
         "the model must end with a linear layer (the logits); found "

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax._src import frontends
 from lipjax.bounds import certify as certify_fn
 from lipjax.bounds import graph, lipschitz, network
 from lipjax.evaluation import pgd, tightness
@@ -172,7 +173,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     when every certified point survived the attacks).
   """
   eps_list = check_eps_list(eps_list)
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   bounds = tuple(options.bounds)
   if not bounds or any(b not in BOUNDS for b in bounds):
     raise ValueError(f"bounds must be a non-empty subset of {BOUNDS}, got {bounds}")

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipjax._src import frontends
 from lipjax import nn as lnn
 from lipjax.bounds import graph, network, per_example
 from lipjax.evaluation import pgd
@@ -180,7 +181,7 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
   """
   if steps < 0 or iterations < 1:
     raise ValueError(f"need steps >= 0 and iterations >= 1, got {steps}, {iterations}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   e_host = np.asarray(eps, np.float64)
   if not np.all(np.isfinite(e_host)) or np.any(e_host < 0):

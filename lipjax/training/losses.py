@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lipjax._src import frontends
 from lipjax import nn as lnn
 from lipjax.bounds import graph, lipschitz, margins, network, power
 
@@ -46,7 +47,7 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
   """
   if iterations < 0:
     raise ValueError(f"iterations must be >= 0, got {iterations}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   shape = lipschitz.resolve_input_shape(model, input_shape)
   network.trace(model, variables, shape)   # validates the model
   key = jax.random.PRNGKey(0) if key is None else key
@@ -112,7 +113,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if grad not in ("constant", "through"):
     raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (b,))
@@ -188,6 +189,7 @@ def sparsity_loss(model, variables, local_bound, theta_weight: float = 0.1) -> A
     local_bound = local_bound.get("local_bound")
   if local_bound is None:
     return jnp.zeros(())
+  model, variables = frontends.resolve(model, variables)
   stages = network.trace(model, variables, tuple(local_bound.layers[0].input_center.shape[1:]))
   total = jnp.zeros(())
   for st, lb in zip(stages[:-1], local_bound.layers[:-1]):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lipjax._src import frontends
 from lipjax.bounds import graph
 from lipjax.training import losses
 
@@ -101,12 +102,20 @@ def _project_all_thresholds(model, params, in_shape):
   """``max(theta, 0)`` for every clipped-ReLU threshold, in one pass: the
   leaves named ``theta`` and those a traced model uses as thresholds
   (:func:`lipjax.bounds.graph.threshold_leaves`), whatever their names."""
-  variables = {"params": params}
-  index = set(graph.threshold_leaves(model, variables, in_shape))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  index = set(graph.threshold_leaves(model, _variables(model, params), in_shape))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [jnp.maximum(a, 0.0) if (i in index or _is_threshold(path)) else a
             for i, (path, a) in enumerate(leaves)]
-  return jax.tree_util.tree_unflatten(treedef, leaves)["params"]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _variables(model, params):
+  """The variables the model is applied with during training: ``{"params": params}``
+  (for an NNX module, its other variables come from the module itself).
+
+  Their leaves are ``params``' leaves, in the same order, so that a leaf
+  index into the one is an index into the other."""
+  return {"params": params}
 
 
 def _as_schedule(value, name):
@@ -131,7 +140,7 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
   """
   if loss not in ("gloro", "bcp", "ce"):
     raise ValueError(f"loss must be 'gloro', 'bcp' or 'ce', got {loss!r}")
-  model = graph.as_model(model)
+  model = frontends.as_model(model)
   if bound not in ("local", "global"):
     raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
   if grad not in ("constant", "through"):
@@ -146,7 +155,7 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
   kappa_fn = kappa_fn or _as_schedule(0.0, "kappa_schedule")
 
   def loss_fn(params, power, images, labels, eps, kappa, key):
-    variables = {"params": params}
+    variables = _variables(model, params)
     if loss == "ce":
       logits = model.apply(variables, images)
       deltas = jnp.zeros_like(logits)
