@@ -55,7 +55,7 @@ class FlaxZoo(fnn.Module):
 
   @fnn.compact
   def __call__(self, x):
-    spec = models._ARCHS[self.arch]   # pylint: disable=protected-access
+    spec = models.architecture(self.arch)
     for f, k, s, p in spec["convs"]:
       x = _Clip()(fnn.Conv(f, (k, k), strides=s, padding=p)(x))
     x = x.reshape((x.shape[0], -1))

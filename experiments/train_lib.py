@@ -110,7 +110,7 @@ DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "imag
 
 def _norm(value):
   """A JSON round trip, so that saved and new values compare alike (tuples = lists)."""
-  return json.loads(json.dumps(checkpoints._to_jsonable(value)))  # pylint: disable=protected-access
+  return json.loads(json.dumps(checkpoints.to_jsonable(value)))
 
 
 def _show(value) -> str:

@@ -19,7 +19,7 @@ import flax.linen as fnn
 from lipjax import nn as lnn
 from lipjax._src import frontends
 
-__all__ = ["ACTIVATIONS", "LiResNet", "NAMES", "from_nnx", "get"]
+__all__ = ["ACTIVATIONS", "LiResNet", "NAMES", "architecture", "from_nnx", "get"]
 
 ACTIVATIONS = ("relu", "clipped_relu", "clipped_maxmin")
 
@@ -52,7 +52,7 @@ class LiResNet(fnn.Module):
   4x4, stride 2, padding 1, with ``2 * width`` channels.
 
   Written in plain Flax with lipjax activations; the bounds read it through
-  the graph tracer (:mod:`lipjax.bounds.graph`).
+  the graph tracer (:mod:`lipjax._src.trace`).
 
   Attributes:
     num_classes: width of the head.
@@ -91,6 +91,18 @@ class LiResNet(fnn.Module):
     h = h.reshape((h.shape[0], -1))
     h = act()(fnn.Dense(self.neck, name="neck")(h))
     return fnn.Dense(self.num_classes, name="head")(h)
+
+
+def architecture(name: str) -> dict:
+  """The layer widths of a zoo network: ``{"convs": [(features, kernel, stride,
+  padding), ...], "dense": [widths, last excluded], "input_shape": (H, W, C)}``
+  (a copy; ``name`` one of the Sequential zoo models, not ``"liresnet"``)."""
+  key = name.lower()
+  if key not in _ARCHS:
+    raise ValueError(f"unknown architecture {name!r}; available: {tuple(_ARCHS)}")
+  arch = _ARCHS[key]
+  return {"convs": list(arch["convs"]), "dense": list(arch["dense"]),
+          "input_shape": tuple(arch["input_shape"])}
 
 
 def from_nnx(module):

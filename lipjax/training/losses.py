@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from lipjax._src import frontends
-from lipjax import nn as lnn
-from lipjax.bounds import graph, lipschitz, margins, network, power
+from lipjax._src import lipschitz, margins, power
+from lipjax._src import trace as trace_lib
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
 
   Args:
     model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
-      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
+      ``fn(variables, x)`` (see :func:`lipjax.local_lipschitz_bound`).
     variables: its variables, ``{"params": ...}``.
     input_shape: shape of one example (defaults to ``model.input_shape``).
     key: PRNG key of the random start (default ``PRNGKey(0)``).
@@ -49,13 +49,13 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
     raise ValueError(f"iterations must be >= 0, got {iterations}")
   model, variables = frontends.resolve(model, variables)
   shape = lipschitz.resolve_input_shape(model, input_shape)
-  network.trace(model, variables, shape)   # validates the model
+  trace_lib.trace(model, variables, shape)   # validates the model
   key = jax.random.PRNGKey(0) if key is None else key
   return _init_power(model, variables, shape, key, int(iterations))
 
 
 def _init_power(model, variables, shape, key, iterations):
-  stages = network.trace(model, variables, shape)
+  stages = trace_lib.trace(model, variables, shape)
   keys = jax.random.split(key, len(stages))
   vecs = []
   for st, k in zip(stages, keys):
@@ -117,7 +117,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (b,))
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
   last = stages[-1]
   mat = last.layer.explicit_matrix(last.params)
   if mat is None:
@@ -134,7 +134,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                          global_state=power,
                                          global_iterations=n_global)
     logits = lb.logits
-    inner = network.chain_product(stages[:-1], lb.layer_norms[:-1])
+    inner = stages.product(lb.layer_norms, logits=False)
     col = margins.last_layer_columns(stages, lb.layers, b)
     new_power = lb.global_state
   else:
@@ -142,7 +142,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     logits = model.apply(variables, x)
     gn, new_power = lipschitz.running_global_norms(stages, power, n_global,
                                                    differentiable=True)
-    inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
+    inner = jnp.full((b,), stages.product(gn, logits=False))
     col = jnp.ones((b, mat.shape[1]))
   deltas = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
   return logits, deltas, {"power": new_power, "local_bound": lb}
@@ -190,17 +190,10 @@ def sparsity_loss(model, variables, local_bound, theta_weight: float = 0.1) -> A
   if local_bound is None:
     return jnp.zeros(())
   model, variables = frontends.resolve(model, variables)
-  stages = network.trace(model, variables, tuple(local_bound.layers[0].input_center.shape[1:]))
+  stages = trace_lib.trace(model, variables, tuple(local_bound.layers[0].input_center.shape[1:]))
   total = jnp.zeros(())
   for st, lb in zip(stages[:-1], local_bound.layers[:-1]):
-    act, p = st.activation, st.act_params
-    if isinstance(act, lnn.ClippedReLU):
-      total += jnp.mean(jax.nn.relu(lb.upper)) + theta_weight * jnp.mean(
-          jax.nn.relu(p["theta"] - lb.lower))
-    elif isinstance(act, lnn.ClippedMaxMin):
-      c = lb.lower.shape[-1] // 2
-      lo_max = jnp.maximum(lb.lower[..., :c], lb.lower[..., c:])
-      up_min = jnp.minimum(lb.upper[..., :c], lb.upper[..., c:])
-      total += jnp.mean(jax.nn.relu(p["upper"] - lo_max)) + jnp.mean(
-          jax.nn.relu(up_min - p["lower"]))
+    term = st.activation.sparsity(st.act_params, lb.lower, lb.upper, theta_weight)
+    if term is not None:
+      total += term
   return total

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from lipjax._src import frontends
-from lipjax.bounds import graph
+from lipjax._src import trace as trace_lib
 from lipjax.training import losses
 
 _THRESHOLDS = ("theta",)
@@ -101,8 +101,8 @@ def create_train_state(params, optimizer: optax.GradientTransformation, *, rng,
 def _project_all_thresholds(model, params, in_shape):
   """``max(theta, 0)`` for every clipped-ReLU threshold, in one pass: the
   leaves named ``theta`` and those a traced model uses as thresholds
-  (:func:`lipjax.bounds.graph.threshold_leaves`), whatever their names."""
-  index = set(graph.threshold_leaves(model, _variables(model, params), in_shape))
+  (see :func:`lipjax._src.trace.threshold_leaves`), whatever their names."""
+  index = set(trace_lib.threshold_leaves(model, _variables(model, params), in_shape))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [jnp.maximum(a, 0.0) if (i in index or _is_threshold(path)) else a
             for i, (path, a) in enumerate(leaves)]

@@ -10,7 +10,7 @@ where ``g_iy`` is the float32 gap at ``x``, ``D_{L-1}`` deletes the last
 layer's constant columns, ``IBP_iy`` is the exact minimum of the gap over the
 penultimate box, and ``E_iy`` bounds ``|fl(z_y - z_i) - (z_y - z_i)|`` at
 every point of the ball: the float32 rounding of the whole forward pass
-(:mod:`lipjax.bounds.rounding`), which grows with the magnitudes summed
+(:mod:`lipjax._src.rounding`), which grows with the magnitudes summed
 (``sum |W| |h| + |b|`` per logit), not with the gap. The example is
 *certified* when ``L_iy - E_iy > 0`` for every ``i != y`` (every float32
 evaluation ``model.apply(x')`` and the exact network then predict ``y`` on
@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax._src import frontends
-from lipjax import nn as lnn
-from lipjax.bounds import (graph, intervals, lipschitz, margins, network, norms, per_example,
-                           rounding)
+from lipjax._src import (frontends, interpret, lipschitz, margins, norms, per_example,
+                         rounding)
+from lipjax._src import trace as trace_lib
+from lipjax._src.graph import Pass
 
 Array = jax.Array
 
@@ -54,7 +54,7 @@ class Certificate:
     predicted: ``(B,)`` int32 argmax of the logits.
     certified: ``(B,)`` bool; ``predicted == y`` and at every point ``x'`` of
       ``B(x, eps)`` both the float32 forward pass ``model.apply`` (on this
-      backend and matmul precision, see :mod:`lipjax.bounds.rounding`) and
+      backend and matmul precision, see :mod:`lipjax._src.rounding`) and
       the exact network predict ``y`` (with probability
       ``>= 1 - failure_probability`` over the Lanczos start vectors where
       that is nonzero).
@@ -195,16 +195,16 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
 
   ``global_norms``: optionally the per-layer global norms of *these*
   ``variables``, computed once by the caller for many batches
-  (:func:`lipjax.bounds.lipschitz.layer_global_norms` with the same options
+  (:func:`lipjax.bounds.layer_global_norms` with the same options
   for ``bound="local"``, ``global_lipschitz_bound(per_layer=True)`` for
   ``bound="global"``); computed here when None. ``abs_norms``: likewise
   :func:`abs_norm_bounds` of these variables (the rounding bound's norms).
   """
   model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
-  variables = network.cast_floating(variables, x.dtype)   # the working precision
+  variables = trace_lib.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
-  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   last = stages[-1]
   if bound == "local":
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps,
@@ -212,7 +212,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     layers = lb.layers
     logits = lb.logits
     col = margins.last_layer_columns(stages, layers, b)
-    inner = (network.chain_product(stages[:-1], lb.layer_norms[:-1]) if len(layers) > 1
+    inner = (stages.product(lb.layer_norms, logits=False) if len(layers) > 1
              else jnp.ones((b,)))
     lo = last.layer_input(layers[-1].input_lower).reshape(b, -1)
     hi = last.layer_input(layers[-1].input_upper).reshape(b, -1)
@@ -315,9 +315,9 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
 def _global_terms(stages, gn, b, failure_probability):
   """``(inner, col, lip, fail, last_norm, last_global, finite_extra)`` of the global certificate."""
   last = stages[-1]
-  inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
+  inner = jnp.full((b,), stages.product(gn, logits=False))
   col = jnp.ones((b, int(np.prod(last.layer_in_shape))))
-  lip = jnp.full((b,), network.chain_product(stages, gn))
+  lip = jnp.full((b,), stages.product(gn))
   probabilistic = any(lipschitz.needs_probabilistic_global(st) for st in stages)
   fail = jnp.full((b,), failure_probability if probabilistic else 0.0, jnp.float32)
   last_norm, last_global = jnp.full((b,), gn[-1]), gn[-1]
@@ -325,19 +325,16 @@ def _global_terms(stages, gn, b, failure_probability):
   return inner, col, lip, fail, last_norm, last_global, finite_extra
 
 
-# Activations whose float32 evaluation is exact (max, min, identity) and
-# which are 1-Lipschitz in l2: the norm-based rounding bound of the screen.
-_SCREEN_ACTIVATIONS = (lnn.ReLU, lnn.ClippedReLU, lnn.Identity, lnn.ClippedMaxMin)
-
-
 def screenable(stages) -> bool:
-  """Whether :func:`screen_arrays` applies: built-in activations, layers with ``|W|``."""
+  """Whether :func:`screen_arrays` applies: a chain of maps with ``|W|`` whose
+  activations are evaluated exactly in float32 (``max``, ``min``: they are
+  1-Lipschitz in l2)."""
+  if stages.has_blocks:   # residual sums: the screen's chain rule does not apply
+    return False
   for st in stages:
-    if st.block is not None:   # residual sums: the screen's chain rule does not apply
+    if st.layer.replays:
       return False
-    if getattr(st.layer, "affine_replay", None) is not None:
-      return False
-    if st.activation is not None and type(st.activation) not in _SCREEN_ACTIVATIONS:
+    if st.activation is not None and not st.activation.exact:
       return False
     spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
     if jax.eval_shape(st.abs_linear, spec) is None:
@@ -360,7 +357,7 @@ def _abs_norm_bound(st, iterations: int = _ABS_NORM_ITERATIONS) -> Array:
   kept, typically within 1% of the norm, where the row-column bound is often
   1.5-2 times it. Both are made rigorous for the float32 (or lower-precision
   operand) evaluation of ``A v`` and ``A^T u``: sums of nonnegative terms,
-  rounded up by :func:`lipjax.bounds.rounding.upper_factor`, plus
+  rounded up by :func:`lipjax._src.rounding.upper_factor`, plus
   ``2^-126`` per product for the ones flushed to zero.
   """
   spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
@@ -422,14 +419,14 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
   ``||h(x') - h(x)|| <= r_l = eps prod_{k<l} ||W_k||`` and so
   ``||h~(x')|| <= M_l = ||h~(x)|| + r_l + 2 d_l`` (also a bound on every
   entry). The stage's own rounding is at most ``c_n (|W| |h~| + |b|)`` per
-  entry (the model of :mod:`lipjax.bounds.rounding`), in l2 at most
+  entry (the model of :mod:`lipjax._src.rounding`), in l2 at most
   ``c_n (|| |W| || M_l + ||b||)`` plus the underflow allowance, so
   ``d_{l+1} = ||W_l|| d_l + that``; the activations are evaluated exactly
   and are 1-Lipschitz. Every quantity is rounded up with ample slack
   (``1e-3`` relative). The last layer's rounding is bounded per logit,
   ``|w_i| |h~(x')| <= |w_i| |h~(x)| + ||w_i|| (r_L + 2 d_L)``. One forward
   pass instead of the several per layer of
-  :func:`lipjax.bounds.intervals.propagate`; neither bound is always the
+  :func:`lipjax._src.interpret.propagate`; neither bound is always the
   smaller, and the exact certificates keep the minimum of both
   (:func:`_tightest_rounding`). ``abs_norms``: :func:`abs_norm_bounds` of
   these stages, computed here when None.
@@ -437,11 +434,25 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
   abs_norms = abs_norm_bounds(stages) if abs_norms is None else tuple(abs_norms)
   if len(abs_norms) != len(stages):
     raise ValueError(f"abs_norms must hold {len(stages)} scalars, got {len(abs_norms)}")
-  u, v = rounding.U, rounding.operand_roundoff()
-  safe = 1.0 + 1e-3
-  c, r, d = x, eps, jnp.zeros_like(eps)
-  for st, g, an in zip(stages, gn, abs_norms):
-    n = intervals._fan_in(st)   # pylint: disable=protected-access
+  return stages.walk(_NormRounding(gn, abs_norms, x.shape[0]), (x, eps, jnp.zeros_like(eps)))
+
+
+class _NormRounding(Pass):
+  """The pass of :func:`_norm_rounding`: carries ``(centre, radius, error)``
+  through the hidden stages and returns ``(e, d, rho)`` at the logits."""
+
+  def __init__(self, gn, abs_norms, batch):
+    self.gn, self.abs_norms, self.batch = gn, abs_norms, batch
+
+  def join(self, block, carry, outs):
+    raise ValueError("the norm-based rounding bound is for chains (see screenable)")
+
+  def stage(self, st, carry):
+    c, r, d = carry
+    g, an = self.gn[st.index], self.abs_norms[st.index]
+    u, v = rounding.U, rounding.operand_roundoff()
+    safe = 1.0 + 1e-3
+    n = interpret.fan_in(st)
     size_in = int(np.prod(st.in_shape))
     hn = per_example.l2_norm(c) * rounding.upper_factor(size_in)
     m = (hn + r + 2.0 * d + rounding.FLOOR * np.sqrt(size_in)) * safe
@@ -457,7 +468,7 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
       mags = jnp.minimum(rows[None, :] * m[:, None], pt * safe)
       rho = (coef * (mags + babs[None, :]) + under[:, None]) * safe
       width = int(np.prod(st.layer_in_shape))
-      e = jnp.broadcast_to(d[:, None], (x.shape[0], width))
+      e = jnp.broadcast_to(d[:, None], (self.batch, width))
       return e, d, rho
     size_out = int(np.prod(st.out_shape))
     bn = (jnp.zeros(()) if bias is None else
@@ -466,8 +477,8 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
     rn = (coef * (an * m + bn) + np.sqrt(size_out) * under) * safe
     d = (g * d + rn) * safe
     r = r * g * (1.0 + 4 * u)
-    c = st.activation.activate(st.act_params, st.affine(c))
-  raise ValueError("the network has no last linear layer")
+    c = st.activation.forward(st.act_params, st.affine(c))
+    return c, r, d
 
 
 def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability=1e-9,
@@ -488,9 +499,9 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   """
   model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
-  variables = network.cast_floating(variables, x.dtype)
+  variables = trace_lib.cast_floating(variables, x.dtype)
   b = x.shape[0]
-  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   gn = lipschitz.check_global_norms(stages, global_norms)
   logits = model.apply(variables, x)
   fwd = _norm_rounding(stages, x, eps, gn, abs_norms)
@@ -582,8 +593,8 @@ def _compiled_abs_norms(model, input_shape, dtype_name):
   dtype = jnp.dtype(dtype_name)
 
   def fn(variables):
-    variables = network.cast_floating(variables, dtype)
-    return abs_norm_bounds(network.trace(model, variables, input_shape, dtype))
+    variables = trace_lib.cast_floating(variables, dtype)
+    return abs_norm_bounds(trace_lib.trace(model, variables, input_shape, dtype))
 
   return jax.jit(fn)
 
@@ -602,11 +613,10 @@ class _ParameterNorms:
   def __init__(self, model, variables, input_shape, key, timer, cache=False):
     self.model, self.variables, self.shape, self.key = model, variables, input_shape, key
     self.timer, self.cache = timer, cache
-    stages = network.trace(model, variables, input_shape)
+    stages = trace_lib.trace(model, variables, input_shape)
     self.stages = stages
     # Built-in layers have deterministic global norms: one set serves all passes.
-    self.random = any(lipschitz._needs_probabilistic_global(st)  # pylint: disable=protected-access
-                      for st in stages)
+    self.random = any(lipschitz.needs_probabilistic_global(st) for st in stages)
     self.computed = {}
     self._fingerprint = None
 
@@ -640,7 +650,7 @@ class _ParameterNorms:
     return value
 
   def top_vectors(self):
-    """:func:`lipjax.bounds.lipschitz.global_top_vectors` of these parameters (the
+    """:func:`lipjax.bounds.global_top_vectors` of these parameters (the
     triage's Lanczos starts), computed at most once."""
     return self._memo(("top",), True, lambda: lipschitz.global_top_vectors(
         self.model, self.variables, input_shape=self.shape,
@@ -661,7 +671,7 @@ class _ParameterNorms:
     # A generic layer's Lanczos global norm: an upper bound for the sound
     # passes, the estimate from below for the lower pass.
     lower = mode == "lower" and self.random
-    fn = lipschitz._compiled_norms(self.model, self.shape, delta, lower)  # pylint: disable=protected-access
+    fn = lipschitz.compiled_norms(self.model, self.shape, delta, lower)
     return self._memo((delta, lower) if self.random else None, None,
                       lambda: fn(self.variables, self.key))
 
@@ -700,7 +710,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
 
   Args:
     model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
-      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
+      ``fn(variables, x)`` (see :mod:`lipjax._src.trace`).
     variables: its variables.
     x: ``(B, *input_shape)`` inputs.
     y: ``(B,)`` integer labels in ``[0, num_classes)``.
@@ -761,7 +771,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
     lipschitz.check_local_options(**options)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   n = x.shape[0]
-  num_classes = network.trace(model, variables, tuple(x.shape[1:]),
+  num_classes = trace_lib.trace(model, variables, tuple(x.shape[1:]),
                               x.dtype)[-1].out_shape[0]
   y = check_labels(y, n, num_classes)
   key = jax.random.PRNGKey(0) if key is None else key

@@ -24,8 +24,8 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from lipjax.bounds import per_example
-from lipjax.bounds.norms import ROUNDING_SLACK
+from lipjax._src import per_example
+from lipjax._src.norms import ROUNDING_SLACK
 
 Array = jax.Array
 Operator = Callable[[Array], Array]
@@ -313,7 +313,7 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   before its Krylov space fills the ``n`` varying dimensions is judged by the
   steps it completed, with the budget ``delta`` split over the possible
   stopping points. The result carries the relative rounding
-  margin ``1e-4`` of :mod:`lipjax.bounds.norms`.
+  margin ``1e-4`` of :mod:`lipjax._src.norms`.
 
   Args:
     op: batched linear operator whose input is already column-masked.

@@ -8,7 +8,7 @@ masked weights ``||D_l W_l D_{l-1}||``. Two modes:
   Every per-layer norm is an upper bound:
 
   * dense layers (explicit matrix): deterministic, the exact norm of the
-    masked matrix in float64 (:func:`lipjax.bounds.norms.masked_dense_norm`);
+    masked matrix in float64 (:func:`lipjax._src.norms.masked_dense_norm`);
   * other layers (convolutions, user layers): Lanczos from a Gaussian start
     with the Kuczynski-Wozniakowski failure bound, so the norm holds with
     probability ``>= 1 - delta_l`` over the start vector;
@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax._src import frontends
-from lipjax.bounds import graph, intervals, network, norms, per_example, power, rounding
+from lipjax._src import frontends, interpret, norms, per_example, power, rounding
+from lipjax._src import trace as trace_lib
+from lipjax._src.graph import Stage
 
 Array = jax.Array
 
@@ -70,7 +71,7 @@ class LocalBound:
     bound: ``(B,)`` bound on the l2 Lipschitz constant of the logits over
       ``B(x_b, eps_b)``: the product of ``layer_norms``, with ``1 + (product
       over the branch)`` for each residual block
-      (:func:`lipjax.bounds.network.chain_product`). An upper bound in
+      (:meth:`lipjax._src.graph.Graph.product`). An upper bound in
       ``"sound"`` mode (see ``failure_probability``), an estimate otherwise.
     layer_norms: per linear layer, ``(B,)`` local norms
       ``||D_l W_l D_{l-1}||`` (the last layer column-masked only).
@@ -81,7 +82,7 @@ class LocalBound:
       that ``bound`` fails to be an upper bound (sound mode; 1 in estimate
       mode, meaning "no guarantee").
     logits: ``(B, C)`` logits at ``x``.
-    layers: per linear layer, the :class:`~lipjax.bounds.intervals.LayerBounds`
+    layers: per linear layer, the :class:`~lipjax.bounds.LayerBounds`
       (boxes, centres and the row/column masks).
     state: :class:`PowerState` to warm-start the next estimate-mode call.
     global_state: estimate mode with ``global_state``: the updated running
@@ -94,7 +95,7 @@ class LocalBound:
   estimate: Array
   failure_probability: Array
   logits: Array
-  layers: Tuple[intervals.LayerBounds, ...]
+  layers: Tuple[interpret.LayerBounds, ...]
   state: PowerState
   global_state: Optional[PowerState] = None
 
@@ -124,13 +125,12 @@ def resolve_input_shape(model, input_shape=None):
 def check_inputs(model, x, eps, variables=None) -> Tuple[Array, Array]:
   """Validates ``x`` and ``eps``; returns ``(x, eps)`` with ``eps`` of shape ``(B,)``.
 
-  Both come back in the working precision (:func:`lipjax.bounds.network.working_dtype`
+  Both come back in the working precision (:func:`lipjax.bounds.working_dtype`
   of ``variables`` and ``x``): float32, or float64 when ``x`` or a parameter
   is float64 (under ``jax.enable_x64``). ``x`` is never rounded to a
   narrower type than it has.
   """
-  if not isinstance(model, network.lnn.Sequential):
-    graph.check_model(model)
+  trace_lib.check_model(model)
   if _concrete(x):
     x_host = np.asarray(x)
     if x_host.dtype.kind == "f" and not np.all(np.isfinite(x_host)):
@@ -152,7 +152,7 @@ def check_inputs(model, x, eps, variables=None) -> Tuple[Array, Array]:
                      f"expects {tuple(expected)}")
   if x.shape[0] == 0:
     raise ValueError("x is an empty batch")
-  dtype = network.working_dtype(variables, x.dtype)
+  dtype = trace_lib.working_dtype(variables, x.dtype)
   eps = jnp.asarray(eps, dtype=dtype)
   if eps.ndim == 0:
     eps = jnp.broadcast_to(eps, (x.shape[0],))
@@ -170,23 +170,20 @@ def _size(shape) -> int:
   return int(math.prod(shape))
 
 
-def needs_probabilistic_global(stage: network.Stage) -> bool:
+def needs_probabilistic_global(stage: Stage) -> bool:
   """Whether the stage's global norm is a Lanczos bound (not deterministic).
 
   True only for a layer without its own ``global_norm`` whose explicit
   Jacobian would have more than ``2^24`` entries (every built-in layer has
   an exact or deterministic rule).
   """
-  if type(stage.layer).global_norm is not network.lnn.LinearLayer.global_norm:
-    return False   # the layer supplies its own (deterministic) global norm
+  if stage.layer.deterministic_global:
+    return False   # the rule supplies its own (deterministic) global norm
   return _size(stage.in_shape) * _size(stage.out_shape) > _GENERIC_EXPLICIT_LIMIT
 
 
-_needs_probabilistic_global = needs_probabilistic_global
-
-
 def _lanczos(*args, **kwargs):
-  """:func:`lipjax.bounds.power.lanczos_norm_bound` with full-precision matrix products.
+  """:func:`lipjax._src.power.lanczos_norm_bound` with full-precision matrix products.
 
   Its failure bound is for exact arithmetic, with ``ROUNDING_SLACK`` covering
   float32 rounding; accelerators' default reduced-precision products
@@ -197,7 +194,7 @@ def _lanczos(*args, **kwargs):
     return power.lanczos_norm_bound(*args, **kwargs)
 
 
-def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array:
+def _global_norm(stage: Stage, key, delta, lower: bool = False) -> Array:
   """A bound on ``||W||`` (deterministic for built-in layers).
 
   With ``lower``, a layer without a deterministic rule gets the Lanczos
@@ -207,7 +204,7 @@ def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array
   g = stage.layer.global_norm(stage.params, stage.layer_in_shape)
   if g is not None:
     return jnp.asarray(g, jnp.promote_types(jnp.asarray(g).dtype, stage.dtype))
-  if not _needs_probabilistic_global(stage):
+  if not needs_probabilistic_global(stage):
     with jax.default_matmul_precision("float32"):   # exact weights on accelerators too
       mat = norms.explicit_jacobian(stage.linear, stage.in_shape, stage.dtype)
     return norms.top_singular_value(mat[None])
@@ -217,18 +214,22 @@ def _global_norm(stage: network.Stage, key, delta, lower: bool = False) -> Array
   return est[0] if lower else upper[0]
 
 
-def failure_share(stages, mode: str, dense: str, failure_probability: float) -> float:
-  """Failure probability of each probabilistic computation of a bound.
-
-  ``failure_probability`` split evenly over the probabilistic global norms
-  (generic layers too large for an explicit Jacobian) and, in ``"sound"``
-  mode, the layers whose local norm uses Lanczos. ``mode="global"`` counts
-  the global norms only (as :func:`global_lipschitz_bound` does).
-  """
-  n_prob = sum(_needs_probabilistic_global(st) for st in stages)
+def probabilistic_count(stages, mode: str, dense: str) -> int:
+  """How many probabilistic computations a bound of ``mode`` makes: the
+  probabilistic global norms (generic layers too large for an explicit
+  Jacobian) and, in ``"sound"`` mode, the layers whose local norm uses
+  Lanczos. ``mode="global"`` counts the global norms only (as
+  :func:`global_lipschitz_bound` does)."""
+  n_prob = sum(needs_probabilistic_global(st) for st in stages)
   if mode == "sound":
     n_prob += sum(_uses_lanczos(st, dense) for st in stages)
-  return failure_probability / max(n_prob, 1)
+  return n_prob
+
+
+def failure_share(stages, mode: str, dense: str, failure_probability: float) -> float:
+  """Failure probability of each probabilistic computation of a bound:
+  ``failure_probability`` split evenly over :func:`probabilistic_count`."""
+  return failure_probability / max(probabilistic_count(stages, mode, dense), 1)
 
 
 def _global_norms(stages, keys, delta, differentiable=True, lower=False):
@@ -269,7 +270,7 @@ def running_global_norms(stages, global_state: PowerState, iterations: int,
   repeated calls with the returned state converge to the top singular value.
 
   Args:
-    stages: from :func:`lipjax.bounds.network.trace`.
+    stages: the graph of :func:`lipjax._src.trace.trace`.
     global_state: :class:`PowerState` with one ``(1, *in_shape)`` vector per
       stage.
     iterations: power iterations per call (``>= 0``).
@@ -293,7 +294,7 @@ def running_global_norms(stages, global_state: PowerState, iterations: int,
   return out, PowerState(tuple(vecs))
 
 
-def row_norm_bounds(stage: network.Stage, gnorm: Array) -> Array:
+def row_norm_bounds(stage: Stage, gnorm: Array) -> Array:
   """Upper bounds on the row norms of the stage's map (shape ``out_shape``):
   the layer's own rule, else the global norm ``gnorm`` for every row."""
   rn = stage.layer.row_norms(stage.params, stage.layer_in_shape)
@@ -302,35 +303,32 @@ def row_norm_bounds(stage: network.Stage, gnorm: Array) -> Array:
   return jnp.reshape(rn, stage.out_shape)
 
 
-_row_norms = row_norm_bounds
-
-
 def ball_bounds(stages, x: Array, eps: Array, gnorms) -> list:
   """Boxes and forward-pass rounding bounds over ``B(x, eps)`` with global norms.
 
-  :func:`lipjax.bounds.intervals.propagate` with ``r <- r ||W_l||`` (no local
+  :func:`lipjax._src.interpret.propagate` with ``r <- r ||W_l||`` (no local
   norms): what the global certificate needs to bound the float32 rounding of
   the forward pass over the ball. ``gnorms`` are upper bounds on ``||W_l||``.
   """
   rnorms = [row_norm_bounds(st, g) for st, g in zip(stages, gnorms)]
-  return intervals.propagate(stages, x, eps, rnorms, lambda l, lb, col: gnorms[l],
-                             error_norms=list(gnorms))
+  return interpret.propagate(stages, x, eps, rnorms, lambda l, lb, col: gnorms[l],
+                             error_norms=list(gnorms))[0]
 
 
-def _masked_op(stage: network.Stage, row: Array, col: Array):
+def _masked_op(stage: Stage, row: Array, col: Array):
   return lambda u: row * stage.linear(col * u)
 
 
-def _masked_op_for_adjoint(stage: network.Stage, row: Array, col: Array):
+def _masked_op_for_adjoint(stage: Stage, row: Array, col: Array):
   return lambda u: row * stage.linear_for_adjoint(col * u)
 
 
-def _masked_adjoint(stage: network.Stage, row: Array, col: Array):
+def _masked_adjoint(stage: Stage, row: Array, col: Array):
   """The exact transpose of :func:`_masked_op`: ``v -> D_c W^T (D_r v)``."""
   return lambda v: col * stage.adjoint(row * v)
 
 
-def _uses_lanczos(stage: network.Stage, dense: str) -> bool:
+def _uses_lanczos(stage: Stage, dense: str) -> bool:
   return not (dense == "exact" and stage.layer.explicit_matrix(stage.params) is not None)
 
 
@@ -464,7 +462,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   Args:
     model: a :class:`lipjax.nn.Sequential` (e.g. from :func:`lipjax.models.get`),
       any other Flax module or a function ``fn(variables, x) -> logits``, read
-      by tracing (:mod:`lipjax.bounds.graph`).
+      by tracing (:mod:`lipjax._src.trace`).
     variables: its variables, ``{"params": ...}``.
     x: ``(B, *input_shape)`` float inputs.
     eps: scalar or ``(B,)`` l2 radii, ``>= 0``.
@@ -527,7 +525,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                                 intermediate, dense, global_state, global_iterations, rounding)
   model, variables = frontends.resolve(model, variables)
   x, eps = check_inputs(model, x, eps, variables)
-  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
   if global_norms is not None:
     if global_state is not None:
       raise ValueError("pass global_norms or global_state, not both")
@@ -588,7 +586,7 @@ def global_top_vectors(model, variables, *, input_shape=None, key=None,
     raise ValueError(f"iterations must be >= 1, got {iterations}")
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
-  network.trace(model, variables, shape)   # validates the model early
+  trace_lib.trace(model, variables, shape)   # validates the model early
   key = jax.random.PRNGKey(0) if key is None else key
   return _compiled_top(model, shape, int(iterations))(variables, key)
 
@@ -599,7 +597,7 @@ def _compiled_top(model, shape, iterations):
 
 
 def _top_core(model, shape, iterations, variables, key):
-  stages = network.trace(model, variables, shape)
+  stages = trace_lib.trace(model, variables, shape)
   keys = jax.random.split(key, len(stages))
   vecs = []
   for st, k in zip(stages, keys):
@@ -614,15 +612,13 @@ def _top_core(model, shape, iterations, variables, key):
 def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
                 *, mode, iterations, lanczos_steps, failure_probability, grad, intermediate,
                 dense, global_iterations=2, rounding=True) -> LocalBound:
-  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
 
   lower = mode == "lower"
   # Failure budget: one share per probabilistic computation.
-  n_prob = sum(_needs_probabilistic_global(st) for st in stages)
-  if mode == "sound":
-    n_prob += sum(_uses_lanczos(st, dense) for st in stages)
+  n_prob = probabilistic_count(stages, mode, dense)
   delta = failure_share(stages, mode, dense, failure_probability)
 
   # Estimate mode uses the global norms only for the masks: no gradient (and
@@ -635,7 +631,7 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
   else:
     gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"),
                            lower=lower)
-  rnorms = [_row_norms(st, g) for st, g in zip(stages, gnorms)]
+  rnorms = [row_norm_bounds(st, g) for st, g in zip(stages, gnorms)]
   local = {}
   starts = _lower_starts(stages, state, b) if lower else [None] * len(stages)
 
@@ -649,15 +645,14 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
     return gnorms[l]
 
   # Training estimates need no rounding bounds (they carry no guarantee).
-  layers = intervals.propagate(stages, x, eps, rnorms, radius_norm,
-                               error_norms=[jax.lax.stop_gradient(g) for g in gnorms],
-                               rounding_bounds=mode == "sound" or (lower and rounding),
-                               widen=not lower)
+  layers, in_cols = interpret.propagate(
+      stages, x, eps, rnorms, radius_norm,
+      error_norms=[jax.lax.stop_gradient(g) for g in gnorms],
+      rounding_bounds=mode == "sound" or (lower and rounding), widen=not lower)
   chex.assert_shape(layers[-1].center, (b, stages[-1].out_shape[0]))
 
   layer_norms, estimates, vectors = [], [], []
-  col_prev = jnp.ones_like(x)
-  for l, (st, lb) in enumerate(zip(stages, layers)):
+  for l, (st, lb, col_prev) in enumerate(zip(stages, layers, in_cols)):
     row = lb.row_mask
     if mode != "estimate":
       if l not in local:   # the last stage
@@ -693,16 +688,15 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
       vectors.append(u)
     layer_norms.append(s)
     estimates.append(est)
-    col_prev = lb.col_mask
 
-  bound = network.chain_product(stages, layer_norms)
+  bound = stages.product(layer_norms)
   # NaN anywhere (parameters, boxes) must never look like a finite bound.
   finite = jnp.all(jnp.isfinite(layers[-1].center), axis=1)
   for lb_ in layers:
     finite &= jnp.all(jnp.isfinite(lb_.lower.reshape(b, -1)), axis=1)
     finite &= jnp.all(jnp.isfinite(lb_.upper.reshape(b, -1)), axis=1)
   bound = jnp.where(finite, bound, jnp.nan)
-  estimate = network.chain_product(stages, estimates)
+  estimate = stages.product(estimates)
   if mode == "sound":
     fail = jnp.full((b,), failure_probability if n_prob else 0.0, jnp.float32)
   else:
@@ -744,11 +738,11 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   """
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
-  stages = network.trace(model, variables, shape)
+  stages = trace_lib.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
   delta = failure_share(stages, "global", "exact", float(failure_probability))
-  gn = _compiled_norms(model, shape, delta)(variables, key)
-  total = network.chain_product(stages, gn)
+  gn = compiled_norms(model, shape, delta)(variables, key)
+  total = stages.product(gn)
   return (total, gn) if per_layer else total
 
 
@@ -775,19 +769,19 @@ def layer_global_norms(model, variables, *, input_shape=None, key=None,
     raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
-  stages = network.trace(model, variables, shape)
+  stages = trace_lib.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
   delta = failure_share(stages, mode, dense, float(failure_probability))
-  return _compiled_norms(model, shape, delta, mode == "lower")(variables, key)
+  return compiled_norms(model, shape, delta, mode == "lower")(variables, key)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_norms(model, shape, delta, lower=False):
+def compiled_norms(model, shape, delta, lower=False):
   return jax.jit(functools.partial(_norms_core, model, shape, delta, lower))
 
 
 def _norms_core(model, shape, delta, lower, variables, key):
-  stages = network.trace(model, variables, shape)
+  stages = trace_lib.trace(model, variables, shape)
   keys = jax.random.split(key, len(stages))
   return tuple(_global_norms(stages, keys, delta, lower=lower))
 
@@ -806,7 +800,7 @@ class Guarantee:
       FFT bound) or ``"probabilistic"`` (Lanczos upper bound).
     operand_roundoff: unit roundoff assumed for the operands of float32
       products in the forward pass that certificates cover
-      (:func:`lipjax.bounds.rounding.operand_roundoff`).
+      (:func:`lipjax.bounds.operand_roundoff`).
   """
 
   failure_probability: float
@@ -845,14 +839,14 @@ def bound_guarantee(model, variables, *, bound: str = "local", input_shape=None,
     raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
-  stages = network.trace(model, variables, shape)
+  stages = trace_lib.trace(model, variables, shape)
   rows, probabilistic = [], False
   for st in stages:
     if needs_probabilistic_global(st):
       glob = "probabilistic"
     elif st.layer.explicit_matrix(st.params) is not None:
       glob = "exact"
-    elif type(st.layer).global_norm is not network.lnn.LinearLayer.global_norm:
+    elif st.layer.deterministic_global:
       glob = "deterministic"
     else:
       glob = "exact"   # SVD of the explicit Jacobian
