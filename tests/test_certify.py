@@ -637,13 +637,8 @@ def test_batching_and_jit_do_not_change_results():
 
 
 def _clear_compiled():
-  import importlib
-  from lipjax._src import lipschitz
-  cmod = importlib.import_module("lipjax._src.certify")
-  for f in (cmod._jitted, lipschitz.compiled_norms, lipschitz._compiled_local):
-    f.cache_clear()
+  certify_lib.clear_caches()
   jax.clear_caches()
-  cmod._NORM_CACHE.clear()
 
 
 @pytest.fixture

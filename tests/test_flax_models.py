@@ -590,9 +590,32 @@ def test_jit_and_vmap_over_a_flax_model():
   np.testing.assert_allclose(jax.jit(jax.vmap(bound))(stacked, xs), eager, rtol=1e-5)
   # The unhashable (list-built) model is compiled once, not once per call.
   from lipjax._src import lipschitz   # pylint: disable=import-outside-toplevel
-  before = lipschitz._compiled_local.cache_info().hits   # pylint: disable=protected-access
+  before = lipschitz.compiled_local.cache_info().hits
   bound(inits[0], xs[0])
-  assert lipschitz._compiled_local.cache_info().hits == before + 1   # pylint: disable=protected-access
+  assert lipschitz.compiled_local.cache_info().hits == before + 1
+
+
+def test_fresh_functions_of_one_structure_share_compiled_code():
+  """Caches are keyed by the traced structure, not by the function object: a
+  fresh wrapper per call compiles once; other constants are another model."""
+  from lipjax._src import lipschitz   # pylint: disable=import-outside-toplevel
+  model = fnn.Sequential([fnn.Dense(6), fnn.relu, fnn.Dense(CLASSES)])
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 5))
+  v = model.init(jax.random.PRNGKey(0), x[:1])
+  scale = jnp.ones((CLASSES,))
+
+  def wrapper(s):
+    return lambda vv, xx: model.apply(vv, xx) * s
+
+  first = lipjax.local_lipschitz_bound(wrapper(scale), v, x, 0.1).bound
+  info = lipschitz.compiled_local.cache_info()
+  again = lipjax.local_lipschitz_bound(wrapper(jnp.ones((CLASSES,))), v, x, 0.1).bound
+  after = lipschitz.compiled_local.cache_info()
+  assert (after.hits, after.misses) == (info.hits + 1, info.misses)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
+  doubled = lipjax.local_lipschitz_bound(wrapper(2.0 * scale), v, x, 0.1).bound
+  assert lipschitz.compiled_local.cache_info().misses == after.misses + 1
+  np.testing.assert_allclose(np.asarray(doubled), 2.0 * np.asarray(first), rtol=1e-5)
 
 
 class ClippedMLP(fnn.Module):

@@ -41,6 +41,7 @@ from lipjax._src import (frontends, interpret, lipschitz, margins, norms, per_ex
                          rounding)
 from lipjax._src import trace as trace_lib
 from lipjax._src.graph import Pass
+from lipjax._src.options import check_choice
 
 Array = jax.Array
 
@@ -144,7 +145,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
   if mat is not None:
     m = mat.shape[1]
     pn = margins.pair_norms(mat, col, labels)                          # (B, C)
-    a = mat[None, :, :] - mat[labels][:, None, :]                       # w_i - w_y
+    a = margins.class_differences(mat, labels)                          # w_i - w_y
     an = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * rounding.upper_factor(m + 4)
     vecs = [e] if box is None else [e, 0.5 * (box[1] - box[0])]
     prods = jnp.einsum("bch,bkh->bkc", jnp.abs(a), jnp.stack(vecs, axis=1))
@@ -220,9 +221,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     lip, fail = lb.bound, lb.failure_probability
     last_norm, last_global = lb.layer_norms[-1], lb.global_norms[-1]
     finite_extra = jnp.all(jnp.isfinite(jnp.stack(lb.layer_norms)), axis=0)
-  elif bound == "global":
-    if options.get("mode", "sound") != "sound":
-      raise ValueError("bound='global' is always sound; do not pass mode")
+  else:   # "global" (the options were checked by the caller)
     options = {k: v for k, v in options.items() if k in ("key", "failure_probability")}
     if global_norms is None:
       _, gn = lipschitz.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
@@ -234,8 +233,6 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     box = None
     inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
         stages, gn, b, options.get("failure_probability", 1e-9))
-  else:
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
 
   gnorms = lb.global_norms if bound == "local" else gn
   if bound == "local" and not options.get("rounding", True):
@@ -524,7 +521,7 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   _, d, rho = fwd
   if mat is not None:
     m = mat.shape[1]
-    a = mat[None, :, :] - mat[y][:, None, :]
+    a = margins.class_differences(mat, y)
     pn = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1))
     an = pn * rounding.upper_factor(m + 4)
     den = pn * (1.0 + norms.ROUNDING_SLACK) * rounding.upper_factor(m + len(stages) + 8)
@@ -568,6 +565,14 @@ def _call_plain(model, bound, options, variables, norms_, x, y, eps, key):
 
 _NORM_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _NORM_CACHE_SIZE = 8
+
+
+def clear_caches() -> None:
+  """Drops every compiled bound and certificate computation and the parameter
+  norms kept across calls (``certify(..., cache=True)``)."""
+  for f in (_jitted, _compiled_abs_norms, lipschitz.compiled_local, lipschitz.compiled_norms):
+    f.cache_clear()
+  _NORM_CACHE.clear()
 
 
 def parameter_fingerprint(variables) -> Optional[bytes]:
@@ -765,11 +770,11 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   model, variables = frontends.resolve(model, variables)
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
+  check_choice("bound", bound, lipschitz.BOUNDS)
   if bound == "local":
     lipschitz.check_local_options(**options)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
+  model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   n = x.shape[0]
   num_classes = trace_lib.trace(model, variables, tuple(x.shape[1:]),
                               x.dtype)[-1].out_shape[0]

@@ -19,14 +19,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FunctionModel", "NnxModel", "as_model", "describe", "is_nnx_module", "resolve",
-           "unwrap"]
+__all__ = ["FunctionModel", "NnxModel", "TracedKey", "as_model", "describe", "is_nnx_module",
+           "keyed", "resolve", "unwrap"]
 
 
 class FunctionModel:
@@ -282,7 +282,7 @@ def as_model(model):
   Raises:
     TypeError: for an object that is none of these.
   """
-  if isinstance(model, (FunctionModel, NnxModel, _Handle)):
+  if isinstance(model, (FunctionModel, NnxModel, _Handle, TracedKey)):
     return model
   if is_nnx_module(model):
     return NnxModel(model)
@@ -299,8 +299,74 @@ def as_model(model):
 
 
 def unwrap(model):
-  """The object behind an identity handle (the model itself otherwise)."""
-  return model.model if isinstance(model, _Handle) else model
+  """The object behind an identity handle or a traced key (the model itself otherwise)."""
+  while isinstance(model, (_Handle, TracedKey)):
+    model = model.model
+  return model
+
+
+class TracedKey:
+  """A model whose identity, for lipjax's caches, is its traced structure.
+
+  Functions and unhashable modules have no structural equality of their
+  own: a fresh ``lambda v, x: model.apply(v, x)`` per call would otherwise
+  compile everything again. Two keys are equal when ``apply`` traces to the
+  same jaxpr (same primitives, parameters and shapes, same constants' bytes)
+  for the same variable structure and input shape, so they compute the same
+  function; ``apply`` runs the first one's.
+  """
+
+  def __init__(self, model, key):
+    self.model = model
+    self._key = key
+    self.input_shape = getattr(model, "input_shape", None)
+
+  def apply(self, variables, x, *args, **kwargs):
+    return self.model.apply(variables, x, *args, **kwargs)
+
+  def __eq__(self, other):
+    return isinstance(other, TracedKey) and other._key == self._key
+
+  def __hash__(self):
+    return hash(("lipjax.TracedKey", self._key))
+
+  def __repr__(self):
+    return f"TracedKey({describe(self.model)})"
+
+
+def _fingerprint(model, variables, in_shape):
+  """A structural key of ``model.apply`` on ``variables`` and inputs of
+  ``in_shape``, or None when it cannot be formed (the model does not trace,
+  or captures values of an enclosing trace)."""
+  leaves, treedef = jax.tree_util.tree_flatten(variables)
+  try:
+    abstract = [jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in leaves]
+    x1 = jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32)
+    closed = jax.make_jaxpr(
+        lambda v, x: model.apply(jax.tree_util.tree_unflatten(treedef, v), x))(abstract, x1)
+  except Exception:   # pylint: disable=broad-except
+    return None
+  h = hashlib.blake2b(digest_size=32)
+  h.update(str(closed.jaxpr).encode())
+  for c in closed.consts:
+    if isinstance(c, jax.core.Tracer):
+      return None
+    c = jnp.asarray(c) if not hasattr(c, "dtype") else c
+    h.update(f"{c.dtype}|{np.shape(c)}|".encode())
+    h.update(_host_bytes(c))
+  shapes = tuple((a.shape, str(a.dtype)) for a in abstract)
+  return (treedef, shapes, tuple(in_shape), h.digest())
+
+
+def keyed(model, variables, in_shape):
+  """``model`` as the key of lipjax's caches: a function or an unhashable
+  module becomes a :class:`TracedKey` (keyed by its traced structure);
+  modules that compare by their fields, and NNX adapters, stay as they are."""
+  if isinstance(model, (FunctionModel, _Handle)):
+    key = _fingerprint(model, variables, in_shape)
+    if key is not None:
+      return TracedKey(model, key)
+  return model
 
 
 def resolve(model, variables=None):
@@ -325,7 +391,7 @@ def resolve(model, variables=None):
 
 def describe(model) -> str:
   """A short name of the model for messages: its class or function name, never its repr."""
-  m = model.model if isinstance(model, _Handle) else model
+  m = unwrap(model)
   if isinstance(m, FunctionModel):
     return f"function {_qualname(m.fn)}"
   if isinstance(m, NnxModel):

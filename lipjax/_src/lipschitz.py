@@ -45,10 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax._src import frontends, interpret, norms, per_example, power, rounding
+from lipjax._src.options import check_choice
 from lipjax._src import trace as trace_lib
 from lipjax._src.graph import Stage
 
 Array = jax.Array
+
+#: The modes of :func:`local_lipschitz_bound` and the two bounds.
+MODES = ("sound", "estimate", "lower")
+BOUNDS = ("local", "global")
 
 _GENERIC_EXPLICIT_LIMIT = 2 ** 24   # entries of an explicit generic Jacobian
 _GENERIC_GLOBAL_STEPS = 256
@@ -259,39 +264,65 @@ def check_global_state(stages, global_state: PowerState, batch: Optional[int] = 
                        f"{tuple(v.shape)}, expected {expected}")
 
 
+def global_power(stages, vectors, iterations: int, *, loop: bool = False,
+                 differentiable: bool = False):
+  """Power iterations on every stage's global map ``W_l`` from ``vectors``.
+
+  ``iterations`` iterations per stage with the parameters frozen (the
+  adjoint from ``jax.linear_transpose`` of the stage's transpose-friendly
+  form), then ``||W_l u_l||``: estimates from below, for training and for
+  start vectors (never for a bound).
+
+  Args:
+    stages: the graph of :func:`lipjax._src.trace.trace`.
+    vectors: one ``(1, *in_shape)`` start vector per stage.
+    iterations: power iterations per stage (``>= 0``).
+    loop: run them in a ``fori_loop`` (many iterations) instead of unrolled.
+    differentiable: gradients flow into the parameters through the final
+      application (GloRo-style); otherwise the norms are constants.
+
+  Returns:
+    ``(norms, state)``: a list of scalars and the :class:`PowerState` of the
+    final unit vectors (no gradient).
+  """
+  out, vecs = [], []
+  for st, u in zip(stages, vectors):
+    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
+    sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
+                                     int(iterations), adjoint_of=frozen.linear_for_adjoint,
+                                     loop=loop)
+    if differentiable:
+      sigma = power.norm_at(st.linear, u)
+    out.append(sigma[0])
+    vecs.append(u)
+  return out, PowerState(tuple(vecs))
+
+
+def global_vectors(stages, key, iterations: int, dtype=None) -> PowerState:
+  """Estimates of every stage's top right singular vector: :func:`global_power`
+  (``iterations`` in a loop) from Gaussian starts (``key`` split per stage;
+  ``dtype`` default each stage's working precision)."""
+  keys = jax.random.split(key, len(stages))
+  starts = [jax.random.normal(k, (1,) + tuple(st.in_shape), dtype or st.dtype)
+            for st, k in zip(stages, keys)]
+  return global_power(stages, starts, iterations, loop=True)[1]
+
+
 def running_global_norms(stages, global_state: PowerState, iterations: int,
                          differentiable: bool = False):
   """Power-method estimates of every ``||W_l||`` from running global vectors.
 
-  Runs ``iterations`` power iterations (vectors treated as constants) on each
-  layer's global linear map, starting from ``global_state``, then evaluates
-  ``||W_l u_l||``. Costs one single-example forward and transpose per
-  iteration and layer. The values are estimates from below (for training);
-  repeated calls with the returned state converge to the top singular value.
-
-  Args:
-    stages: the graph of :func:`lipjax._src.trace.trace`.
-    global_state: :class:`PowerState` with one ``(1, *in_shape)`` vector per
-      stage.
-    iterations: power iterations per call (``>= 0``).
-    differentiable: gradients flow into the parameters through the final
-      application (GloRo-style); otherwise the norms are constants.
+  :func:`global_power` (unrolled) from ``global_state``: one single-example
+  forward and transpose per iteration and layer. Repeated calls with the
+  returned state converge to the top singular values.
 
   Returns:
     ``(norms, new_state)``: a list of scalars and the updated
     :class:`PowerState` (unit vectors, no gradient).
   """
   check_global_state(stages, global_state)
-  out, vecs = [], []
-  for st, u in zip(stages, global_state.vectors):
-    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
-    sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
-                                     int(iterations), adjoint_of=frozen.linear_for_adjoint)
-    if differentiable:
-      sigma = power.norm_at(st.linear, u)
-    out.append(sigma[0])
-    vecs.append(u)
-  return out, PowerState(tuple(vecs))
+  return global_power(stages, global_state.vectors, iterations,
+                      differentiable=differentiable)
 
 
 def row_norm_bounds(stage: Stage, gnorm: Array) -> Array:
@@ -366,27 +397,19 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
   # Examples whose masks equal the batch's elementwise maximum (e.g. masks
   # that keep every row and column) all have that one operator: a single
   # Lanczos run on it (batch of one, its own start) bounds each of them,
-  # and their own runs are skipped.
+  # and their own runs are skipped. Steps stop once no example's bound can
+  # come below the global norm.
   ref_row = jnp.max(row, axis=0, keepdims=True)
   ref_col = jnp.max(col, axis=0, keepdims=True)
-  full = (jnp.all((row == ref_row).reshape(b, -1), axis=1)
-          & jnp.all((col == ref_col).reshape(b, -1), axis=1))
-  # Steps stop once no example's bound can come below the global norm.
-  upper, est = _lanczos(_masked_op(stage, row, col), key, col.shape, col, steps, delta,
-                        rank_bound=jnp.sum(row.reshape(b, -1), axis=1),
-                        transpose=_masked_adjoint(stage, row, col), cap=cap, capped=full)
-
-  def shared():
-    row1, col1 = ref_row, ref_col
-    u, e = _lanczos(_masked_op(stage, row1, col1), jax.random.fold_in(key, 1), col1.shape,
-                    col1, steps, delta, rank_bound=jnp.sum(row1.reshape(1, -1), axis=1),
-                    transpose=_masked_adjoint(stage, row1, col1), cap=cap)
-    return u[0], e[0]
-
-  inf = jnp.asarray(jnp.inf, upper.dtype)
-  u_full, e_full = jax.lax.cond(jnp.any(full), shared, lambda: (inf, jnp.zeros_like(inf)))
-  upper = jnp.where(full, u_full, upper)
-  est = jnp.where(full, jnp.maximum(est, e_full), est)
+  shared_masks = (jnp.all((row == ref_row).reshape(b, -1), axis=1)
+                  & jnp.all((col == ref_col).reshape(b, -1), axis=1))
+  upper, est = _lanczos(
+      _masked_op(stage, row, col), key, col.shape, col, steps, delta,
+      rank_bound=jnp.sum(row.reshape(b, -1), axis=1),
+      transpose=_masked_adjoint(stage, row, col), cap=cap,
+      shared=(shared_masks, _masked_op(stage, ref_row, ref_col),
+              _masked_adjoint(stage, ref_row, ref_col), ref_col,
+              jnp.sum(ref_row.reshape(1, -1), axis=1)))
   return jnp.minimum(upper, gnorm), jnp.minimum(est, gnorm)
 
 
@@ -399,16 +422,12 @@ def _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                    intermediate, dense, global_state, global_iterations,
                    rounding=True) -> str:
   """Raises (one line) for bad options; returns the resolved ``intermediate``."""
-  if mode not in ("sound", "estimate", "lower"):
-    raise ValueError(f"mode must be 'sound', 'estimate' or 'lower', got {mode!r}")
-  if grad not in ("constant", "through"):
-    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
-  if dense not in ("exact", "lanczos"):
-    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  check_choice("mode", mode, MODES)
+  check_choice("grad", grad, ("constant", "through"))
+  check_choice("dense", dense, ("exact", "lanczos"))
   if intermediate is None:
     intermediate = "global" if mode == "estimate" else "local"
-  if intermediate not in ("local", "global"):
-    raise ValueError(f"intermediate must be 'local' or 'global', got {intermediate!r}")
+  check_choice("intermediate", intermediate, ("local", "global"))
   if mode == "estimate" and intermediate == "local":
     raise ValueError("intermediate='local' needs mode='sound' (estimates are not "
                      "upper bounds, so they cannot give sound masks)")
@@ -525,6 +544,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                                 intermediate, dense, global_state, global_iterations, rounding)
   model, variables = frontends.resolve(model, variables)
   x, eps = check_inputs(model, x, eps, variables)
+  model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)   # validates the model early
   if global_norms is not None:
     if global_state is not None:
@@ -536,7 +556,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
           ("failure_probability", float(failure_probability)), ("grad", grad),
           ("intermediate", intermediate), ("dense", dense),
           ("global_iterations", int(global_iterations)), ("rounding", bool(rounding)))
-  return _compiled_local(model, opts)(variables, x, eps, key, state, global_state,
+  return compiled_local(model, opts)(variables, x, eps, key, state, global_state,
                                       global_norms)
 
 
@@ -555,7 +575,7 @@ def check_global_norms(stages, global_norms) -> Tuple[Array, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_local(model, opts):
+def compiled_local(model, opts):
   return jax.jit(functools.partial(_local_core, model, **dict(opts)))
 
 
@@ -586,6 +606,7 @@ def global_top_vectors(model, variables, *, input_shape=None, key=None,
     raise ValueError(f"iterations must be >= 1, got {iterations}")
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
+  model = frontends.keyed(model, variables, shape)
   trace_lib.trace(model, variables, shape)   # validates the model early
   key = jax.random.PRNGKey(0) if key is None else key
   return _compiled_top(model, shape, int(iterations))(variables, key)
@@ -597,16 +618,7 @@ def _compiled_top(model, shape, iterations):
 
 
 def _top_core(model, shape, iterations, variables, key):
-  stages = trace_lib.trace(model, variables, shape)
-  keys = jax.random.split(key, len(stages))
-  vecs = []
-  for st, k in zip(stages, keys):
-    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
-    u = power.normalise(jax.random.normal(k, (1,) + tuple(st.in_shape), st.dtype))
-    u = jax.lax.fori_loop(0, iterations,
-                          lambda _, u, f=frozen: power.normalise(f.adjoint(f.linear(u))), u)
-    vecs.append(u)
-  return PowerState(tuple(vecs))
+  return global_vectors(trace_lib.trace(model, variables, shape), key, iterations)
 
 
 def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
@@ -738,6 +750,7 @@ def global_lipschitz_bound(model, variables, *, input_shape=None,
   """
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
+  model = frontends.keyed(model, variables, shape)
   stages = trace_lib.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
   delta = failure_share(stages, "global", "exact", float(failure_probability))
@@ -761,14 +774,13 @@ def layer_global_norms(model, variables, *, input_shape=None, key=None,
   Returns:
     A tuple of float32 scalars, one per linear layer.
   """
-  if mode not in ("sound", "estimate", "lower"):
-    raise ValueError(f"mode must be 'sound', 'estimate' or 'lower', got {mode!r}")
-  if dense not in ("exact", "lanczos"):
-    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  check_choice("mode", mode, MODES)
+  check_choice("dense", dense, ("exact", "lanczos"))
   if not 0 < failure_probability < 1:
     raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
+  model = frontends.keyed(model, variables, shape)
   stages = trace_lib.trace(model, variables, shape)
   key = jax.random.PRNGKey(0) if key is None else key
   delta = failure_share(stages, mode, dense, float(failure_probability))
@@ -833,12 +845,11 @@ def bound_guarantee(model, variables, *, bound: str = "local", input_shape=None,
   Returns:
     A :class:`Guarantee`.
   """
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-  if dense not in ("exact", "lanczos"):
-    raise ValueError(f"dense must be 'exact' or 'lanczos', got {dense!r}")
+  check_choice("bound", bound, BOUNDS)
+  check_choice("dense", dense, ("exact", "lanczos"))
   model, variables = frontends.resolve(model, variables)
   shape = resolve_input_shape(model, input_shape)
+  model = frontends.keyed(model, variables, shape)
   stages = trace_lib.trace(model, variables, shape)
   rows, probabilistic = [], False
   for st in stages:

@@ -15,11 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax._src import interpret
+from lipjax._src import interpret, per_example
 
 Array = jax.Array
 
-__all__ = ["last_layer_columns", "logit_deltas", "pair_differences", "pair_norms"]
+__all__ = ["class_differences", "last_layer_columns", "logit_deltas", "pair_differences",
+           "pair_norms"]
+
+
+def class_differences(mat: Array, labels: Array) -> Array:
+  """``(B, C, m)`` rows ``w_i - w_{labels_b}`` of the ``(C, m)`` last-layer matrix."""
+  return mat[None, :, :] - mat[labels][:, None, :]
 
 
 def pair_differences(mat: Array, col: Array, labels: Array) -> Array:
@@ -30,8 +36,7 @@ def pair_differences(mat: Array, col: Array, labels: Array) -> Array:
     col: ``(B, m)`` 0/1 column mask (ones: no mask).
     labels: ``(B,)`` integer classes.
   """
-  diff = mat[None, :, :] - mat[labels][:, None, :]
-  return diff * col[:, None, :]
+  return class_differences(mat, labels) * col[:, None, :]
 
 
 def pair_norms(mat: Array, col: Array, labels: Array) -> Array:
@@ -39,9 +44,8 @@ def pair_norms(mat: Array, col: Array, labels: Array) -> Array:
 
   Differentiable everywhere: the gradient at a zero row is 0, not NaN.
   """
-  sq = jnp.sum(jnp.square(pair_differences(mat, col, labels)), axis=-1)
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+  return per_example.safe_sqrt(jnp.sum(jnp.square(pair_differences(mat, col, labels)),
+                                        axis=-1))
 
 
 def logit_deltas(eps: Array, inner: Array, norms: Array) -> Array:

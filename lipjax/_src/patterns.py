@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
+import importlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
@@ -379,7 +379,7 @@ def match_activations(ctx: Context) -> List[ActivationMatch]:
     UnsupportedModelError: for a node that looks like part of an activation
       but that no pattern claims.
   """
-  import lipjax._src.rules   # pylint: disable=import-outside-toplevel,unused-import
+  importlib.import_module("lipjax._src.rules")   # the rule files register their patterns
   found: List[ActivationMatch] = []
   for pattern in registry.activation_patterns():
     for match in pattern(ctx):
@@ -648,5 +648,3 @@ def needed_statics(skeleton: Skeleton, statics) -> Tuple[int, ...]:
           stack.append(i)
   return tuple(sorted(want))
 
-
-_ = math  # (kept for rule files importing helpers from here)

@@ -42,7 +42,6 @@ import numpy as np
 
 from lipjax import nn as lnn
 from lipjax._src import errors, frontends, patterns, program
-from lipjax._src import rules as rules_lib
 from lipjax._src.graph import Block, Graph, Stage
 from lipjax._src.rules import registered, registry
 from lipjax._src.rules.relu import Identity
@@ -649,5 +648,3 @@ def check_model(model) -> None:
   """Raises ``TypeError`` unless ``model`` is something :func:`trace` can read."""
   frontends.as_model(model)
 
-
-_ = rules_lib  # the rule files register themselves on import

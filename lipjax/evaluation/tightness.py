@@ -153,6 +153,7 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
     raise ValueError("eps must be finite and >= 0")
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (x.shape[0],))
   key = jax.random.PRNGKey(0) if key is None else key
+  model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   return _compiled(model, int(steps), int(iterations), float(temperature),
                    float(step_scale))(variables, x, eps, key)
 

@@ -7,7 +7,6 @@ Lipschitz bound; the losses below consume it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -15,11 +14,15 @@ import jax.numpy as jnp
 import optax
 
 from lipjax._src import frontends
-from lipjax._src import lipschitz, margins, power
+from lipjax._src import lipschitz, margins
 from lipjax._src import trace as trace_lib
+from lipjax._src.options import check_choice
 
 Array = jax.Array
 
+
+#: The gradient options of the training estimates.
+GRADS = ("constant", "through")
 
 #: Power iterations that :func:`init_power_state` runs from the random start.
 INIT_ITERATIONS = 30
@@ -55,22 +58,8 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
 
 
 def _init_power(model, variables, shape, key, iterations):
-  stages = trace_lib.trace(model, variables, shape)
-  keys = jax.random.split(key, len(stages))
-  vecs = []
-  for st, k in zip(stages, keys):
-    u = jax.random.normal(k, (1,) + st.in_shape, jnp.float32)
-    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
-    op = frozen.linear
-    opt = power.adjoint(frozen.linear_for_adjoint, u)
-
-    def body(_, u, op=op, opt=opt):
-      v = power.normalise(op(u))
-      return power.normalise(opt(v))
-
-    vecs.append(jax.lax.stop_gradient(
-        jax.lax.fori_loop(0, iterations, body, power.normalise(u))))
-  return lipschitz.PowerState(tuple(vecs))
+  return lipschitz.global_vectors(trace_lib.trace(model, variables, shape), key, iterations,
+                                  jnp.float32)
 
 
 def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
@@ -109,10 +98,15 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     ``(logits (B, C), deltas (B, C), aux)`` with ``deltas[b, y_b] = 0`` and
     ``aux = {"power": updated PowerState, "local_bound": LocalBound or None}``.
   """
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-  if grad not in ("constant", "through"):
-    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
+  check_choice("bound", bound, lipschitz.BOUNDS)
+  check_choice("grad", grad, GRADS)
+  return deltas(model, variables, x, y, eps, bound=bound, iterations=iterations, power=power,
+                key=key, grad=grad, global_iterations=global_iterations)
+
+
+def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
+           global_iterations):
+  """:func:`worst_case_deltas` for callers that checked its options (the training steps)."""
   model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
@@ -144,8 +138,8 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                                    differentiable=True)
     inner = jnp.full((b,), stages.product(gn, logits=False))
     col = jnp.ones((b, mat.shape[1]))
-  deltas = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
-  return logits, deltas, {"power": new_power, "local_bound": lb}
+  out = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
+  return logits, out, {"power": new_power, "local_bound": lb}
 
 
 def gloro_loss(logits: Array, deltas: Array, y: Array) -> Array:

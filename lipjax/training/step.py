@@ -12,6 +12,7 @@ import optax
 
 from lipjax._src import frontends
 from lipjax._src import trace as trace_lib
+from lipjax._src.options import check_choice
 from lipjax.training import losses
 
 _THRESHOLDS = ("theta",)
@@ -131,20 +132,17 @@ def _as_schedule(value, name):
   return lambda step: jnp.full((), const, jnp.float32)
 
 
-def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_weight,
+def make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_weight,
                  eps_schedule, kappa_schedule, axis_name):
   """Pure ``update(state, images, labels) -> (state, metrics)``.
 
   With ``axis_name`` set, gradients, metrics and the power state are averaged
   over that mapped axis (each member holding an equal share of the batch).
   """
-  if loss not in ("gloro", "bcp", "ce"):
-    raise ValueError(f"loss must be 'gloro', 'bcp' or 'ce', got {loss!r}")
+  check_choice("loss", loss, ("gloro", "bcp", "ce"))
   model = frontends.as_model(model)
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-  if grad not in ("constant", "through"):
-    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
+  check_choice("bound", bound, ("local", "global"))
+  check_choice("grad", grad, losses.GRADS)
   eps_fn = _as_schedule(eps_schedule, "eps_schedule")
   kappa_fn = _as_schedule(kappa_schedule, "kappa_schedule")
   if loss != "ce" and eps_fn is None:
@@ -161,9 +159,9 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
       deltas = jnp.zeros_like(logits)
       value = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     else:
-      logits, deltas, aux = losses.worst_case_deltas(
+      logits, deltas, aux = losses.deltas(
           model, variables, images, labels, eps, bound=bound, iterations=iterations,
-          power=power, key=key, grad=grad)
+          power=power, key=key, grad=grad, global_iterations=None)
       power = jax.lax.stop_gradient(aux["power"])
       value = (losses.gloro_loss(logits, deltas, labels) if loss == "gloro"
                else losses.bcp_loss(logits, deltas, labels, kappa))
@@ -246,7 +244,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
     ``vra_estimate`` (fraction whose estimated margin exceeds the estimated
     ``Delta``: a training signal, not a certificate).
   """
-  update = _make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
+  update = make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
                         grad=grad, sparsity_weight=sparsity_weight,
                         eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
                         axis_name=None)
@@ -276,7 +274,7 @@ def make_parallel_train_step(model, optimizer: optax.GradientTransformation, *,
     with ``D = jax.local_device_count()``; state and metrics keep the leading
     device axis (take one copy with :func:`unreplicate`).
   """
-  update = _make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
+  update = make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
                         grad=grad, sparsity_weight=sparsity_weight,
                         eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
                         axis_name=axis_name)

@@ -10,8 +10,10 @@ Pairs and output layouts (the ways MaxMin is written):
 
 * ``pairs="halves"``: unit ``k`` with unit ``k + C/2`` of the last axis
   (``a, b = jnp.split(z, 2, -1)``, or slicing); ``pairs="adjacent"``: units
-  ``2k`` and ``2k + 1`` (``z.reshape(..., C // 2, 2)``, then ``max`` / ``min``
-  over the last axis);
+  ``2k`` and ``2k + 1`` (``r = z.reshape(..., C // 2, 2)``, then ``max`` /
+  ``min`` over its last axis, or of ``r[..., 0]`` and ``r[..., 1]``, or of
+  ``z[..., ::2]`` and ``z[..., 1::2]``; or ``jnp.sort(r, axis=-1)``, each pair
+  in increasing order);
 * ``layout="halves"``: ``concatenate([max part, min part], -1)``;
   ``"stacked"``: ``stack([max, min], -1)`` (shape ``(..., C/2, 2)``);
   ``"interleaved"``: the stacked form reshaped back to ``(..., C)``.
@@ -169,8 +171,12 @@ registry.register_module(lnn.ClippedMaxMin, lambda m: ClippedMaxMin())
 # ---------------------------------------------------------------------------
 
 
-def _halves(ctx, a) -> Optional[Tuple[int, int, int]]:
-  """``(source, which half, node)`` when ``a`` is one half of the last axis of a value."""
+def _member(ctx, a) -> Optional[Tuple[int, str, int, Tuple[int, ...]]]:
+  """``(source, pairs, which, nodes)`` when ``a`` holds one member of every pair
+  of the last axis of a value ``source``: its first (``which=0``) or second
+  half (``pairs="halves"``: ``jnp.split`` or slicing), or its even or odd
+  entries (``pairs="adjacent"``: ``z[..., ::2]`` / ``z[..., 1::2]``, or
+  ``z.reshape(..., C // 2, 2)[..., k]``)."""
   p = ctx.producer(a)
   if p is None:
     return None
@@ -180,25 +186,44 @@ def _halves(ctx, a) -> Optional[Tuple[int, int, int]]:
   (src,) = node.act_ins()
   shape = ctx.shapes[src]
   last = len(shape) - 1
+  if node.name == "squeeze" and tuple(node.params["dimensions"]) == (last,):
+    q = ctx.producer(src)   # src: r[..., k:k+1] of r = z.reshape(..., C // 2, 2)
+    if q is None or ctx.nodes[q].name != "slice" or shape[-1] != 1:
+      return None
+    sl = ctx.nodes[q]
+    (r,) = sl.act_ins()
+    rs = ctx.shapes[r]
+    start, limit = tuple(sl.params["start_indices"]), tuple(sl.params["limit_indices"])
+    strides = sl.params.get("strides")
+    rp = ctx.producer(r)
+    if (rs[-1] != 2 or len(rs) < 3 or start[:-1] != (0,) * (len(rs) - 1)
+        or limit[:-1] != rs[:-1] or limit[-1] != start[-1] + 1
+        or (strides is not None and any(d != 1 for d in strides))
+        or rp is None or ctx.nodes[rp].name != "reshape"
+        or ctx.nodes[rp].params.get("dimensions")):
+      return None
+    (z,) = ctx.nodes[rp].act_ins()
+    if ctx.shapes[z] != rs[:-2] + (2 * rs[-2],):
+      return None
+    return z, "adjacent", int(start[-1]), (p, q, rp)
   if shape[-1] % 2:
     return None
   c = shape[-1] // 2
   if node.name == "split":
     sizes = tuple(int(s) for s in node.params["sizes"])
     if node.params["axis"] == last and sizes == (c, c):
-      return src, node.outs.index(a), p
+      return src, "halves", node.outs.index(a), (p,)
   if node.name == "slice":
     start = tuple(node.params["start_indices"])
     limit = tuple(node.params["limit_indices"])
-    strides = node.params.get("strides")
-    if strides is not None and any(s != 1 for s in strides):
+    strides = tuple(node.params.get("strides") or (1,) * len(shape))
+    if start[:last] != (0,) * last or limit[:last] != shape[:last] or any(
+        d != 1 for d in strides[:last]):
       return None
-    if start[:last] != (0,) * last or limit[:last] != shape[:last]:
-      return None
-    if (start[last], limit[last]) == (0, c):
-      return src, 0, p
-    if (start[last], limit[last]) == (c, 2 * c):
-      return src, 1, p
+    if strides[last] == 1 and (start[last], limit[last]) in ((0, c), (c, 2 * c)):
+      return src, "halves", int(start[last] == c), (p,)
+    if strides[last] == 2 and start[last] in (0, 1) and ctx.shapes[a][-1] == c:
+      return src, "adjacent", int(start[last]), (p,)   # entries start, start + 2, ...
   return None
 
 
@@ -300,8 +325,8 @@ def _match(ctx, z, pairs, members, parts, layout, max_first, output, where):
       kind="clipped_maxmin" if clipped else "pair_maxmin")
 
 
-def _halves_pattern(ctx):
-  """``max`` and ``min`` of the two halves of the last axis (split or sliced)."""
+def _pairs_pattern(ctx):
+  """``max`` and ``min`` of the two members of every pair (see :func:`_member`)."""
   out = []
   taken = set()
   for n in ctx.live:
@@ -309,28 +334,33 @@ def _halves_pattern(ctx):
     if node.name not in ("max", "min") or len(node.act_ins()) != 2 or n in taken:
       continue
     a0, a1 = node.act_ins()
-    h0, h1 = _halves(ctx, a0), _halves(ctx, a1)
-    if h0 is None or h1 is None or h0[0] != h1[0] or {h0[1], h1[1]} != {0, 1}:
+    h0, h1 = _member(ctx, a0), _member(ctx, a1)
+    if (h0 is None or h1 is None or h0[0] != h1[0] or h0[1] != h1[1]
+        or {h0[2], h1[2]} != {0, 1}):
       continue
-    z = h0[0]
-    halves = {a0, a1}
+    z, pairs = h0[0], h0[1]
+    members = {a0, a1}
     pair_nodes = [m for m in ctx.live if ctx.nodes[m].name in ("max", "min")
-                  and set(ctx.nodes[m].act_ins()) == halves
+                  and set(ctx.nodes[m].act_ins()) == members
                   and len(ctx.nodes[m].act_ins()) == 2]
     if sorted(ctx.nodes[m].name for m in pair_nodes) != ["max", "min"]:
       continue
-    if any(sorted(ctx.consumers[h]) != sorted(pair_nodes) for h in halves):
+    if any(sorted(ctx.consumers[h]) != sorted(pair_nodes) for h in members):
+      continue
+    # The members' own pieces (a split, slices, a shared reshape) serve only them.
+    pieces = set(h0[3]) | set(h1[3])
+    if any(set(ctx.consumers[o]) - pieces - set(pair_nodes)
+           for m in pieces for o in ctx.nodes[m].outs):
       continue
     parts = _parts(ctx, pair_nodes)
     found = _combined(ctx, (parts["max"][1], parts["min"][1]))
     if found is None:
       continue
     layout, max_first, output, tail = found
-    members = ({h0[2], h1[2]} | set(pair_nodes) | set(parts["max"][3]) | set(parts["min"][3])
+    claimed = (pieces | set(pair_nodes) | set(parts["max"][3]) | set(parts["min"][3])
                | set(tail))
-    taken.update(members)
-    out.append(_match(ctx, z, "halves", members, parts, layout, max_first, output,
-                      node.where))
+    taken.update(claimed)
+    out.append(_match(ctx, z, pairs, claimed, parts, layout, max_first, output, node.where))
   return out
 
 
@@ -369,7 +399,41 @@ def _adjacent_pattern(ctx):
   return out
 
 
-registry.register_activation_pattern("maxmin_halves", _halves_pattern, priority=10)
+def _sort_pattern(ctx):
+  """``jnp.sort(z.reshape(..., C // 2, 2), axis=-1)``: each pair sorted (min first)."""
+  out = []
+  for n in ctx.live:
+    node = ctx.nodes[n]
+    if node.name != "sort" or len(node.ins) != 1:
+      continue
+    (r,) = node.act_ins()
+    shape = ctx.shapes[r]
+    p = ctx.producer(r)
+    if (node.params["dimension"] != len(shape) - 1 or shape[-1] != 2 or len(shape) < 3
+        or p is None or ctx.nodes[p].name != "reshape" or ctx.nodes[p].params.get("dimensions")
+        or ctx.consumers[r] != [n]):
+      continue
+    (z,) = ctx.nodes[p].act_ins()
+    if ctx.shapes[z] != shape[:-2] + (2 * shape[-2],):
+      continue
+    layout, _, output, tail = _maybe_flat(ctx, False, node.outs[0], (n,))
+    parts = {"max": (None, None, (), ()), "min": (None, None, (), ())}
+    out.append(_match(ctx, z, "adjacent", {p, n} | set(tail), parts, layout, False, output,
+                      node.where))
+  return out
+
+
+def _check_sort(eqn, acts):
+  """Sorting pairs (one key, an axis of size 2) is MaxMin; nothing else is."""
+  del acts
+  dim = eqn.params["dimension"]
+  shape = tuple(eqn.invars[0].aval.shape)
+  if len(eqn.invars) != 1 or eqn.params["num_keys"] != 1 or dim == 0 or shape[dim] != 2:
+    return "sort over more than pairs (MaxMin sorts pairs)"
+  return None
+
+
+registry.register_activation_pattern("maxmin_pairs", _pairs_pattern, priority=10)
 registry.register_activation_pattern("maxmin_adjacent", _adjacent_pattern, priority=10)
 def _check_reduce(eqn, acts):
   """MaxMin reduces pairs: one axis of size 2, not the batch axis."""
@@ -386,3 +450,5 @@ def _check_reduce(eqn, acts):
 
 for _name in ("reduce_max", "reduce_min"):
   registry.register_activation_primitive(_name, _check_reduce)
+registry.register_activation_pattern("maxmin_sort", _sort_pattern, priority=10)
+registry.register_activation_primitive("sort", _check_sort)
