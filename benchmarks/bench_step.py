@@ -5,6 +5,8 @@ Run::
   python benchmarks/bench_step.py --models=4c3f,6c2f --batch=256 --repeats=5
   python benchmarks/bench_step.py --models=4c3f,flax-4c3f --no_tightness
   python benchmarks/bench_step.py --models=liresnet     # LiResNet-style zoo model (defaults)
+  python benchmarks/bench_step.py --models=4c3f --iterations=3,5 --grads=constant \
+      --estimators=power,lanczos --no_tightness        # the training estimators
 
 A ``flax-`` prefix times the same architecture written in plain Flax
 (``flax.linen.Conv`` / ``Dense`` and ``jnp.clip`` with a learnable threshold),
@@ -127,7 +129,7 @@ def _time(fn, repeats):
 
 
 def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant", "through"),
-                tightness=True):
+                tightness=True, estimators=("power",), pairs=False):
   model, shape = _model(name)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape)
@@ -153,10 +155,21 @@ def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant"
   if timing:
     run("plain cross-entropy", loss="ce")
     run("global bound (GloRo)", loss="gloro", bound="global")
-    for k in iterations:
-      for grad in grads:
-        run(f"local, {k} iter, grad {grad}", loss="gloro", bound="local", iterations=k,
-            grad=grad)
+    if "lanczos" in estimators:
+      run("global bound (GloRo), Lanczos", loss="gloro", bound="global",
+          bound_options={"estimator": "lanczos"})
+    for est in estimators:
+      for k in iterations:
+        for grad in grads:
+          if est == "lanczos" and grad != "constant":
+            continue   # the Lanczos estimator differentiates the final application only
+          label = (f"local, {k} iter, grad {grad}" if est == "power"
+                   else f"local, Lanczos {k} steps")
+          run(label, loss="gloro", bound="local", iterations=k, grad=grad,
+              bound_options={"estimator": est})
+          if pairs and est == "lanczos":
+            run(label + ", pair bounds", loss="gloro", bound="local", iterations=k,
+                grad=grad, bound_options={"estimator": est, "pair": True})
     base = rows[0][1]
     print(f"\n### {name}, batch {batch}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), "
@@ -196,11 +209,16 @@ def main():
   p.add_argument("--no_timing", action="store_true", help="tightness table only")
   p.add_argument("--grads", default="constant,through", help="gradient options to time")
   p.add_argument("--no_tightness", action="store_true", help="timing table only")
+  p.add_argument("--pair_bounds", action="store_true",
+                 help="also time the local step with the per-class-pair bound in the loss")
+  p.add_argument("--estimators", default="power",
+                 help="training estimators to time: power, lanczos (comma-separated)")
   a = p.parse_args()
   for name in a.models.split(","):
     bench_model(name, a.batch, a.repeats, [int(k) for k in a.iterations.split(",")],
                 timing=not a.no_timing, grads=a.grads.split(","),
-                tightness=not a.no_tightness)
+                tightness=not a.no_tightness, estimators=a.estimators.split(","),
+                pairs=a.pair_bounds)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Run::
 
 Compiles (does not run) the certified training step of each setting at batch
 256 and prints XLA's count of floating-point operations and bytes accessed.
-The README's "Expected wall time" table scales measured step times by these
-counts for the settings whose step was not timed. Only the given settings
+The "Expected wall time" table of docs/guides/reproducing.md scales measured
+step times by these counts for the settings whose step was not timed. Only the given settings
 (substrings of their names) are compiled when names are passed.
 """
 

@@ -262,3 +262,71 @@ def main_wrapper(prog: str, main: Callable[[List[str]], Optional[int]]):
       fail(prog, e)
     sys.exit(code or 0)
   return wrapped
+
+
+# ----------------------------------------------------------------------------
+# A trained run: its checkpoint flag, model and variables
+# ----------------------------------------------------------------------------
+
+
+def parse_checkpoint(text):
+  text = str(text).strip()
+  if text in ("best", "latest"):
+    return text
+  try:
+    step = int(text)
+  except ValueError:
+    raise InputError(f"--checkpoint must be best, latest or a step number, got {text!r}") \
+        from None
+  if step < 0:
+    raise InputError(f"--checkpoint step must be >= 0, got {step}")
+  return step
+
+
+def build_model(config):
+  """The zoo model a run's config describes (input shape from its data set)."""
+  import lipjax   # pylint: disable=import-outside-toplevel
+  from lipjax import data   # pylint: disable=import-outside-toplevel
+  for field in ("model", "activation", "num_classes", "dataset"):
+    if field not in config:
+      raise InputError(f"config.json has no field {field!r}")
+  from experiments import train_lib   # pylint: disable=import-outside-toplevel
+  try:
+    shape = data.info(config["dataset"]).image_shape
+    cfg = {"init": -1.0, **config}
+    if ":" not in str(config["model"]):
+      return lipjax.models.get(config["model"], num_classes=int(config["num_classes"]),
+                               activation=config["activation"], input_shape=shape,
+                               **dict(config.get("model_options") or {}))
+    return train_lib.build_model(cfg, shape)
+  except (ValueError, KeyError) as e:
+    raise InputError(f"config.json does not describe a model: {e}") from None
+
+
+def check_variables(model, variables, shape=None):
+  """Raises InputError unless ``variables`` fit ``model`` (structure and shapes).
+
+  ``shape``: one example's shape, for a model without ``input_shape``.
+  """
+  import jax   # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
+  import numpy as np   # pylint: disable=import-outside-toplevel
+  shape = tuple(getattr(model, "input_shape", None) or shape)
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
+  want_p = want["params"]
+  have_p = variables.get("params", {})
+  w_leaves = jax.tree_util.tree_leaves_with_path(want_p)
+  h_leaves = dict((jax.tree_util.keystr(p), np.shape(v))
+                  for p, v in jax.tree_util.tree_leaves_with_path(have_p))
+  for path, leaf in w_leaves:
+    k = jax.tree_util.keystr(path)
+    if k not in h_leaves:
+      raise InputError(f"checkpoint does not match the config's model: parameter {k} is "
+                       "missing")
+    if tuple(h_leaves[k]) != tuple(leaf.shape):
+      raise InputError(f"checkpoint does not match the config's model: parameter {k} has "
+                       f"shape {tuple(h_leaves[k])}, the model expects {tuple(leaf.shape)}")
+  extra = set(h_leaves) - {jax.tree_util.keystr(p) for p, _ in w_leaves}
+  if extra:
+    raise InputError(f"checkpoint does not match the config's model: unexpected parameter "
+                     f"{sorted(extra)[0]}")

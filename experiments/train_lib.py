@@ -29,6 +29,7 @@ import optax
 import lipjax
 from experiments.cli import InputError
 from lipjax import data
+from lipjax.evaluation import diagnostics
 from lipjax.training import checkpoints
 from lipjax.training import losses as losses_lib
 from lipjax.training import schedules
@@ -51,7 +52,8 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   no file.
   """
   choices = {"loss": ("gloro", "bcp", "ce"), "bound": ("local", "global"),
-             "val_bound": ("local", "global"), "certify_bound": ("local", "global"),
+             "val_bound": ("train", "local", "global"), "certify_bound": ("local", "global"),
+             "estimator": ("power", "lanczos"), "intermediate": ("auto", "global", "local"),
              "certify_checkpoint": ("best", "latest"), "best_mode": ("max", "min"),
              "grad": ("constant", "through"),
              "activation": tuple(lipjax.models.ACTIVATIONS),
@@ -62,6 +64,10 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   if _parallel(cfg) not in PARALLEL_PATHS:
     raise InputError(f"config.parallel must be one of {', '.join(PARALLEL_PATHS)}; got "
                      f"{_parallel(cfg)!r}")
+  try:
+    losses_lib.check_bound_options(bound_options(cfg), grad=cfg["grad"])
+  except ValueError as e:
+    raise InputError(f"config: {e}") from None
   model = cfg["model"]
   if not isinstance(model, str) or (":" not in model and model not in lipjax.models.NAMES):
     raise InputError(f"config.model must be one of {', '.join(lipjax.models.NAMES)} or an "
@@ -79,11 +85,26 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     raise InputError(f"config.num_classes must be >= 2, got {cfg['num_classes']!r}")
   for key in ("eps_train", "lr", "end_lr", "warmup_epochs", "rampup_epochs",
               "val_examples", "train_examples", "max_steps", "checkpoint_every_steps",
-              "num_test", "sparsity_weight"):
+              "num_test", "sparsity_weight", "diag_examples"):
     if not _finite(cfg[key]) or not float(cfg[key]) >= 0:
       raise InputError(f"config.{key} must be a finite number >= 0, got {cfg[key]!r}")
   if not _finite(cfg["eps_test"]) or not float(cfg["eps_test"]) > 0:
     raise InputError(f"config.eps_test must be a finite radius > 0, got {cfg['eps_test']!r}")
+
+
+def bound_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+  """The training-estimator options of a config (``bound_options`` of the step)."""
+  inter = cfg.get("intermediate", "auto")
+  return {"estimator": cfg.get("estimator", "power"),
+          "intermediate": None if inter == "auto" else inter,
+          "pair": bool(cfg.get("pair_bounds", False))}
+
+
+def validation_bound(cfg: Mapping[str, Any]) -> str:
+  """The sound bound of ``val_certified_accuracy``: ``val_bound``, where
+  ``"train"`` means the bound the run trains with."""
+  vb = cfg.get("val_bound", "train")
+  return cfg["bound"] if vb == "train" else vb
 
 
 def _finite(value) -> bool:
@@ -104,6 +125,10 @@ def _finite(value) -> bool:
 # parallel picks how the same step is spread over the devices (pmap or jit),
 # not what it computes, so a run started on one path resumes on the other.
 RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps", "parallel")
+# What runs started before a field existed did: an absent field is equal to this
+# value, not to today's default (a run never resumes with another estimator).
+LEGACY_DEFAULTS = {"estimator": "power", "intermediate": "auto", "val_bound": "global",
+                   "diag_examples": 0, "parallel": "pmap", "pair_bounds": False}
 # Fields config.json holds besides the config, computed from the data.
 DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "image_shape")
 
@@ -121,13 +146,14 @@ def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]):
   """``[(field, saved value, new value)]`` of the fields where a resumed run would differ.
 
   A field of ``cfg`` that ``saved`` lacks (the run was started before the
-  field existed) counts as equal when it has its default value of
-  ``experiments/configs/base.py``; that value is shown as ``"(absent)"``.
+  field existed) counts as equal when it has the value such runs used
+  (:data:`LEGACY_DEFAULTS`, else the default of
+  ``experiments/configs/base.py``); that value is shown as ``"(absent)"``.
   Fields of :data:`RESUMABLE_CHANGES`, the derived fields and fields that
   only ``saved`` has are not compared.
   """
   from experiments.configs import base   # pylint: disable=import-outside-toplevel
-  defaults = base.get_config().to_dict()
+  defaults = dict(base.get_config().to_dict(), **LEGACY_DEFAULTS)
   diffs = []
   for key in sorted(cfg):
     if key in RESUMABLE_CHANGES or key in DERIVED_FIELDS:
@@ -329,7 +355,8 @@ def make_parallel_step(cfg: Mapping[str, Any], model, optimizer, *, eps_schedule
   """
   kwargs = dict(loss=cfg["loss"], bound=cfg["bound"], iterations=int(cfg["iterations"]),
                 grad=cfg["grad"], sparsity_weight=float(cfg["sparsity_weight"]),
-                eps_schedule=eps_schedule, kappa_schedule=kappa_schedule)
+                eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
+                bound_options=bound_options(cfg))
   path = _parallel(cfg)
   if path == "pmap":
     num_devices = jax.local_device_count()
@@ -619,7 +646,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             f"{batch_index})", flush=True)
     if process_index == 0:
       checkpoints.truncate_metrics(workdir, done)
-  if cfg["bound"] == "local" and cfg["val_bound"] == "global" and val_ds is not None:
+  if cfg["bound"] == "local" and validation_bound(cfg) == "global" and val_ds is not None:
     print("note: validation (which picks the best checkpoint) certifies with the global "
           "bound (config.val_bound=global: fast, deterministic, never more than the local "
           f"bound certifies); the final test uses the {cfg['certify_bound']} bound", flush=True)
@@ -652,19 +679,33 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
   since_val = time.time()   # end of the previous validation (or the start)
 
+  val_bound = validation_bound(cfg)
+  n_diag = min(int(cfg.get("diag_examples", 0)), len(val_ds)) if val_ds is not None else 0
+
   def validate(epoch_done):
     nonlocal since_val
     t0 = time.time()
-    variables = {"params": jax.device_get(parallel.host(state).params)}
-    m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=cfg["val_bound"],
-                 batch_size=int(cfg["certify_batch_size"]))
+    host = parallel.host(state)
+    variables = {"params": jax.device_get(host.params)}
+    record = {}
+    for vb in (val_bound,) + tuple(b for b in ("local", "global") if b != val_bound):
+      m = evaluate(model, variables, val_ds, float(cfg["eps_test"]), bound=vb,
+                   batch_size=int(cfg["certify_batch_size"]))
+      record[f"val_certified_accuracy_{vb}"] = m["certified_accuracy"]
+      if vb == val_bound:
+        record["val_clean_accuracy"] = m["clean_accuracy"]
+        record["val_certified_accuracy"] = m["certified_accuracy"]
+    if n_diag and cfg["loss"] != "ce":
+      diag = diagnostics.bound_diagnostics(
+          model, variables, val_ds.images[:n_diag], val_ds.labels[:n_diag],
+          float(cfg["eps_train"]), bound=cfg["bound"], iterations=int(cfg["iterations"]),
+          power=jax.device_get(host.power), estimator=bound_options(cfg))
+      record.update({f"diag_{k}": v for k, v in diag.items()})
     # Its cost against the training since the previous validation.
-    record = {"val_clean_accuracy": m["clean_accuracy"],
-              "val_certified_accuracy": m["certified_accuracy"],
-              "val_seconds": time.time() - t0, "train_seconds_since_val": t0 - since_val}
+    record.update({"val_seconds": time.time() - t0, "train_seconds_since_val": t0 - since_val})
     since_val = time.time()
     log({"step": host_step, "epoch": epoch_done, "split": "val", "eps": float(cfg["eps_test"]),
-         "bound": cfg["val_bound"], **record})
+         "bound": val_bound, **record})
     return record
 
   try:
@@ -707,9 +748,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       val = None
       if val_ds is not None and (epoch % int(cfg["val_every_epochs"]) == 0 or finished):
         val = validate(epoch)
+        other = "global" if validation_bound(cfg) == "local" else "local"
+        diag = ""
+        if "diag_network_ratio_median" in val:
+          diag = (f"; training bound / sound local bound at eps_train "
+                  f"{float(cfg['eps_train']):.4g}: median "
+                  f"{val['diag_network_ratio_median']:.3f}, q10 "
+                  f"{val['diag_network_ratio_q10']:.3f}")
         say(f"step {host_step} epoch {epoch}: val clean {val['val_clean_accuracy']:.4f}, "
             f"val certified {val['val_certified_accuracy']:.4f} at eps="
-            f"{float(cfg['eps_test']):.4g} ({cfg['val_bound']} bound, config.val_bound; "
+            f"{float(cfg['eps_test']):.4g} ({validation_bound(cfg)} bound, config.val_bound; "
+            f"{other} bound: {val[f'val_certified_accuracy_{other}']:.4f}{diag}; "
             f"{val['val_seconds']:.1f} s, {val['train_seconds_since_val']:.0f} s of training "
             "since the last)")
       if process_index == 0:

@@ -173,8 +173,8 @@ print(f"median local/global ratio {np.median(ratio):.3f} over the first {n_ratio
 
 The bound is a pure JAX function of the variables, so it composes with `jit`,
 `vmap` and `grad`. `mode="estimate"` (power iterations, differentiable) is meant
-for losses; the default `mode="sound"` is the certificate. See the README's
-composition section and `examples/compose_flax.py`."""),
+for losses; the default `mode="sound"` is the certificate. See the guide
+`docs/guides/composing.md` and `examples/compose_flax.py`."""),
 (CODE, r"""def bound_penalty(params, x, eps):
     res = lipjax.local_lipschitz_bound(model, {"params": params}, x, eps,
                                        mode="estimate", iterations=2, grad="through")

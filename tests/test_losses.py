@@ -137,7 +137,8 @@ def test_power_state_converges_to_top_singular_values():
   y = jnp.arange(4) % 3
   truth = _explicit_top_singular_values(model, v)
   step = jax.jit(lambda vv, p: training.worst_case_deltas(
-      model, vv, x, y, 0.1, iterations=1, power=p, global_iterations=2)[2]["power"])
+      model, vv, x, y, 0.1, iterations=1, power=p, global_iterations=2,
+      estimator="power")[2]["power"])
 
   def rel_err(p):
     return np.array([abs(float(jnp.linalg.norm(st.linear(u))) - s) / s
@@ -152,6 +153,46 @@ def test_power_state_converges_to_top_singular_values():
   assert np.all(last < 2e-3), last
   for u in power.vectors:
     np.testing.assert_allclose(float(jnp.linalg.norm(u)), 1.0, rtol=1e-5)
+
+
+def test_lanczos_state_follows_the_union_masked_maps():
+  # The Lanczos estimator's running vectors converge to the top right singular
+  # vectors of each layer's map under the union of the batch's masks, and each
+  # example's estimate to its own masked norm (explicit matrices, numpy SVD).
+  model = U.conv_model("clipped_relu")
+  v = U.init_random(model, jax.random.PRNGKey(5))
+  x = jax.random.uniform(jax.random.PRNGKey(6), (4,) + model.input_shape)
+  y = jnp.arange(4) % 3
+  eps = 0.3
+  call = jax.jit(lambda p: training.worst_case_deltas(model, v, x, y, eps, power=p,
+                                                      estimator="lanczos"))
+  power = training.init_power_state(model, v, key=jax.random.PRNGKey(7), iterations=0)
+  for _ in range(4):
+    _, _, aux = call(power)
+    power = aux["power"]
+  _, _, aux = call(power)
+  lb = aux["local_bound"]
+  stages = trace_lib.trace(model, v, model.input_shape)
+  col_prev = jnp.ones_like(x)
+  checked = 0
+  for l, st in enumerate(stages):
+    mat = np.asarray(norms.explicit_jacobian(st.linear, st.in_shape),
+                     np.float64)
+    row = np.asarray(lb.layers[l].row_mask).reshape(4, -1)
+    col = np.asarray(col_prev).reshape(4, -1)
+    union = np.max(row, 0)[:, None] * mat * np.max(col, 0)[None, :]
+    top = np.linalg.svd(union, compute_uv=False)[0]
+    u = np.asarray(power.vectors[l], np.float64).reshape(-1)
+    if top > 0:
+      np.testing.assert_allclose(np.linalg.norm(union @ u), top, rtol=1e-3)
+    for b in range(4):
+      own = np.linalg.svd(row[b][:, None] * mat * col[b][None, :], compute_uv=False)[0]
+      est = float(np.asarray(aux["layer_norms"][l])[b])
+      assert est <= own * (1 + 1e-4) + 1e-6          # an estimate from below
+      assert est >= own * 0.97, (l, b, est, own)      # and a close one
+      checked += 1
+    col_prev = lb.layers[l].col_mask
+  assert checked == 4 * len(stages)
 
 
 def test_fresh_state_and_bad_state():

@@ -99,7 +99,11 @@ def test_command_line_overrides_every_kind_of_field():
     ("dataset", "imagenet", "config.dataset"), ("eps_test", -0.5, "eps_test.*> 0"),
     ("eps_test", 0.0, "eps_test"), ("eps_train", float("nan"), "eps_train"),
     ("batch_size", 0, "batch_size"), ("certify_batch_size", 0, "certify_batch_size"),
-    ("parallel", "vmap", "config.parallel must be one of pmap, jit; got 'vmap'")])
+    ("parallel", "vmap", "config.parallel must be one of pmap, jit; got 'vmap'"),
+    ("estimator", "svd", "config.estimator must be one of power, lanczos; got 'svd'"),
+    ("intermediate", "both", "config.intermediate must be one of auto, global, local"),
+    ("val_bound", "best", "config.val_bound must be one of train, local, global"),
+    ("diag_examples", -1, "diag_examples must be a finite number >= 0")])
 def test_bad_config_values_are_rejected(field, value, match):
   config = _parse(["--config=demo"]).to_dict()
   config[field] = value
@@ -228,12 +232,29 @@ def test_run_writes_config_metrics_and_chooses_best_on_val(uninterrupted):
   # which says the bound it certifies with.
   for step in range(2, TOTAL_STEPS + 1, 2):
     assert f"step {step}/{TOTAL_STEPS} epoch {(step - 1) // 4}: loss " in out
-  assert out.count("val certified") == 3 and "(global bound, config.val_bound; " in out
+  # Validation certifies with the bound the run trains with (config.val_bound
+  # "train") and logs the other one too.
+  assert out.count("val certified") == 3 and "(local bound, config.val_bound; " in out
+  for r in val:
+    assert r["bound"] == "local"
+    assert r["val_certified_accuracy"] == r["val_certified_accuracy_local"]
+    assert 0 <= r["val_certified_accuracy_global"] <= r["val_certified_accuracy_local"] + 1e-9
+    assert f"global bound: {r['val_certified_accuracy_global']:.4f}" in out
   # Each validation records its cost against the training since the previous one.
   for r in val:
     assert 0 < r["val_seconds"] and 0 < r["train_seconds_since_val"]
-    assert f"config.val_bound; {r['val_seconds']:.1f} s, " in out
-  assert "validation (which picks the best checkpoint) certifies with the global bound" in out
+    assert (f"; {r['val_seconds']:.1f} s, {r['train_seconds_since_val']:.0f} s of training "
+            "since the last)") in out
+  assert "validation (which picks the best checkpoint) certifies with the global bound" not in out
+  # ... and the bound diagnostics: what the loss sees against the sound local bound.
+  for r in val:
+    assert 0.5 < r["diag_network_ratio_median"] <= 1.01
+    assert r["diag_network_ratio_q10"] <= r["diag_network_ratio_median"]
+    for l in range(2):   # the 2C2F's hidden conv layers and its dense layer
+      assert 0 <= r[f"diag_layer{l}_kept_train"] <= 1
+      assert 0 <= r[f"diag_layer{l}_dead"] <= r[f"diag_layer{l}_kept_sound"] + 1 - 1e-9
+      assert 0 <= r[f"diag_layer{l}_theta_zero"] <= 1
+    assert f"median {r['diag_network_ratio_median']:.3f}" in out
   # Every file of the run is readable by others (0666 less the umask).
   mask = os.umask(0)
   os.umask(mask)
@@ -464,6 +485,15 @@ def test_workdir_check_accepts_runs_of_older_code_and_refuses_changes(tmp_path):
   # ... and anything else is a change.
   with pytest.raises(cli.InputError, match=r"lr_hold_epochs: \(absent\) in the run, 6 now"):
     train_lib.check_workdir(cfg, str(tmp_path))
+  # A run of the code before the Lanczos estimator (no estimator field) trained
+  # with the power method: resuming it with today's default is a change.
+  old = {k: v for k, v in dict(cfg, **derived).items()
+         if k not in ("estimator", "intermediate", "val_bound", "diag_examples", "pair_bounds")}
+  checkpoints.save_config(tmp_path, old)
+  with pytest.raises(cli.InputError, match=r"estimator: \(absent\) in the run, 'lanczos' now"):
+    train_lib.check_workdir(cfg, str(tmp_path))
+  assert train_lib.check_workdir(dict(cfg, estimator="power", val_bound="global",
+                                      diag_examples=0), str(tmp_path)) is not None
   # Other training data (derived fields) are refused too.
   with pytest.raises(cli.InputError, match="train_examples_used: 55000 in the run, 128 now"):
     train_lib.check_derived(dict(cfg, **derived), dict(derived, train_examples_used=128),
@@ -508,3 +538,20 @@ def test_commands_turn_on_the_persistent_compilation_cache(monkeypatch, tmp_path
     assert cli.enable_compilation_cache() == expected and os.path.isdir(expected)
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_diagnose_prints_what_the_loss_sees(uninterrupted, tiny_mnist):
+  workdir, _ = uninterrupted
+  run = lambda *args: subprocess.run(   # noqa: E731
+      [sys.executable, "-m", "experiments.diagnose", f"--workdir={workdir}", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = run("--num_examples=16", "--checkpoint=latest")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"checkpoint step {TOTAL_STEPS}: local-bound training (estimator lanczos" in out.stdout
+  assert "| network |" in out.stdout and "| 0 |" in out.stdout
+  for args, match in ((["--num_examples=0"], "--num_examples must be >= 1"),
+                      (["--checkpoint=7"], "no checkpoint at step 7"),
+                      (["--eps=-1"], "--eps must be > 0")):
+    bad = run(*args)
+    assert bad.returncode == 1 and match in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -23,8 +23,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Objective.
   c.loss = "gloro"                  # gloro | bcp | ce
   c.bound = "local"                 # local | global (the GloRo baseline)
-  c.iterations = 5                  # power iterations per training step
+  c.iterations = 3                  # per-example steps of the training estimator per step
   c.grad = "constant"               # constant | through
+  # The training estimator of the local bound (lipjax.training.losses.worst_case_deltas):
+  c.estimator = "lanczos"           # lanczos | power (the paper's): per-layer method
+  c.intermediate = "auto"           # auto | global | local: norms of the intermediate ball
+                                    # radii (auto: global for power, local for lanczos)
+  c.pair_bounds = False             # local bound: also the per-class-pair bound in the loss
   c.sparsity_weight = 0.0
   c.eps_train = 1.75
   c.eps_test = 1.58
@@ -51,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000   # besides the end of every epoch; 0: epochs only
   c.keep_checkpoints = 3            # the newest k are kept, plus the best on validation
   c.val_every_epochs = 1
-  c.val_bound = "global"            # sound bound of the validation certified accuracy
+  c.val_bound = "train"             # train (the bound the run trains with) | local | global:
+                                    # the sound bound of val_certified_accuracy (both logged)
+  c.diag_examples = 512             # validation examples of the bound diagnostics (0: off)
   c.best_metric = "val_certified_accuracy"
   c.best_mode = "max"
   c.certify_bound = "local"         # sound bound of the final test certification
@@ -64,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def cifar10_config(model: str) -> ml_collections.ConfigDict:
-  """The paper's CIFAR-10 recipe: BCP, 2 power iterations, 800 epochs, crop + flip."""
+  """The paper's CIFAR-10 recipe: BCP, 2 estimator steps (the paper: power iterations;
+  here Lanczos, the default estimator), 800 epochs, crop + flip."""
   c = get_config()
   c.model = model
   c.dataset = "cifar10"

@@ -4,7 +4,8 @@ Run::
 
   python -m experiments.train --config=experiments/configs/cifar10_4c3f.py --workdir=runs/c10_4c3f
 
-800 epochs at batch 256 with 2 power iterations per step, 20 clean warm-up epochs,
+800 epochs at batch 256 with 2 Lanczos steps of the training estimator per step (the paper: 2 power
+iterations), 20 clean warm-up epochs,
 eps ramped to 0.1551 over 400 epochs, random crop + flip.
 Expected (Local-Lip paper, Table 1): about 70.1% clean and 53.5% certified accuracy
 at eps = 36/255.

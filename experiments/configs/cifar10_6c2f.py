@@ -4,8 +4,8 @@ Run::
 
   python -m experiments.train --config=experiments/configs/cifar10_6c2f.py --workdir=runs/c10_6c2f
 
-(``--config.loss=gloro`` for the GloRo variant.) 800 epochs at batch 256, 2 power
-iterations, 20 warm-up epochs, eps ramped to 0.1551 over 400 epochs, crop + flip.
+(``--config.loss=gloro`` for the GloRo variant.) 800 epochs at batch 256, 2 Lanczos
+steps (the paper: power iterations), 20 warm-up epochs, eps ramped to 0.1551 over 400 epochs, crop + flip.
 Expected (Local-Lip paper, Table 1): about 70.7% clean and 54.3% certified accuracy
 at eps = 36/255 (GloRo loss: 76.4% / 51.3%).
 """

@@ -5,7 +5,7 @@ Run::
   python -m experiments.train --config=experiments/configs/cifar10_6c2f_maxmin.py --workdir=runs/c10_maxmin
 
 Thresholds start at the zoo default (convs +-0.1 ... +-0.3, dense +-1.2); 800 epochs
-at batch 256, 2 power iterations, 20 warm-up epochs, eps ramped to 0.1551 over 400
+at batch 256, 2 Lanczos steps (the paper: power iterations), 20 warm-up epochs, eps ramped to 0.1551 over 400
 epochs, crop + flip.
 Expected (Local-Lip paper, Table 1): about 77.4% clean and 60.7% certified accuracy
 at eps = 36/255.

@@ -8,7 +8,7 @@ Conv stem (64 channels), 6 blocks ``act(h + conv(h))`` (each ``I + W`` bounded a
 convolution), a 4x4 stride-2 conv, a 512-wide dense neck and a linear head
 (``lipjax.models.get("liresnet")``; change ``--config.model_options.blocks`` /
 ``.width`` / ``.neck``, or ``--config.activation=clipped_relu``). The paper's CIFAR-10
-recipe of ``cifar10_6c2f.py``: 800 epochs at batch 256, 2 power iterations, 20 warm-up
+recipe of ``cifar10_6c2f.py``: 800 epochs at batch 256, 2 Lanczos steps (the paper: power iterations), 20 warm-up
 epochs, eps ramped to 0.1551 over 400 epochs, crop + flip. Results of this recipe are
 not measured yet.
 """

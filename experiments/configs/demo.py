@@ -2,7 +2,7 @@ r"""CPU demo: 2C2F clipped-ReLU on MNIST, 400 GloRo steps, local bound.
 
 Run (trains 400 steps and certifies the full MNIST test set at eps = 0.5, about
 a minute on a 2-core CPU; ``python -m experiments.demo`` runs it twice, once
-per bound, in about 1.5 minutes: see the README's "Demo" section)::
+per bound, in about 1.5 minutes: see "The demo" in docs/getting_started.md)::
 
   python -m experiments.train --config=experiments/configs/demo.py --workdir=/tmp/demo
 
@@ -28,4 +28,5 @@ def get_config():
   c.end_lr = 1e-3
   c.certify_batch_size = 500
   c.checkpoint_every_steps = 200
+  c.diag_examples = 128
   return c

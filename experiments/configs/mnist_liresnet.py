@@ -7,7 +7,7 @@ Run::
 Conv stem (32 channels), 4 blocks ``act(h + conv(h))``, a 4x4 stride-2 conv, a
 256-wide dense neck and a linear head (``lipjax.models.get("liresnet")``; change
 ``--config.model_options.blocks`` / ``.width`` / ``.neck``). Same schedule as
-``mnist_4c3f.py``: 300 epochs at batch 256, 5 power iterations, eps ramped to 1.75
+``mnist_4c3f.py``: 300 epochs at batch 256, 3 Lanczos steps (the paper: 5 power iterations), eps ramped to 1.75
 over 150 epochs. Results of this recipe are not measured yet.
 """
 

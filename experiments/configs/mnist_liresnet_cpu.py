@@ -21,7 +21,8 @@ Measured on a 2-core CPU (step 2,140 for both), clean / PGD (first 1,000) /
 certified with the sound local bound at eps 1.58: local-bound run 90.1 / 51.9
 / 6.8 %, global-bound run 89.2 / 49.4 / 10.3 % (at eps 0.5: 62.3 against
 62.1 % certified). Training took 8,865 s (local) and 3,655 s (global) without
-validation. Details in the README section "The paper's MNIST row on a CPU".
+validation. Details in docs/guides/reproducing.md ("The residual model at the
+same budget").
 """
 
 from experiments.configs import mnist_4c3f_cpu, mnist_liresnet

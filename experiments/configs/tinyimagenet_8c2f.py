@@ -5,7 +5,8 @@ Run (TinyImageNet from local files, see ``lipjax.data.load``)::
   python -m experiments.train --config=experiments/configs/tinyimagenet_8c2f.py \
       --workdir=runs/tin_8c2f --config.data_dir=~/datasets
 
-250 epochs at batch 256 with 1 power iteration per step, eps ramped to 0.16 over 125
+250 epochs at batch 256 with 1 Lanczos step of the training estimator per step (the paper: 1 power
+iteration), eps ramped to 0.16 over 125
 epochs, Adam 2.5e-4 -> 5e-7, crop + flip. 10,000 random training images are held
 out for validation; the final test certification uses the labelled validation set.
 Expected: above GloRo's 22.4% certified accuracy at eps = 36/255.

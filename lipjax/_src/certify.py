@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax._src import (frontends, interpret, lipschitz, margins, norms, per_example,
-                         rounding)
+from lipjax._src import (frontends, interpret, lipschitz, margins, norms, pairwise,
+                         per_example, rounding)
 from lipjax._src import trace as trace_lib
 from lipjax._src.graph import Pass
 from lipjax._src.options import check_choice
@@ -106,7 +106,7 @@ def check_labels(y, batch: int, num_classes: int) -> Array:
 
 
 def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
-             rows=None, last_norm=None, depth=1):
+             rows=None, last_norm=None, depth=1, inner=None, eps=None, pair=None):
   """Lower bounds on ``z_y - z_i`` over the ball, net of float32 rounding.
 
   Args:
@@ -126,11 +126,17 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
     rows: ``(C,)`` bounds on the last layer's row norms (generic last layer).
     last_norm: ``(B,)`` bound on the masked last-layer norm (generic layer).
     depth: number of norms multiplied into ``scale``.
+    inner: ``(B,)`` the product of norms in ``scale`` (``scale = eps * inner``).
+    eps: ``(B,)`` the radii (with ``pair``).
+    pair: optional ``(B, C)`` sound bounds on the Lipschitz constant of
+      ``z_i - z_y`` over the ball (:func:`lipjax._src.pairwise.pair_bounds`);
+      each pair's gap then moves by at most ``eps`` times the smaller of it
+      and the product bound.
 
   Returns:
-    ``(num, den, margin, other)``: ``num - r * den > 0`` (``den`` without
-    ``scale``'s ``eps``) proves robustness of class ``y`` against class ``i``
-    at radius ``r <= eps``; ``margin`` ``(B,)`` is ``min_{i != y}`` of the
+    ``(num, den, margin, other)``: ``num - r * den > 0`` (``den`` the
+    Lipschitz bound of each pair's gap, without ``eps``) proves robustness
+    of class ``y`` against class ``i`` at radius ``r <= eps``; ``margin`` ``(B,)`` is ``min_{i != y}`` of the
     certified lower bound on ``fl(z_y(x')) - fl(z_i(x'))`` and on the exact
     gap over the ball (positive iff certified); ``other`` masks ``i != y``.
   """
@@ -160,6 +166,12 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
   err = (through + rho + rho_y) * (1 + 4 * u)
   den = pn * (1.0 + norms.ROUNDING_SLACK) * kd
   delta = scale[:, None] * den
+  den = den * inner[:, None]
+  if pair is not None:   # a pair bound that is not finite leaves the product bound
+    pair = pair * (1 + 4 * u)
+    use = jnp.isfinite(pair)
+    delta = jnp.where(use, jnp.minimum(delta, eps[:, None] * pair * (1 + 2 * u)), delta)
+    den = jnp.where(use, jnp.minimum(den, pair), den)
   # Lower bounds on the exact gap over the ball; each chain of float32
   # subtractions of k terms is off by at most k u (sum of |terms|).
   lower = gap - err - delta - 6 * u * (jnp.abs(gap) + err + delta)      # Lipschitz
@@ -207,6 +219,8 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   b = x.shape[0]
   stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   last = stages[-1]
+  options = dict(options)
+  use_pairs = options.pop("pairwise", True)
   if bound == "local":
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps,
                                          global_norms=global_norms, **options)
@@ -221,6 +235,8 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     lip, fail = lb.bound, lb.failure_probability
     last_norm, last_global = lb.layer_norms[-1], lb.global_norms[-1]
     finite_extra = jnp.all(jnp.isfinite(jnp.stack(lb.layer_norms)), axis=0)
+    pair = (_local_pair_bounds(stages, lb, abs_norms, options.get("mode", "sound"), x, eps)
+            if use_pairs else None)
   else:   # "global" (the options were checked by the caller)
     options = {k: v for k, v in options.items() if k in ("key", "failure_probability")}
     if global_norms is None:
@@ -233,6 +249,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     box = None
     inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
         stages, gn, b, options.get("failure_probability", 1e-9))
+    pair = None
 
   gnorms = lb.global_norms if bound == "local" else gn
   if bound == "local" and not options.get("rounding", True):
@@ -244,7 +261,41 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   else:
     fwd = _tightest_rounding(stages, x, eps, gnorms, layers[-1], abs_norms)
   return _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-                 finite_extra, fwd, bound == "local")
+                 finite_extra, fwd, bound == "local", pair=pair)
+
+
+def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
+  """``(B, C)`` pair bounds of the local certificate for the predicted classes, or None.
+
+  :func:`lipjax._src.pairwise.pair_bounds` with the slopes of the sound
+  boxes that the *global* norms give (:func:`lipjax._src.lipschitz.ball_bounds`:
+  deterministic, the same in every mode, and containing the ball's exact
+  pre-activations) and the local per-layer norms ``lb.layer_norms`` for the
+  prefixes (the global norm of a layer where the global boxes' masks keep a
+  unit the local bound's masks drop). Sound mode: rigorous (sound local norms, float32 rounding
+  bounded). Lower mode (the triage's estimates from below): the same
+  computation with the estimates from below and no rounding terms, so it
+  stays below the sound pair bound (the slopes are identical and the bound
+  grows with the norms) and the triage's margins above the sound margins.
+  """
+  if not pairwise.supports(stages) or mode == "estimate":
+    return None
+  if abs_norms is None:
+    abs_norms = abs_norm_bounds(stages)
+    if abs_norms is None:
+      return None
+  predicted = jnp.argmax(lb.logits, axis=-1).astype(jnp.int32)
+  gnorms = [jax.lax.stop_gradient(g) for g in lb.global_norms]
+  boxes = lipschitz.ball_bounds(stages, x, eps, gnorms)
+  if mode == "sound":
+    # The local norms hold under the local bound's own masks (those of
+    # ``lb.layers``): where the global boxes keep a unit those masks drop,
+    # the layer's global norm stands in.
+    return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=True,
+                                abs_norms=abs_norms, norm_layers=lb.layers,
+                                global_norms=gnorms)
+  # The estimates from below are below whichever factor the sound bound uses.
+  return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=False)
 
 
 def _tightest_rounding(stages, x, eps, gnorms, last_bounds, abs_norms=None):
@@ -267,10 +318,12 @@ def _tightest_rounding(stages, x, eps, gnorms, last_bounds, abs_norms=None):
 
 
 def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-            finite_extra, fwd, local):
+            finite_extra, fwd, local, pair=None):
   """The margins, radii and :class:`Certificate` from the bounds of one batch.
 
-  ``fwd``: the triple ``(e, d, rho)`` of :func:`_margins`.
+  ``fwd``: the triple ``(e, d, rho)`` of :func:`_margins`. ``pair``:
+  optional ``(B, C)`` sound bounds on the Lipschitz constants of
+  ``z_i - z_p`` for the predicted class ``p`` (``argmax`` of ``logits``).
   """
   b = logits.shape[0]
   last = stages[-1]
@@ -284,20 +337,23 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
     rows = lipschitz.row_norm_bounds(last, last_global)
   bias = last.layer.bias(last.params)
 
-  def for_labels(labels):
+  def for_labels(labels, pair_bounds=None):
     return _margins(logits, labels, mat, col, scale, fwd,
                     box=box if mat is not None else None, bias=bias, rows=rows,
-                    last_norm=last_norm, depth=len(stages))
+                    last_norm=last_norm, depth=len(stages), inner=inner, eps=eps,
+                    pair=pair_bounds)
 
-  _, _, margin, _ = for_labels(y)
+  # The pair bounds are those of the prediction: they serve the label where
+  # it is the prediction (elsewhere the example is not certified anyway).
+  pair_y = None if pair is None else jnp.where((predicted == y)[:, None], pair, jnp.inf)
+  _, _, margin, _ = for_labels(y, pair_y)
   # Any NaN or inf on the way means "not certified".
   finite = (jnp.all(jnp.isfinite(logits), axis=1) & jnp.isfinite(margin)
             & jnp.isfinite(scale) & jnp.isfinite(lip) & finite_extra)
   certified = (predicted == y) & (margin > 0) & finite
   radius = jnp.where(certified, eps, 0.0)
 
-  num_p, den_p, margin_p, other_p = for_labels(predicted)   # for robust_radius
-  denom = den_p * inner[:, None]
+  num_p, denom, margin_p, other_p = for_labels(predicted, pair)   # for robust_radius
   ratio = jnp.where(other_p, jnp.maximum(num_p, 0.0) / jnp.maximum(denom, 1e-30), jnp.inf)
   ratio = jnp.where(other_p & (denom <= 0), jnp.where(num_p > 0, jnp.inf, 0.0), ratio)
   rr = jnp.clip(jnp.min(ratio, axis=1) * (1.0 - 16 * rounding.U), 0.0, eps)
@@ -771,8 +827,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
   check_choice("bound", bound, lipschitz.BOUNDS)
+  if not isinstance(options.get("pairwise", True), bool):
+    raise ValueError(f"pairwise must be True or False, got {options['pairwise']!r}")
   if bound == "local":
-    lipschitz.check_local_options(**options)
+    lipschitz.check_local_options(**{k: v for k, v in options.items() if k != "pairwise"})
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   n = x.shape[0]

@@ -54,6 +54,8 @@ Array = jax.Array
 #: The modes of :func:`local_lipschitz_bound` and the two bounds.
 MODES = ("sound", "estimate", "lower")
 BOUNDS = ("local", "global")
+#: The per-layer methods of estimate mode.
+ESTIMATORS = ("power", "lanczos")
 
 _GENERIC_EXPLICIT_LIMIT = 2 ** 24   # entries of an explicit generic Jacobian
 _GENERIC_GLOBAL_STEPS = 256
@@ -265,7 +267,7 @@ def check_global_state(stages, global_state: PowerState, batch: Optional[int] = 
 
 
 def global_power(stages, vectors, iterations: int, *, loop: bool = False,
-                 differentiable: bool = False):
+                 differentiable: bool = False, estimator: str = "power"):
   """Power iterations on every stage's global map ``W_l`` from ``vectors``.
 
   ``iterations`` iterations per stage with the parameters frozen (the
@@ -276,10 +278,15 @@ def global_power(stages, vectors, iterations: int, *, loop: bool = False,
   Args:
     stages: the graph of :func:`lipjax._src.trace.trace`.
     vectors: one ``(1, *in_shape)`` start vector per stage.
-    iterations: power iterations per stage (``>= 0``).
-    loop: run them in a ``fori_loop`` (many iterations) instead of unrolled.
+    iterations: power iterations (or Lanczos steps) per stage (``>= 0``).
+    loop: run power iterations in a ``fori_loop`` (many iterations) instead
+      of unrolled.
     differentiable: gradients flow into the parameters through the final
       application (GloRo-style); otherwise the norms are constants.
+    estimator: ``"power"`` (``iterations`` power iterations) or
+      ``"lanczos"`` (``iterations`` Lanczos steps, the new vector the top
+      Ritz vector: much closer for layers whose top singular values are
+      clustered, as a convolution's are).
 
   Returns:
     ``(norms, state)``: a list of scalars and the :class:`PowerState` of the
@@ -288,9 +295,14 @@ def global_power(stages, vectors, iterations: int, *, loop: bool = False,
   out, vecs = [], []
   for st, u in zip(stages, vectors):
     frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
-    sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
-                                     int(iterations), adjoint_of=frozen.linear_for_adjoint,
-                                     loop=loop)
+    if estimator == "lanczos":
+      u = power.lanczos_ritz_vector(frozen.linear, frozen.adjoint, jax.lax.stop_gradient(u),
+                                    int(iterations))
+      sigma = power.norm_at(frozen.linear, u)
+    else:
+      sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
+                                       int(iterations), adjoint_of=frozen.linear_for_adjoint,
+                                       loop=loop)
     if differentiable:
       sigma = power.norm_at(st.linear, u)
     out.append(sigma[0])
@@ -309,12 +321,13 @@ def global_vectors(stages, key, iterations: int, dtype=None) -> PowerState:
 
 
 def running_global_norms(stages, global_state: PowerState, iterations: int,
-                         differentiable: bool = False):
+                         differentiable: bool = False, estimator: str = "power"):
   """Power-method estimates of every ``||W_l||`` from running global vectors.
 
   :func:`global_power` (unrolled) from ``global_state``: one single-example
   forward and transpose per iteration and layer. Repeated calls with the
-  returned state converge to the top singular values.
+  returned state converge to the top singular values. ``estimator``:
+  ``"power"`` or ``"lanczos"`` (see :func:`global_power`).
 
   Returns:
     ``(norms, new_state)``: a list of scalars and the updated
@@ -322,7 +335,7 @@ def running_global_norms(stages, global_state: PowerState, iterations: int,
   """
   check_global_state(stages, global_state)
   return global_power(stages, global_state.vectors, iterations,
-                      differentiable=differentiable)
+                      differentiable=differentiable, estimator=estimator)
 
 
 def row_norm_bounds(stage: Stage, gnorm: Array) -> Array:
@@ -344,6 +357,11 @@ def ball_bounds(stages, x: Array, eps: Array, gnorms) -> list:
   rnorms = [row_norm_bounds(st, g) for st, g in zip(stages, gnorms)]
   return interpret.propagate(stages, x, eps, rnorms, lambda l, lb, col: gnorms[l],
                              error_norms=list(gnorms))[0]
+
+
+def _nonzero_start(q0: Array, col: Array) -> Array:
+  """``q0``, or the mask ``col`` itself for an example whose ``q0`` is zero."""
+  return jnp.where(per_example.expand(per_example.l2_norm(q0) > 0, q0), q0, col)
 
 
 def _masked_op(stage: Stage, row: Array, col: Array):
@@ -382,8 +400,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
       _, est = _lanczos(op, key, col.shape, col, steps, delta, transpose=opt)
     else:
       q0 = col * jnp.broadcast_to(start.astype(col.dtype), col.shape)
-      # A start the mask zeroes out: the mask itself (any start will do).
-      q0 = jnp.where(per_example.expand(per_example.l2_norm(q0) > 0, q0), q0, col)
+      q0 = _nonzero_start(q0, col)   # any start will do
       with jax.default_matmul_precision("float32"):
         est = power.lanczos_estimate(op, opt, q0, steps)
     est = jnp.minimum(est, gnorm)
@@ -420,17 +437,22 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
 
 def _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                    intermediate, dense, global_state, global_iterations,
-                   rounding=True) -> str:
+                   rounding=True, estimator="power") -> str:
   """Raises (one line) for bad options; returns the resolved ``intermediate``."""
   check_choice("mode", mode, MODES)
   check_choice("grad", grad, ("constant", "through"))
   check_choice("dense", dense, ("exact", "lanczos"))
   if intermediate is None:
-    intermediate = "global" if mode == "estimate" else "local"
+    intermediate = ("global" if mode == "estimate" and estimator == "power" else "local")
   check_choice("intermediate", intermediate, ("local", "global"))
-  if mode == "estimate" and intermediate == "local":
-    raise ValueError("intermediate='local' needs mode='sound' (estimates are not "
-                     "upper bounds, so they cannot give sound masks)")
+  check_choice("estimator", estimator, ESTIMATORS)
+  if estimator == "lanczos" and grad == "through":
+    raise ValueError("estimator='lanczos' differentiates the final application only "
+                     "(grad='constant')")
+  if (mode == "estimate" and estimator == "lanczos" and global_state is not None
+      and intermediate == "global"):
+    raise ValueError("estimator='lanczos' with running vectors (global_state) follows "
+                     "the masked maps, not the global ones: use intermediate='local'")
   if not 0 < failure_probability < 1:
     raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
   if iterations < 0 or global_iterations < 0:
@@ -459,7 +481,7 @@ def check_local_options(**options) -> None:
   a = args.arguments
   _check_options(a["mode"], a["iterations"], a["lanczos_steps"], a["failure_probability"],
                  a["grad"], a["intermediate"], a["dense"], a["global_state"],
-                 a["global_iterations"], a["rounding"])
+                 a["global_iterations"], a["rounding"], a["estimator"])
 
 
 def local_lipschitz_bound(model, variables, x, eps, *,
@@ -475,7 +497,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                           global_state: Optional[PowerState] = None,
                           global_iterations: int = 2,
                           global_norms: Optional[Sequence[Array]] = None,
-                          rounding: bool = True) -> LocalBound:
+                          rounding: bool = True,
+                          estimator: str = "power") -> LocalBound:
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
@@ -512,9 +535,11 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     grad: estimate mode: ``"constant"`` (final vectors treated as constants)
       or ``"through"`` (back-propagate through every iteration).
     intermediate: norms used for the intermediate ball radii: ``"local"``
-      (sound local norms; default in sound and lower mode) or ``"global"``
-      (exact global norms, as in the paper; default and only choice in
-      estimate mode).
+      (the local norms of the mode: sound upper bounds in sound mode, the
+      estimates in the other modes; default in sound and lower mode) or
+      ``"global"`` (the global norms, as in the paper; default in estimate
+      mode). Estimate mode with ``"local"`` builds its masks the way the
+      sound bound does (from estimates, so they carry no guarantee).
     dense: sound mode: ``"exact"`` (deterministic float64 eigensolver on the
       host, through ``pure_callback``: not differentiable) or ``"lanczos"``
       (probabilistic, like convolutions) for dense layers.
@@ -532,6 +557,10 @@ def local_lipschitz_bound(model, variables, x, eps, *,
       the same parameters are bounded batch after batch. They are used as
       given (no gradient flows through them); norms of other parameters void
       the guarantee. Not with ``global_state``.
+    estimator: estimate mode, per-layer method: ``"power"`` (``iterations``
+      power iterations) or ``"lanczos"`` (``iterations`` Lanczos steps from
+      the same start, then the Rayleigh quotient of the top Ritz vector:
+      the same number of operator applications, a closer estimate).
     rounding: lower mode only: False leaves out the float32 rounding bounds
       (the boxes are not widened, so they stay inside the sound boxes, and
       the estimates from below stay below; the error fields of ``layers``
@@ -541,7 +570,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
     A :class:`LocalBound`; ``.bound`` has shape ``(B,)``.
   """
   intermediate = _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
-                                intermediate, dense, global_state, global_iterations, rounding)
+                                intermediate, dense, global_state, global_iterations, rounding,
+                                estimator)
   model, variables = frontends.resolve(model, variables)
   x, eps = check_inputs(model, x, eps, variables)
   model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
@@ -555,7 +585,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
           ("lanczos_steps", int(lanczos_steps)),
           ("failure_probability", float(failure_probability)), ("grad", grad),
           ("intermediate", intermediate), ("dense", dense),
-          ("global_iterations", int(global_iterations)), ("rounding", bool(rounding)))
+          ("global_iterations", int(global_iterations)), ("rounding", bool(rounding)),
+          ("estimator", estimator))
   return compiled_local(model, opts)(variables, x, eps, key, state, global_state,
                                       global_norms)
 
@@ -623,7 +654,7 @@ def _top_core(model, shape, iterations, variables, key):
 
 def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
                 *, mode, iterations, lanczos_steps, failure_probability, grad, intermediate,
-                dense, global_iterations=2, rounding=True) -> LocalBound:
+                dense, global_iterations=2, rounding=True, estimator="power") -> LocalBound:
   stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
@@ -636,16 +667,68 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
   # Estimate mode uses the global norms only for the masks: no gradient (and
   # no SVD derivative, which needs the full singular vectors).
   new_global = None
+  # Lanczos estimates keep, per layer, the top right singular vector of the
+  # map masked by the batch's union of masks (see ``estimate_norm``).
+  union = mode == "estimate" and estimator == "lanczos" and global_state is not None
+  running = {}
   if global_norms is not None:   # computed once for these parameters by the caller
     gnorms = [jax.lax.stop_gradient(g) for g in global_norms]
+  elif union:
+    check_global_state(stages, global_state)
+    # Only generic layers' row norms read these (estimates of masked norms).
+    gnorms = [jax.lax.stop_gradient(power.norm_at(st.linear, u)[0])
+              for st, u in zip(stages, global_state.vectors)]
   elif global_state is not None:
-    gnorms, new_global = running_global_norms(stages, global_state, global_iterations)
+    gnorms, new_global = running_global_norms(stages, global_state, global_iterations,
+                                              estimator=estimator)
   else:
     gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"),
                            lower=lower)
   rnorms = [row_norm_bounds(st, g) for st, g in zip(stages, gnorms)]
   local = {}
   starts = _lower_starts(stages, state, b) if lower else [None] * len(stages)
+
+  def estimate_norm(l, row, col_prev):
+    """Estimate mode: ``(||D_r W D_c|| estimate, final vector)`` per example."""
+    st = stages[l]
+    if state is not None:
+      u0 = state.vectors[l]
+      if u0.shape != col_prev.shape:
+        raise ValueError(f"state vector {l} has shape {u0.shape}, expected "
+                         f"{col_prev.shape}")
+    elif new_global is not None:
+      u0 = jnp.broadcast_to(new_global.vectors[l], col_prev.shape)
+    else:
+      u0 = jax.random.normal(keys[2 * l + 1], col_prev.shape, st.dtype)
+    # With constant vectors the iterations run on frozen parameters, so the
+    # derivative is only that of the final application, and the adjoint
+    # uses the layer's transpose-friendly form. Back-propagating through
+    # the iterations differentiates the plain adjoint instead (the
+    # derivative of the polyphase form's transpose is the slower one).
+    if grad == "through":
+      return power.power_iteration(_masked_op(st, row, col_prev), u0 * col_prev,
+                                   iterations, grad_through=True)
+    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
+    if estimator == "lanczos":
+      if union:
+        # The running vector follows the map under the union of the batch's
+        # masks (a mask shared by most examples: units dead on the whole
+        # batch drop out), so each example starts close to its own top vector.
+        row_u = jnp.max(row, axis=0, keepdims=True)
+        col_u = jnp.max(col_prev, axis=0, keepdims=True)
+        u_run = power.lanczos_ritz_vector(
+            _masked_op(frozen, row_u, col_u), _masked_adjoint(frozen, row_u, col_u),
+            _nonzero_start(global_state.vectors[l] * col_u, col_u), global_iterations)
+        running[l] = u_run
+        u0 = jnp.broadcast_to(u_run, col_prev.shape)
+      u = power.lanczos_ritz_vector(_masked_op(frozen, row, col_prev),
+                                    _masked_adjoint(frozen, row, col_prev),
+                                    _nonzero_start(u0 * col_prev, col_prev), iterations)
+      return power.norm_at(_masked_op(st, row, col_prev), u), u
+    return power.power_iteration(_masked_op(frozen, row, col_prev), u0 * col_prev,
+                                 iterations,
+                                 adjoint_of=_masked_op_for_adjoint(frozen, row, col_prev),
+                                 final_op=_masked_op(st, row, col_prev))
 
   def radius_norm(l, lb, col_prev):
     st = stages[l]
@@ -654,6 +737,9 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
                                    delta, lanczos_steps, dense, lower, starts[l])
       if intermediate == "local":
         return jax.lax.stop_gradient(local[l][0])
+    elif intermediate == "local":
+      local[l] = estimate_norm(l, lb.row_mask, col_prev)
+      return jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
 
   # Training estimates need no rounding bounds (they carry no guarantee).
@@ -673,34 +759,14 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
       s, est = local[l]
       vectors.append(jnp.zeros_like(col_prev))
     else:
-      if state is not None:
-        u0 = state.vectors[l]
-        if u0.shape != col_prev.shape:
-          raise ValueError(f"state vector {l} has shape {u0.shape}, expected "
-                           f"{col_prev.shape}")
-      elif new_global is not None:
-        u0 = jnp.broadcast_to(new_global.vectors[l], col_prev.shape)
-      else:
-        u0 = jax.random.normal(keys[2 * l + 1], col_prev.shape, st.dtype)
-      # With constant vectors the iterations run on frozen parameters, so the
-      # derivative is only that of the final application, and the adjoint
-      # uses the layer's transpose-friendly form. Back-propagating through
-      # the iterations differentiates the plain adjoint instead (the
-      # derivative of the polyphase form's transpose is the slower one).
-      if grad == "through":
-        s, u = power.power_iteration(_masked_op(st, row, col_prev), u0 * col_prev,
-                                     iterations, grad_through=True)
-      else:
-        frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
-        s, u = power.power_iteration(_masked_op(frozen, row, col_prev), u0 * col_prev,
-                                     iterations,
-                                     adjoint_of=_masked_op_for_adjoint(frozen, row, col_prev),
-                                     final_op=_masked_op(st, row, col_prev))
+      s, u = local[l] if l in local else estimate_norm(l, row, col_prev)
       est = s
       vectors.append(u)
     layer_norms.append(s)
     estimates.append(est)
 
+  if union:
+    new_global = PowerState(tuple(running[l] for l in range(len(stages))))
   bound = stages.product(layer_norms)
   # NaN anywhere (parameters, boxes) must never look like a finite bound.
   finite = jnp.all(jnp.isfinite(layers[-1].center), axis=1)

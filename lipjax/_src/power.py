@@ -227,6 +227,112 @@ def lanczos_estimate(op: Operator, transpose: Operator, q0: Array, steps: int) -
   return jnp.sqrt(top)
 
 
+def lanczos_ritz_vector(op: Operator, transpose: Operator, q0: Array,
+                        steps: int, *, ritz_iterations: int = 3) -> Array:
+  """Unit estimate of ``op``'s top right singular vector from a short Lanczos run.
+
+  ``steps`` Lanczos steps on ``op^T op`` from ``q0`` (full
+  reorthogonalisation against the kept basis, which ``steps`` small keeps
+  cheap), then the top eigenvector of the ``steps x steps`` tridiagonal
+  matrix (inverse iteration, pure ``jnp``) mapped back through the
+  basis. For the same number of operator applications it comes much closer
+  to the top singular vector than the power method (the Ritz value
+  converges with the Chebyshev rate). The returned vector carries no
+  gradient; ``||op(u)||`` at it is an estimate from below of ``||op||``
+  (a Rayleigh quotient), whatever the rounding.
+
+  Args:
+    op: batched linear operator ``(B, *in) -> (B, *out)``.
+    transpose: its exact transpose.
+    q0: ``(B, *in)`` start vectors (an example whose start is zero gets 0).
+    steps: Lanczos steps, ``>= 1`` (1: the normalised start itself).
+    ritz_iterations: inverse iterations on the small tridiagonal matrix.
+
+  Returns:
+    ``(B, *in)`` unit vectors (zero where ``q0`` is zero).
+  """
+  steps = int(steps)
+  q = jax.lax.stop_gradient(normalise(q0))
+  if steps <= 1:
+    return q
+  basis, alphas, betas = [q], [], []
+  w_prev, beta = jnp.zeros_like(q), jnp.zeros(q.shape[:1], q.dtype)
+  for k in range(steps):
+    w = transpose(op(basis[-1])) - per_example.expand(beta, q) * w_prev
+    alpha = _batch_dot(basis[-1], w)
+    w = w - per_example.expand(alpha, q) * basis[-1]
+    for b in basis:   # full reorthogonalisation (a handful of vectors)
+      w = w - per_example.expand(_batch_dot(b, w), q) * b
+    alphas.append(alpha)
+    if k == steps - 1:
+      break
+    beta = per_example.safe_norm(w)
+    betas.append(beta)
+    w_prev = basis[-1]
+    ok = per_example.expand(beta > 1e-6 * jnp.maximum(jnp.abs(alpha), _TINY), q)
+    basis.append(jnp.where(ok, w / per_example.expand(jnp.maximum(beta, _TINY), q), 0.0))
+  a = jnp.stack(alphas, axis=1)                          # (B, k)
+  off = jnp.stack(betas, axis=1)                         # (B, k - 1)
+  s = tridiagonal_top_vector(a, off, iterations=ritz_iterations)
+  u = sum(per_example.expand(s[:, i], q) * v for i, v in enumerate(basis))
+  return jax.lax.stop_gradient(normalise(u))
+
+
+def tridiagonal_top_vector(diag: Array, off: Array, iterations: int = 3) -> Array:
+  """Unit eigenvectors of the largest eigenvalues of symmetric tridiagonal matrices.
+
+  Inverse iteration with the shift just above the largest eigenvalue (from
+  :func:`tridiagonal_top`): each iteration solves ``(T - shift I) x = s`` by
+  the tridiagonal (Thomas) recurrence, pure ``jnp`` and batched, and
+  converges by the ratio of the distances of the shift to the top and the
+  second eigenvalue, so a few iterations suffice even for clustered spectra
+  (where the power method on ``T`` stalls).
+
+  Args:
+    diag: ``(B, k)`` diagonals.
+    off: ``(B, k - 1)`` off-diagonals.
+    iterations: inverse iterations.
+
+  Returns:
+    ``(B, k)`` unit vectors.
+  """
+  k = diag.shape[1]
+  if k == 1:
+    return jnp.ones_like(diag)
+  top = tridiagonal_top(diag, off)
+  scale = jnp.maximum(jnp.max(jnp.abs(diag), axis=1), _TINY)
+  shift = top + 1e-6 * scale
+  d = diag - shift[:, None]                              # negative definite
+  lower = jnp.concatenate([jnp.zeros_like(diag[:, :1]), off], axis=1)   # T[i, i-1]
+  upper = jnp.concatenate([off, jnp.zeros_like(diag[:, :1])], axis=1)   # T[i, i+1]
+
+  def solve(rhs):
+    # Forward elimination, then back substitution (Thomas algorithm).
+    def fwd(carry, inputs):
+      c_prev, r_prev = carry
+      di, li, ui, bi = inputs
+      den = di - li * c_prev
+      den = jnp.where(jnp.abs(den) < 1e-30, -1e-30, den)
+      c = ui / den
+      r = (bi - li * r_prev) / den
+      return (c, r), (c, r)
+    zeros = jnp.zeros_like(diag[:, 0])
+    _, (cs, rs) = jax.lax.scan(fwd, (zeros, zeros), (d.T, lower.T, upper.T, rhs.T))
+
+    def bwd(x_next, inputs):
+      c, r = inputs
+      x = r - c * x_next
+      return x, x
+    _, xs = jax.lax.scan(bwd, zeros, (cs, rs), reverse=True)
+    return xs.T
+
+  s = jnp.ones_like(diag) / jnp.sqrt(jnp.asarray(k, diag.dtype))
+  for _ in range(int(iterations)):
+    s = solve(s)
+    s = s / jnp.maximum(jnp.linalg.norm(s, axis=1, keepdims=True), _TINY)
+  return s
+
+
 def tridiagonal_top(diag: Array, off: Array, iterations: int = 60) -> Array:
   """Upper end of a bisection bracket of the largest eigenvalue.
 

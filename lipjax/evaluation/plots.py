@@ -139,7 +139,9 @@ def training_curves(metrics_path: str, path: str, title: Optional[str] = None) -
   Panels: the training loss; accuracy (train, the training step's certified
   estimate, validation clean and certified, and the final test values as
   single markers at the checkpoint they were measured on, on a 0-1 axis);
-  the eps schedule, with the learning rate (log scale) when it changes. Other
+  the eps schedule, with the learning rate (log scale) when it changes; the
+  bound diagnostics of every validation (training estimate / sound local
+  bound, median and q10, and the units each layer's masks keep). Other
   numeric training metrics get a panel each when they change; bookkeeping
   fields (checkpoint step, failure probability, kappa, which follows the eps
   ramp) and constant series are left out.
@@ -172,6 +174,9 @@ def training_figure(records: List[Dict], title: Optional[str] = None):
   lr = _series(rows, "train", "lr")
   if _varies(eps) or _varies(lr):
     panels.append("schedule")
+  diag = _series(rows, "val", "diag_network_ratio_median")
+  if diag:
+    panels.append("diagnostics")
   known = {"loss", "accuracy", "vra_estimate", "lr"} | set(_NOT_CURVES)
   others = sorted({k for r in rows if str(r.get("split", "train")) == "train" for k in r}
                   - known)
@@ -208,6 +213,32 @@ def training_figure(records: List[Dict], title: Optional[str] = None):
                           f"{', ' + how if key.endswith('certified_accuracy') and how else ''})")
       ax.set_ylim(0, 1)
       ax.set_title("accuracy", fontsize=9)
+    elif panel == "diagnostics":
+      for name, label, style in (("diag_network_ratio_median", "network, median", "o-"),
+                                 ("diag_network_ratio_q10", "network, q10", "s--")):
+        pts = _series(rows, "val", name)
+        if pts:
+          xs, ys = zip(*pts)
+          ax.plot(xs, ys, style if len(pts) > 1 else style[0], color="tab:red", ms=4,
+                  label=label)
+      layers = sorted({int(k[len("diag_layer"):].split("_")[0]) for r in rows for k in r
+                       if k.startswith("diag_layer") and k.endswith("_kept_sound")})
+      ax2 = ax.twinx()
+      for l in layers:
+        for name, style in ((f"diag_layer{l}_kept_sound", "-"),
+                            (f"diag_layer{l}_kept_train", ":")):
+          pts = _series(rows, "val", name)
+          if pts:
+            xs, ys = zip(*pts)
+            ax2.plot(xs, ys, style, color=f"C{l % 10}", alpha=0.6,
+                     label=f"layer {l} kept ({'sound' if name.endswith('sound') else 'train'})")
+      ax2.set_ylim(0, 1.05)
+      ax2.set_ylabel("units kept by the masks", fontsize=8)
+      if layers:
+        ax2.legend(fontsize=6, loc="lower right", ncol=2)
+      ax.set_ylabel("training estimate / sound bound", fontsize=8)
+      ax.axhline(1.0, color="gray", lw=0.8)
+      ax.set_title("what the loss sees (validation subset, eps_train)", fontsize=9)
     elif panel == "schedule":
       if eps:
         xs, ys = zip(*eps)

@@ -520,6 +520,36 @@ def restore_variables(workdir, which: Union[str, int] = "best"):
     CheckpointError: for a missing workdir, no checkpoints, an unknown step
       or no readable checkpoint (one-line message).
   """
+  state, step = _restore_tree(workdir, which)
+  params = jax.tree_util.tree_map(np.asarray, _params_of(state))
+  return {"params": params}, step
+
+
+def restore_training_view(workdir, which: Union[str, int] = "best"):
+  """What a run's training step saw at a checkpoint: variables and power vectors.
+
+  Like :func:`restore_variables`, plus the running power vectors of the
+  training state (``TrainState.power``).
+
+  Returns:
+    ``(variables, power, step)``: ``power`` is a
+    :class:`lipjax.PowerState` (host arrays), or None when the run kept none
+    (the cross-entropy loss).
+  """
+  from lipjax.bounds import PowerState   # pylint: disable=import-outside-toplevel
+  state, step = _restore_tree(workdir, which)
+  params = jax.tree_util.tree_map(np.asarray, _params_of(state))
+  raw = state.get("power") if isinstance(state, Mapping) else getattr(state, "power", None)
+  power = None
+  if raw is not None:
+    vecs = raw.get("vectors") if isinstance(raw, Mapping) else getattr(raw, "vectors", None)
+    if vecs is not None:
+      power = PowerState(tuple(np.asarray(v) for v in vecs))
+  return {"params": params}, power, step
+
+
+def _restore_tree(workdir, which):
+  """``(raw state tree, step)`` of the checkpoint ``which`` names (see restore_variables)."""
   path = _workdir(workdir)
   directory = path / CHECKPOINT_DIR
   if not directory.is_dir():
@@ -554,8 +584,8 @@ def restore_variables(workdir, which: Union[str, int] = "best"):
     for step in candidates:
       try:
         state, _ = _restore(manager, step, None)
-        params = jax.tree_util.tree_map(np.asarray, _params_of(state))
-        return {"params": params}, int(step)
+        _params_of(state)   # a checkpoint without parameters is unreadable
+        return state, int(step)
       except CheckpointError as e:
         errors.append(f"step {step}: {e}")
       except Exception as e:  # pylint: disable=broad-except

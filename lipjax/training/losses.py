@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lipjax._src import frontends
-from lipjax._src import lipschitz, margins
+from lipjax._src import lipschitz, margins, pairwise
 from lipjax._src import trace as trace_lib
 from lipjax._src.options import check_choice
 
@@ -62,10 +62,90 @@ def _init_power(model, variables, shape, key, iterations):
                                   jnp.float32)
 
 
+#: The training-estimator options of :func:`worst_case_deltas` a training step accepts.
+BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations", "pair")
+
+#: The default training estimator (``"power"`` when gradients go through the iterations).
+DEFAULT_ESTIMATOR = "lanczos"
+
+#: Per-example steps of each estimator when ``iterations`` is not given: the paper's 5
+#: power iterations; 3 Lanczos steps from the union-masked running vectors come closer
+#: to the sound bound at a lower cost (README, "An honest training bound").
+DEFAULT_STEPS = {"power": 5, "lanczos": 3}
+
+
+def resolve_estimator(estimator: Optional[str], grad: str = "constant") -> str:
+  """The estimator of a call: ``estimator``, or the default for ``grad``."""
+  if estimator is None:
+    return "power" if grad == "through" else DEFAULT_ESTIMATOR
+  if estimator not in ("power", "lanczos"):
+    raise ValueError(f"estimator must be 'power' or 'lanczos', got {estimator!r}")
+  return estimator
+
+
+def resolve_iterations(iterations: Optional[int], estimator: str) -> int:
+  """``iterations``, or the estimator's default (:data:`DEFAULT_STEPS`); must be >= 0."""
+  if iterations is None:
+    return DEFAULT_STEPS[estimator]
+  if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
+    raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+  return int(iterations)
+
+
+def resolve_intermediate(estimator: str, intermediate: Optional[str]) -> str:
+  """The intermediate-radius norms of an estimator (None: its default); raises for a
+  combination the estimator does not support."""
+  if estimator not in ("power", "lanczos"):
+    raise ValueError(f"estimator must be 'power' or 'lanczos', got {estimator!r}")
+  if intermediate is None:
+    return "global" if estimator == "power" else "local"
+  if intermediate not in ("global", "local"):
+    raise ValueError(f"intermediate must be 'global' or 'local', got {intermediate!r}")
+  if estimator == "lanczos" and intermediate == "global":
+    raise ValueError("estimator='lanczos' builds its masks from its local estimates: "
+                     "intermediate must be 'local'")
+  return intermediate
+
+
+def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
+  """Validates training-estimator options; returns them as a plain dict.
+
+  Args:
+    options: None or a mapping with keys from :data:`BOUND_OPTIONS`.
+    grad: the step's ``grad`` option (``estimator="lanczos"`` needs
+      ``"constant"``).
+
+  Returns:
+    Every option of :data:`BOUND_OPTIONS`, ``estimator`` and ``intermediate``
+    resolved (:func:`resolve_estimator`, :func:`resolve_intermediate`).
+
+  Raises:
+    ValueError: one line naming the bad key or value.
+  """
+  options = dict(options or {})
+  unknown = sorted(set(options) - set(BOUND_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown bound option(s) {', '.join(map(repr, unknown))}; "
+                     f"known: {', '.join(BOUND_OPTIONS)}")
+  options["estimator"] = resolve_estimator(options.get("estimator"), grad)
+  options["intermediate"] = resolve_intermediate(options["estimator"],
+                                                 options.get("intermediate"))
+  if options["estimator"] == "lanczos" and grad != "constant":
+    raise ValueError("estimator='lanczos' needs grad='constant'")
+  options.setdefault("pair", False)
+  if not isinstance(options["pair"], bool):
+    raise ValueError(f"pair must be True or False, got {options['pair']!r}")
+  g = options.setdefault("global_iterations", None)
+  if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
+    raise ValueError(f"global_iterations must be an int >= 0, got {g!r}")
+  return options
+
+
 def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
-                      iterations: int = 5, power=None, key=None,
-                      grad: str = "constant", global_iterations: Optional[int] = None
-                      ) -> Tuple[Array, Array, Dict[str, Any]]:
+                      iterations: Optional[int] = None, power=None, key=None,
+                      grad: str = "constant", global_iterations: Optional[int] = None,
+                      estimator: Optional[str] = None, intermediate: Optional[str] = None,
+                      pair: bool = False) -> Tuple[Array, Array, Dict[str, Any]]:
   """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
 
   Both bounds use the running global power vectors ``power`` (see
@@ -84,7 +164,8 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     model, variables, x, y, eps: as in :func:`lipjax.certify` (``eps`` scalar or
       ``(B,)``).
     bound: ``"local"`` or ``"global"``.
-    iterations: per-example power iterations (local bound).
+    iterations: per-example steps of the estimator (local bound); default
+      :data:`DEFAULT_STEPS` of the estimator.
     power: running global vectors from :func:`init_power_state` or from the
       previous call's ``aux["power"]``; None starts from
       ``init_power_state(model, variables, key=key)``.
@@ -93,20 +174,47 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
       (back-propagate through the per-example iterations).
     global_iterations: power iterations per call on the global maps
       (default ``max(iterations, 1)``).
+    estimator: (default :data:`DEFAULT_ESTIMATOR`, or ``"power"`` with
+      ``grad="through"``) ``"power"`` (the paper's method: ``iterations`` power
+      iterations per layer and example from the running global vector
+      times the column mask) or ``"lanczos"``: the running vectors follow
+      each layer's map under the union of the batch's masks
+      (``global_iterations`` Lanczos steps per call, one example's cost),
+      and each example runs ``iterations`` Lanczos steps from its column
+      mask times that vector; the loss uses the Rayleigh quotient of the top
+      Ritz vector. With the global bound, ``"lanczos"`` runs Lanczos on the
+      global maps instead of the power method.
+    intermediate: local bound: the norms of the intermediate ball radii,
+      ``"global"`` (the running global estimates, the paper's choice; power
+      estimator only) or ``"local"`` (the per-example estimates, as the
+      sound bound builds its masks). Default: ``"global"`` for the power
+      estimator, ``"local"`` for Lanczos.
+    pair: local bound: also the per-class-pair bound of
+      :mod:`lipjax.bounds.pairwise` (the slopes of the estimate's boxes, its
+      per-layer norms), each pair's delta the smaller of the two. A chain
+      network only (no residual branch); gradients flow through the
+      linearised network's backward pass.
 
   Returns:
     ``(logits (B, C), deltas (B, C), aux)`` with ``deltas[b, y_b] = 0`` and
-    ``aux = {"power": updated PowerState, "local_bound": LocalBound or None}``.
+    ``aux = {"power": updated PowerState, "local_bound": LocalBound or None,
+    "layer_norms": per linear layer the norm the loss used ((B,) or scalar),
+    "col_masks": per hidden layer the (B, units) column mask or None}``.
   """
   check_choice("bound", bound, lipschitz.BOUNDS)
   check_choice("grad", grad, GRADS)
-  return deltas(model, variables, x, y, eps, bound=bound, iterations=iterations, power=power,
-                key=key, grad=grad, global_iterations=global_iterations)
+  options = check_bound_options({"estimator": estimator, "intermediate": intermediate,
+                                 "global_iterations": global_iterations, "pair": pair},
+                                grad=grad)
+  return deltas(model, variables, x, y, eps, bound=bound,
+                iterations=resolve_iterations(iterations, options["estimator"]), power=power,
+                key=key, grad=grad, **options)
 
 
 def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
-           global_iterations):
-  """:func:`worst_case_deltas` for callers that checked its options (the training steps)."""
+           global_iterations, estimator, intermediate, pair):
+  """:func:`worst_case_deltas` for callers that checked and resolved its options
+  (the training steps: :func:`check_bound_options`, :func:`resolve_iterations`)."""
   model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
@@ -116,7 +224,10 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
   mat = last.layer.explicit_matrix(last.params)
   if mat is None:
     raise ValueError("training losses need a dense last layer")
-  n_global = max(int(iterations), 1) if global_iterations is None else int(global_iterations)
+  if global_iterations is None:   # batch-1 maps: cheap next to the per-example work
+    n_global = max(int(iterations), 10) if estimator == "lanczos" else max(int(iterations), 1)
+  else:
+    n_global = int(global_iterations)
   if power is None:
     key = jax.random.PRNGKey(0) if key is None else key
     power = _init_power(model, variables, tuple(x.shape[1:]), key, INIT_ITERATIONS)
@@ -126,20 +237,31 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps, mode="estimate",
                                          iterations=iterations, grad=grad,
                                          global_state=power,
-                                         global_iterations=n_global)
+                                         global_iterations=n_global,
+                                         estimator=estimator, intermediate=intermediate)
     logits = lb.logits
-    inner = stages.product(lb.layer_norms, logits=False)
+    used = list(lb.layer_norms)
+    inner = stages.product(used, logits=False)
     col = margins.last_layer_columns(stages, lb.layers, b)
+    cols = [layer.col_mask.reshape(b, -1) for layer in lb.layers[:-1]]
     new_power = lb.global_state
   else:
     lb = None
     logits = model.apply(variables, x)
-    gn, new_power = lipschitz.running_global_norms(stages, power, n_global,
-                                                   differentiable=True)
-    inner = jnp.full((b,), stages.product(gn, logits=False))
+    used, new_power = lipschitz.running_global_norms(stages, power, n_global,
+                                                     differentiable=True,
+                                                     estimator=estimator)
+    inner = jnp.full((b,), stages.product(used, logits=False))
     col = jnp.ones((b, mat.shape[1]))
+    cols = [None] * (len(stages) - 1)
   out = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
-  return logits, out, {"power": new_power, "local_bound": lb}
+  if pair and lb is not None and pairwise.supports(stages):
+    # The per-class-pair bound of the sound certificate, as an estimate: the
+    # estimate's boxes give the slopes, its per-layer norms the prefixes.
+    pb = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, y, sound=False)
+    out = jnp.minimum(out, eps[:, None] * pb)
+  return logits, out, {"power": new_power, "local_bound": lb, "layer_norms": used,
+                       "col_masks": cols}
 
 
 def gloro_loss(logits: Array, deltas: Array, y: Array) -> Array:

@@ -202,9 +202,10 @@ def fetch_replicated(tree):
 
 def make_sharded_train_step(model, optimizer: optax.GradientTransformation, *,
                             mesh: Optional[Mesh] = None, data_axis: str = DATA_AXIS,
-                            loss: str = "gloro", bound: str = "local", iterations: int = 5,
+                            loss: str = "gloro", bound: str = "local",
+                            iterations: Optional[int] = None,
                             grad: str = "constant", sparsity_weight: float = 0.0,
-                            eps_schedule=None, kappa_schedule=None):
+                            eps_schedule=None, kappa_schedule=None, bound_options=None):
   """Data-parallel step compiled once with ``jax.jit`` over a device mesh.
 
   Same options and metrics as :func:`~lipjax.training.step.make_train_step`;
@@ -222,7 +223,7 @@ def make_sharded_train_step(model, optimizer: optax.GradientTransformation, *,
 
   Args:
     model, optimizer, loss, bound, iterations, grad, sparsity_weight,
-      eps_schedule, kappa_schedule: as for ``make_train_step``.
+      eps_schedule, kappa_schedule, bound_options: as for ``make_train_step``.
     mesh: the devices; default :func:`data_mesh` (all devices of all
       processes, one axis ``data_axis``). Other mesh axes, if any, hold
       copies of the batch slices.
@@ -250,7 +251,7 @@ def make_sharded_train_step(model, optimizer: optax.GradientTransformation, *,
   update = step_lib.make_update(
       model, optimizer, loss=loss, bound=bound, iterations=iterations, grad=grad,
       sparsity_weight=sparsity_weight, eps_schedule=eps_schedule,
-      kappa_schedule=kappa_schedule, axis_name=None)
+      kappa_schedule=kappa_schedule, axis_name=None, bound_options=bound_options)
   state_sharding = replicated_sharding(mesh)
   data_sharding = batch_sharding(mesh, data_axis)
   local_shards = _local_data_shards(mesh, data_axis)

@@ -133,7 +133,7 @@ def _as_schedule(value, name):
 
 
 def make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_weight,
-                 eps_schedule, kappa_schedule, axis_name):
+                eps_schedule, kappa_schedule, axis_name, bound_options=None):
   """Pure ``update(state, images, labels) -> (state, metrics)``.
 
   With ``axis_name`` set, gradients, metrics and the power state are averaged
@@ -143,6 +143,8 @@ def make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_wei
   model = frontends.as_model(model)
   check_choice("bound", bound, ("local", "global"))
   check_choice("grad", grad, losses.GRADS)
+  bound_options = losses.check_bound_options(bound_options, grad=grad)
+  iterations = losses.resolve_iterations(iterations, bound_options["estimator"])
   eps_fn = _as_schedule(eps_schedule, "eps_schedule")
   kappa_fn = _as_schedule(kappa_schedule, "kappa_schedule")
   if loss != "ce" and eps_fn is None:
@@ -161,7 +163,7 @@ def make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_wei
     else:
       logits, deltas, aux = losses.deltas(
           model, variables, images, labels, eps, bound=bound, iterations=iterations,
-          power=power, key=key, grad=grad, global_iterations=None)
+          power=power, key=key, grad=grad, **bound_options)
       power = jax.lax.stop_gradient(aux["power"])
       value = (losses.gloro_loss(logits, deltas, labels) if loss == "gloro"
                else losses.bcp_loss(logits, deltas, labels, kappa))
@@ -208,9 +210,10 @@ def _pmean_floats(tree, axis_name):
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
-                    loss: str = "gloro", bound: str = "local", iterations: int = 5,
+                    loss: str = "gloro", bound: str = "local",
+                    iterations: Optional[int] = None,
                     grad: str = "constant", sparsity_weight: float = 0.0,
-                    eps_schedule=None, kappa_schedule=None):
+                    eps_schedule=None, kappa_schedule=None, bound_options=None):
   """Jitted single-device ``step(state, images, labels) -> (state, metrics)``.
 
   ``eps`` and ``kappa`` are the schedules evaluated at ``state.step`` (see
@@ -231,12 +234,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
       ``jnp.minimum(jnp.maximum(z, 0), theta)``), whatever their names.
     loss: ``"gloro"``, ``"bcp"`` or ``"ce"`` (plain cross-entropy).
     bound: ``"local"`` or ``"global"`` Lipschitz bound inside the loss.
-    iterations: power iterations per step.
+    iterations: per-example steps of the training estimator per step (default:
+      :data:`lipjax.training.losses.DEFAULT_STEPS` of the estimator).
     grad: ``"constant"`` (final power vectors treated as constants) or
       ``"through"`` (back-propagate through the iterations).
     sparsity_weight: weight of :func:`losses.sparsity_loss` (local bound).
     eps_schedule: ``step -> eps`` (or a constant); required unless ``loss="ce"``.
     kappa_schedule: ``step -> kappa`` (or a constant); required for ``"bcp"``.
+    bound_options: further keyword options of
+      :func:`lipjax.training.losses.worst_case_deltas` (the training
+      estimator: ``estimator``, ``intermediate``, ...), checked here.
 
   Returns:
     ``step(state, images (B, ...), labels (B,) int) -> (state, metrics)`` with
@@ -247,15 +254,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
   update = make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
                         grad=grad, sparsity_weight=sparsity_weight,
                         eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
-                        axis_name=None)
+                        axis_name=None, bound_options=bound_options)
   return jax.jit(update, donate_argnums=(0,))
 
 
 def make_parallel_train_step(model, optimizer: optax.GradientTransformation, *,
-                             loss: str = "gloro", bound: str = "local", iterations: int = 5,
+                             loss: str = "gloro", bound: str = "local",
+                             iterations: Optional[int] = None,
                              grad: str = "constant", sparsity_weight: float = 0.0,
                              eps_schedule=None, kappa_schedule=None,
-                             axis_name: str = "batch"):
+                             axis_name: str = "batch", bound_options=None):
   """Data-parallel step over the local devices (``jax.pmap``).
 
   Same arguments and metrics as :func:`make_train_step`. Parameters and
@@ -277,7 +285,7 @@ def make_parallel_train_step(model, optimizer: optax.GradientTransformation, *,
   update = make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
                         grad=grad, sparsity_weight=sparsity_weight,
                         eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
-                        axis_name=axis_name)
+                        axis_name=axis_name, bound_options=bound_options)
   mapped = jax.pmap(update, axis_name=axis_name, donate_argnums=(0,))
 
   def p_step(state: TrainState, images, labels):

@@ -165,6 +165,14 @@ class ActivationRule:
     m = interval_masks(lo, hi, ub)
     return m, m
 
+  def active(self, params: Params, lb: Array, ub: Array) -> Optional[Array]:
+    """For an elementwise activation whose slopes lie in ``[0, 1]``: the units
+    (bools, input shape) whose slope is 1 on the whole box ``[lb, ub]``;
+    ``None`` for any other activation (the per-class-pair bound of
+    :mod:`lipjax._src.pairwise` then gives it no midpoint slope)."""
+    del params, lb, ub
+    return None
+
   def propagated_error(self, ez: Array, dz: Array, like: Array) -> Array:
     """Bound on ``|act(a) - act(b)|`` (output shape) from ``|a - b| <= ez``
     elementwise and ``||a - b||_2 <= dz``: the l2 rule (any 1-Lipschitz map)."""

@@ -45,6 +45,9 @@ class ReLU(ElementwiseActivation):
   def interval(self, params, lb, ub):
     return jax.nn.relu(lb), jax.nn.relu(ub)
 
+  def active(self, params, lb, ub):
+    return lb >= 0
+
   def smooth(self, params, z, temperature):
     return _softplus(temperature)(z)
 
@@ -63,6 +66,9 @@ class ClippedReLU(ElementwiseActivation):
 
   def interval(self, params, lb, ub):
     return self.forward(params, lb), self.forward(params, ub)
+
+  def active(self, params, lb, ub):
+    return (lb >= 0) & (ub <= params["theta"])
 
   def smooth(self, params, z, temperature):
     sp = _softplus(temperature)
@@ -86,6 +92,9 @@ class Clamp(ElementwiseActivation):
   def interval(self, params, lb, ub):
     return self.forward(params, lb), self.forward(params, ub)
 
+  def active(self, params, lb, ub):
+    return (lb >= params["lower"]) & (ub <= params["upper"])
+
 
 @dataclasses.dataclass(frozen=True)
 class Identity(ElementwiseActivation):
@@ -98,6 +107,9 @@ class Identity(ElementwiseActivation):
 
   def interval(self, params, lb, ub):
     return lb, ub
+
+  def active(self, params, lb, ub):
+    return jnp.ones_like(lb, dtype=bool)
 
 
 registry.register_module(lnn.ReLU, lambda m: ReLU())
