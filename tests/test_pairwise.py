@@ -46,7 +46,7 @@ def _pair_bounds(model, variables, x, eps, labels):
   own = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, labels, sound=True,
                              abs_norms=abs_norms)
   boxes = lipschitz.ball_bounds(stages, x, jnp.full((x.shape[0],), eps),
-                                              list(lb.global_norms))
+                                list(lb.global_norms))
   mixed = pairwise.pair_bounds(stages, boxes, lb.layer_norms, labels, sound=True,
                                abs_norms=abs_norms, norm_layers=lb.layers,
                                global_norms=lb.global_norms)

@@ -272,8 +272,8 @@ def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
   deterministic, the same in every mode, and containing the ball's exact
   pre-activations) and the local per-layer norms ``lb.layer_norms`` for the
   prefixes (the global norm of a layer where the global boxes' masks keep a
-  unit the local bound's masks drop). Sound mode: rigorous (sound local norms, float32 rounding
-  bounded). Lower mode (the triage's estimates from below): the same
+  unit the local bound's masks drop). Sound mode: rigorous (sound local
+  norms, float32 rounding bounded). Lower mode (the triage's estimates from below): the same
   computation with the estimates from below and no rounding terms, so it
   stays below the sound pair bound (the slopes are identical and the bound
   grows with the norms) and the triage's margins above the sound margins.

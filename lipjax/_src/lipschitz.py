@@ -498,7 +498,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                           global_iterations: int = 2,
                           global_norms: Optional[Sequence[Array]] = None,
                           rounding: bool = True,
-                          estimator: str = "power") -> LocalBound:
+                          estimator: str = "power",
+                          batch_axis: Optional[str] = None) -> LocalBound:
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
@@ -565,6 +566,12 @@ def local_lipschitz_bound(model, variables, x, eps, *,
       (the boxes are not widened, so they stay inside the sound boxes, and
       the estimates from below stay below; the error fields of ``layers``
       are NaN). About a third cheaper. Sound mode always bounds rounding.
+    batch_axis: estimate mode with ``estimator="lanczos"`` and
+      ``global_state``, called inside ``jax.pmap`` (or ``shard_map``) whose
+      mapped axis ``batch_axis`` splits the batch: the union of masks the
+      running vectors follow is taken over the whole batch (``lax.pmax`` over
+      that axis), so the result is that of the unsplit batch. Not needed
+      under ``jax.jit`` with a sharded batch.
 
   Returns:
     A :class:`LocalBound`; ``.bound`` has shape ``(B,)``.
@@ -572,6 +579,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
   intermediate = _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                                 intermediate, dense, global_state, global_iterations, rounding,
                                 estimator)
+  if batch_axis is not None and (not isinstance(batch_axis, str) or not batch_axis):
+    raise ValueError(f"batch_axis must be None or a mapped axis' name, got {batch_axis!r}")
   model, variables = frontends.resolve(model, variables)
   x, eps = check_inputs(model, x, eps, variables)
   model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
@@ -586,7 +595,7 @@ def local_lipschitz_bound(model, variables, x, eps, *,
           ("failure_probability", float(failure_probability)), ("grad", grad),
           ("intermediate", intermediate), ("dense", dense),
           ("global_iterations", int(global_iterations)), ("rounding", bool(rounding)),
-          ("estimator", estimator))
+          ("estimator", estimator), ("batch_axis", batch_axis))
   return compiled_local(model, opts)(variables, x, eps, key, state, global_state,
                                       global_norms)
 
@@ -654,7 +663,8 @@ def _top_core(model, shape, iterations, variables, key):
 
 def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
                 *, mode, iterations, lanczos_steps, failure_probability, grad, intermediate,
-                dense, global_iterations=2, rounding=True, estimator="power") -> LocalBound:
+                dense, global_iterations=2, rounding=True, estimator="power",
+                batch_axis=None) -> LocalBound:
   stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
@@ -715,7 +725,12 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
         # masks (a mask shared by most examples: units dead on the whole
         # batch drop out), so each example starts close to its own top vector.
         row_u = jnp.max(row, axis=0, keepdims=True)
-        col_u = jnp.max(col_prev, axis=0, keepdims=True)
+        # (The first layer's columns are all kept: no reduction of a constant.)
+        col_u = (jnp.ones_like(col_prev[:1]) if l == 0
+                 else jnp.max(col_prev, axis=0, keepdims=True))
+        if batch_axis is not None:   # the batch is split over a mapped axis
+          row_u = jax.lax.pmax(row_u, batch_axis)
+          col_u = col_u if l == 0 else jax.lax.pmax(col_u, batch_axis)
         u_run = power.lanczos_ritz_vector(
             _masked_op(frozen, row_u, col_u), _masked_adjoint(frozen, row_u, col_u),
             _nonzero_start(global_state.vectors[l] * col_u, col_u), global_iterations)

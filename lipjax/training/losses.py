@@ -145,7 +145,8 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                       iterations: Optional[int] = None, power=None, key=None,
                       grad: str = "constant", global_iterations: Optional[int] = None,
                       estimator: Optional[str] = None, intermediate: Optional[str] = None,
-                      pair: bool = False) -> Tuple[Array, Array, Dict[str, Any]]:
+                      pair: bool = False,
+                      batch_axis: Optional[str] = None) -> Tuple[Array, Array, Dict[str, Any]]:
   """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
 
   Both bounds use the running global power vectors ``power`` (see
@@ -194,6 +195,9 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
       per-layer norms), each pair's delta the smaller of the two. A chain
       network only (no residual branch); gradients flow through the
       linearised network's backward pass.
+    batch_axis: inside ``jax.pmap`` over a split batch, the mapped axis'
+      name: the Lanczos running vectors then follow the union of masks of
+      the whole batch (see :func:`lipjax.local_lipschitz_bound`).
 
   Returns:
     ``(logits (B, C), deltas (B, C), aux)`` with ``deltas[b, y_b] = 0`` and
@@ -208,11 +212,11 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                 grad=grad)
   return deltas(model, variables, x, y, eps, bound=bound,
                 iterations=resolve_iterations(iterations, options["estimator"]), power=power,
-                key=key, grad=grad, **options)
+                key=key, grad=grad, batch_axis=batch_axis, **options)
 
 
 def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
-           global_iterations, estimator, intermediate, pair):
+           global_iterations, estimator, intermediate, pair, batch_axis=None):
   """:func:`worst_case_deltas` for callers that checked and resolved its options
   (the training steps: :func:`check_bound_options`, :func:`resolve_iterations`)."""
   model, variables = frontends.resolve(model, variables)
@@ -238,7 +242,8 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
                                          iterations=iterations, grad=grad,
                                          global_state=power,
                                          global_iterations=n_global,
-                                         estimator=estimator, intermediate=intermediate)
+                                         estimator=estimator, intermediate=intermediate,
+                                         batch_axis=batch_axis)
     logits = lb.logits
     used = list(lb.layer_norms)
     inner = stages.product(used, logits=False)

@@ -163,7 +163,7 @@ def make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_wei
     else:
       logits, deltas, aux = losses.deltas(
           model, variables, images, labels, eps, bound=bound, iterations=iterations,
-          power=power, key=key, grad=grad, **bound_options)
+          power=power, key=key, grad=grad, batch_axis=axis_name, **bound_options)
       power = jax.lax.stop_gradient(aux["power"])
       value = (losses.gloro_loss(logits, deltas, labels) if loss == "gloro"
                else losses.bcp_loss(logits, deltas, labels, kappa))
