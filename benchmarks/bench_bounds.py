@@ -39,8 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lipjax  # noqa: E402  pylint: disable=wrong-import-position
 from lipjax import data  # noqa: E402  pylint: disable=wrong-import-position
-from lipjax.bounds import margins, network, pairwise  # noqa: E402  pylint: disable=wrong-import-position
-from lipjax.bounds.certify import abs_norm_bounds  # noqa: E402  pylint: disable=wrong-import-position
+from lipjax._src import lipschitz, margins, pairwise  # noqa: E402  pylint: disable=wrong-import-position
+from lipjax._src import trace as trace_lib  # noqa: E402  pylint: disable=wrong-import-position
+from lipjax._src.certify import abs_norm_bounds  # noqa: E402  pylint: disable=wrong-import-position
 
 from bench_certify import _machine  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -138,7 +139,7 @@ def main():
 
   m = min(a.tightness_n, int(x.shape[0]))
   xs, ys = x[:m], y[:m]
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
   absn = abs_norm_bounds(stages)
   mat = stages[-1].layer.explicit_matrix(stages[-1].params)
   _, gn = lipjax.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
@@ -154,14 +155,15 @@ def main():
       ok = np.asarray(jnp.argmax(logits, -1) == yb)
       runner = jnp.argmax(jnp.where(jax.nn.one_hot(yb, logits.shape[1]) > 0, -jnp.inf,
                                     logits), -1)
-      inner = network.chain_product(stages[:-1], list(lb.layer_norms[:-1]))
+      inner = stages.product(list(lb.layer_norms[:-1]), logits=False)
       col = margins.last_layer_columns(stages, lb.layers, b)
       pn = margins.pair_norms(mat, col, yb)
       old = inner[:, None] * pn
-      glob = network.chain_product(stages[:-1], list(gn[:-1])) * margins.pair_norms(
+      glob = stages.product(list(gn[:-1]), logits=False) * margins.pair_norms(
           mat, jnp.ones_like(col), yb)
-      boxes = lipjax.bounds.lipschitz.ball_bounds(stages, xb, jnp.full((b,), eps), list(gn))
-      pair = pairwise.pair_bounds(stages, boxes, lb.layer_norms, yb, abs_norms=absn)
+      boxes = lipschitz.ball_bounds(stages, xb, jnp.full((b,), eps), list(gn))
+      pair = pairwise.pair_bounds(stages, boxes, lb.layer_norms, yb, abs_norms=absn,
+                                  norm_layers=lb.layers, global_norms=list(gn))
       new = old if pair is None else jnp.minimum(old, pair)
       pick = lambda t: np.asarray(jnp.take_along_axis(t, runner[:, None], 1)[:, 0])  # noqa: E731
       emp = np.asarray(_empirical_pair_lower(model, variables, xb, eps, runner, yb,

@@ -9,7 +9,7 @@ For randomly initialised 8C2F (TinyImageNet, 64x64x3, 200 classes), 6C2F
 global norm bound (jitted, after compilation; median of ``--repeats`` calls)
 two ways in the same process:
 
-* ``new``: :func:`lipjax.bounds.conv_global_norm` / ``dense_global_norm`` as
+* ``new``: :func:`lipjax._src.norms.conv_global_norm` / ``dense_global_norm`` as
   shipped: half of the frequencies (conjugate symmetry of a real kernel), a
   float64 Fourier sum on the host, the largest eigenvalue of each
   frequency's Gram matrix on its smaller side with single-threaded LAPACK
@@ -39,7 +39,8 @@ import numpy as np
 
 import lipjax
 from lipjax import nn as lnn
-from lipjax.bounds import network, norms
+from lipjax._src import norms
+from lipjax._src import trace as trace_lib
 
 NUM_CLASSES = {"8c2f": 200, "6c2f": 10, "4c3f": 10, "2c2f": 10}
 
@@ -120,7 +121,7 @@ def bench_model(name, repeats, skip_old):
   model = lipjax.models.get(name, num_classes=NUM_CLASSES[name])
   shape = model.input_shape
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
-  stages = network.trace(model, v, shape)
+  stages = trace_lib.trace(model, v, shape)
   print(f"\n### {name.upper()} at {'x'.join(map(str, shape))} (random init, "
         f"{repeats} repeats)\n")
   print("| layer | shape | new s | old s | speed-up | rel. diff |")

@@ -10,7 +10,10 @@ Run::
 
 A ``flax-`` prefix times the same architecture written in plain Flax
 (``flax.linen.Conv`` / ``Dense`` and ``jnp.clip`` with a learnable threshold),
-which lipjax reads by tracing it.
+which lipjax reads by tracing it; an ``nnx-`` prefix the same in Flax NNX
+(``nnx.Conv`` / ``nnx.Linear`` and ``jnp.clip``)::
+
+  python benchmarks/bench_step.py --models=4c3f,nnx-4c3f --no_tightness
 
 Prints, per model, the median time of: a plain forward+backward step (the
 baseline), a global-bound GloRo step, and local-bound GloRo steps at 1, 2 and 5
@@ -28,6 +31,7 @@ import resource
 import statistics
 import time
 
+from flax import nnx
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -57,7 +61,7 @@ class FlaxZoo(fnn.Module):
 
   @fnn.compact
   def __call__(self, x):
-    spec = models._ARCHS[self.arch]   # pylint: disable=protected-access
+    spec = models.architecture(self.arch)
     for f, k, s, p in spec["convs"]:
       x = _Clip()(fnn.Conv(f, (k, k), strides=s, padding=p)(x))
     x = x.reshape((x.shape[0], -1))
@@ -66,9 +70,50 @@ class FlaxZoo(fnn.Module):
     return fnn.Dense(self.num_classes)(x)
 
 
+class _NnxClip(nnx.Module):
+  """``jnp.clip(z, 0, theta)`` with a learnable per-neuron ``theta``."""
+
+  def __init__(self, shape):
+    self.theta = nnx.Param(jnp.ones(shape, jnp.float32))
+
+  def __call__(self, z):
+    return jnp.clip(z, 0.0, self.theta[...])
+
+
+class NnxZoo(nnx.Module):
+  """A zoo architecture written in Flax NNX."""
+
+  def __init__(self, arch, rngs, num_classes=10):
+    spec = models.architecture(arch)
+    h, w, c = spec["input_shape"]
+    self.convs, self.clips = nnx.List(), nnx.List()
+    for f, k, s, p in spec["convs"]:
+      self.convs.append(nnx.Conv(c, f, (k, k), strides=s, padding=p, rngs=rngs))
+      h, w, c = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, f
+      self.clips.append(_NnxClip((h, w, c)))
+    n = h * w * c
+    self.dense, self.dense_clips = nnx.List(), nnx.List()
+    for width in spec["dense"]:
+      self.dense.append(nnx.Linear(n, width, rngs=rngs))
+      self.dense_clips.append(_NnxClip((width,)))
+      n = width
+    self.head = nnx.Linear(n, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    for conv, clip in zip(self.convs, self.clips):
+      x = clip(conv(x))
+    x = x.reshape((x.shape[0], -1))
+    for dense, clip in zip(self.dense, self.dense_clips):
+      x = clip(dense(x))
+    return self.head(x)
+
+
 def _model(name):
   if name.startswith("flax-"):
     return FlaxZoo(name[len("flax-"):]), SHAPES[name[len("flax-"):]]
+  if name.startswith("nnx-"):
+    arch = name[len("nnx-"):]
+    return models.from_nnx(NnxZoo(arch, nnx.Rngs(0))), SHAPES[arch]
   shape = SHAPES[name]
   return lipjax.models.get(name, input_shape=shape), shape
 

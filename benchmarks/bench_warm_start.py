@@ -40,7 +40,7 @@ import optax
 
 import lipjax
 from lipjax import data, training
-from lipjax.bounds import lipschitz
+from lipjax._src import trace as trace_lib
 
 
 def _estimate(model, variables, x, eps, k, state):
@@ -87,7 +87,7 @@ def main():
   conv = lipjax.local_lipschitz_bound(model, v, x0, a.eps, mode="sound",
                                       intermediate="global", dense="lanczos",
                                       lanczos_steps=300)
-  stages = lipjax.bounds.trace(model, v, shape)
+  stages = trace_lib.trace(model, v, shape)
   gvecs = state.power.vectors
   print(f"{a.model}, MNIST, batch {a.batch}, {a.batches} batches x {a.epochs} epochs "
         f"({a.batches * a.epochs} steps, {train_s:.0f}s); eps {a.eps}; "
@@ -100,7 +100,7 @@ def main():
   for k in ks:
     starts = {
         "random": None,
-        "global (default)": lipschitz.PowerState(tuple(
+        "global (default)": lipjax.PowerState(tuple(
             jnp.broadcast_to(g, (a.batch,) + g.shape[1:]) for g in gvecs)),
         "per-example cache": cache[k][0],
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
@@ -134,7 +135,7 @@ DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "imag
 
 def _norm(value):
   """A JSON round trip, so that saved and new values compare alike (tuples = lists)."""
-  return json.loads(json.dumps(checkpoints._to_jsonable(value)))  # pylint: disable=protected-access
+  return json.loads(json.dumps(checkpoints.to_jsonable(value)))
 
 
 def _show(value) -> str:
@@ -400,6 +401,12 @@ def evaluate(model, variables, ds, eps: float, *, bound: str, batch_size: int) -
 # The loop
 # ----------------------------------------------------------------------------
 
+def errors_line(e: Exception) -> str:
+  """The first line of an exception's message (at most 120 characters)."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return first if len(first) <= 120 else first[:117] + "..."
+
+
 def model_from_path(path: str):
   """The object an import path ``"package.module:Name"`` names.
 
@@ -431,10 +438,15 @@ def build_model(cfg: Mapping[str, Any], image_shape):
   An import path may name a ``flax.linen.Module`` class, built with
   ``config.model_options`` as keyword arguments plus ``num_classes`` and
   ``input_shape`` when the class has those fields, or a module instance,
-  used as it is. Zoo models get ``config.model_options`` as options (e.g.
-  ``width`` and ``blocks`` of ``"liresnet"``).
+  used as it is. It may also name a ``flax.nnx.Module`` class, built the same
+  way (its ``__init__`` parameters) with ``rngs=nnx.Rngs(config.seed)``, or an
+  NNX module instance; either comes back as the linen-style adapter of
+  :func:`lipjax.models.from_nnx` (``init`` / ``apply``). Zoo models get
+  ``config.model_options`` as options (e.g. ``width`` and ``blocks`` of
+  ``"liresnet"``).
   """
   import flax.linen as fnn   # pylint: disable=import-outside-toplevel
+  from flax import nnx   # pylint: disable=import-outside-toplevel
   options = dict(cfg.get("model_options", {}) or {})
   name = cfg["model"]
   if ":" in name:
@@ -451,13 +463,32 @@ def build_model(cfg: Mapping[str, Any], image_shape):
         return obj(**kwargs)
       except TypeError as e:
         raise InputError(f"config.model={name!r}: {e}") from None
+    if isinstance(obj, type) and issubclass(obj, nnx.Module):
+      params = inspect.signature(obj.__init__).parameters
+      kwargs = {}
+      if "num_classes" in params:
+        kwargs["num_classes"] = int(cfg["num_classes"])
+      if "input_shape" in params:
+        kwargs["input_shape"] = tuple(image_shape)
+      kwargs.update(options)
+      if "rngs" in params:
+        kwargs["rngs"] = nnx.Rngs(int(cfg.get("seed", 0)))
+      try:
+        return lipjax.models.from_nnx(obj(**kwargs))
+      except TypeError as e:
+        raise InputError(f"config.model={name!r}: {errors_line(e)}") from None
+    if isinstance(obj, nnx.Module):
+      if options:
+        raise InputError(f"config.model={name!r} names a module instance; "
+                         "config.model_options must be empty")
+      return lipjax.models.from_nnx(obj)
     if isinstance(obj, fnn.Module):
       if options:
         raise InputError(f"config.model={name!r} names a module instance; "
                          "config.model_options must be empty")
       return obj
     raise InputError(f"config.model={name!r} names a {type(obj).__name__}, not a "
-                     "flax.linen.Module class or instance")
+                     "flax.linen.Module or flax.nnx.Module class or instance")
   init = float(cfg["init"])
   try:
     return lipjax.models.get(name, num_classes=int(cfg["num_classes"]),

@@ -17,8 +17,9 @@ from typing import Optional, Sequence, Tuple, Union
 import flax.linen as fnn
 
 from lipjax import nn as lnn
+from lipjax._src import frontends
 
-__all__ = ["ACTIVATIONS", "LiResNet", "NAMES", "get"]
+__all__ = ["ACTIVATIONS", "LiResNet", "NAMES", "architecture", "from_nnx", "get"]
 
 ACTIVATIONS = ("relu", "clipped_relu", "clipped_maxmin")
 
@@ -51,7 +52,7 @@ class LiResNet(fnn.Module):
   4x4, stride 2, padding 1, with ``2 * width`` channels.
 
   Written in plain Flax with lipjax activations; the bounds read it through
-  the graph tracer (:mod:`lipjax.bounds.graph`).
+  the graph tracer (:mod:`lipjax._src.trace`).
 
   Attributes:
     num_classes: width of the head.
@@ -90,6 +91,43 @@ class LiResNet(fnn.Module):
     h = h.reshape((h.shape[0], -1))
     h = act()(fnn.Dense(self.neck, name="neck")(h))
     return fnn.Dense(self.num_classes, name="head")(h)
+
+
+def architecture(name: str) -> dict:
+  """The layer widths of a zoo network: ``{"convs": [(features, kernel, stride,
+  padding), ...], "dense": [widths, last excluded], "input_shape": (H, W, C)}``
+  (a copy; ``name`` one of the Sequential zoo models, not ``"liresnet"``)."""
+  key = name.lower()
+  if key not in _ARCHS:
+    raise ValueError(f"unknown architecture {name!r}; available: {tuple(_ARCHS)}")
+  arch = _ARCHS[key]
+  return {"convs": list(arch["convs"]), "dense": list(arch["dense"]),
+          "input_shape": tuple(arch["input_shape"])}
+
+
+def from_nnx(module):
+  """A ``flax.nnx.Module`` as a linen-style model with ``init`` and ``apply``.
+
+  The bounds, certificates and training steps take NNX modules directly;
+  this adapter is for code written around ``model.init(rng, x)`` and
+  ``model.apply(variables, x)`` (the training launcher, the evaluation
+  runner). ``init`` returns the module's own variables as
+  ``{"params": {...}, "batch_stats": {...}}`` (nested dicts of arrays keyed by
+  attribute path; ``rng`` and ``x`` are not used, an NNX module being
+  initialised when it is built), and ``apply(variables, x)`` calls the module
+  with those values, taking any entry ``variables`` lack (and RNG state)
+  from the module as it is now.
+
+  Args:
+    module: a ``flax.nnx.Module`` mapping ``(B, *input_shape)`` to logits.
+
+  Returns:
+    The adapter (hashable; equal for modules of the same structure and the
+    same non-parameter state).
+  """
+  if not frontends.is_nnx_module(module):
+    raise TypeError(f"from_nnx needs a flax.nnx.Module, got {type(module).__name__}")
+  return frontends.as_model(module)
 
 
 def _liresnet(num_classes, activation, init, input_shape, options) -> LiResNet:

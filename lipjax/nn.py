@@ -1,8 +1,10 @@
 """Flax linen layers that describe a network lipjax can bound.
 
 Every layer here is an ordinary Flax module (``model.apply(variables, x)`` gives
-logits), and additionally implements a small *layer protocol* that the pure
-bound functions in :mod:`lipjax.bounds` read. The protocol has three roles:
+logits). The bound rules of lipjax's own layers live in
+:mod:`lipjax._src.rules` (registered for these classes), so the modules stay
+thin. For your own layers, the base classes define a small *layer protocol*
+that the bounds read through :mod:`lipjax._src.rules.module`:
 
 * :class:`LinearLayer` -- an affine map ``z = W h + b``. Subclasses implement
   :meth:`LinearLayer.linear` (the map without bias, batched over the leading
@@ -127,7 +129,7 @@ class LinearLayer(nn.Module):
   def fan_in(self, params: Params, in_shape: Tuple[int, ...]) -> Optional[int]:
     """Largest number of products summed into one output of :meth:`linear`.
 
-    Used by the bounds on float32 rounding (:mod:`lipjax.bounds.rounding`),
+    Used by the bounds on float32 rounding (:mod:`lipjax._src.rounding`),
     which assume every output is computed as a float32 sum of at most this
     many products (any order), possibly followed by one scaling and the bias
     addition. ``None`` (the default) means the whole input size, which is
@@ -250,36 +252,6 @@ class Dense(LinearLayer):
       z = z + self.param("bias", self.bias_init, (self.features,))
     return z
 
-  def linear(self, params, h):
-    return h @ params["kernel"]
-
-  def bias(self, params):
-    return params.get("bias") if self.use_bias else None
-
-  def abs_linear(self, params, h):
-    return h @ jnp.abs(params["kernel"])
-
-  def row_norms(self, params, in_shape):
-    del in_shape
-    return jnp.sqrt(jnp.sum(jnp.square(params["kernel"]), axis=0))
-
-  def global_norm(self, params, in_shape):
-    del in_shape
-    from lipjax.bounds import norms  # local import: nn must not need bounds.
-    return norms.dense_global_norm(params["kernel"])
-
-  def explicit_matrix(self, params):
-    return params["kernel"].T
-
-  def fan_in(self, params, in_shape):
-    del in_shape
-    return int(params["kernel"].shape[0])
-
-
-def _flip_kernel(kernel: Array) -> Array:
-  """HWIO kernel of the transposed correlation: flipped in space, I and O swapped."""
-  return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-
 
 def conv_init(kernel_size: int, features: int) -> Callable:
   """The paper's conv init: ``N(0, 2 / (k^2 * C_out))``."""
@@ -347,94 +319,6 @@ class Conv(LinearLayer):
         padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  def linear(self, params, h):
-    return self._conv(h, params["kernel"])
-
-  def linear_for_adjoint(self, params, h):
-    """The strided convolution as a stride-1 one on its polyphase components.
-
-    With stride ``s`` the padded input splits into ``s * s`` sub-grids
-    (stacked as channels) and the kernel into matching ``ceil(k/s)``-sized
-    pieces; a VALID stride-1 correlation of the two is the same map. Its
-    transpose (from ``jax.linear_transpose``) is a stride-1 convolution, which
-    XLA runs several times faster on CPU than the transpose of a strided one.
-    """
-    if self.stride == 1:
-      return self.linear(params, h)
-    return self._valid_conv(self._polyphase(h), self._polyphase_kernel(params["kernel"]))
-
-  def adjoint(self, params, z, in_shape):
-    """``W^T z`` as a plain NHWC/HWIO convolution with the flipped kernel.
-
-    The transpose of a stride-1 correlation with padding ``p`` is the
-    correlation of ``z`` with the spatially flipped kernel (input and output
-    channels swapped) and padding ``k - 1 - p``; a strided one goes through
-    its polyphase form (a stride-1 VALID correlation, whose transpose has
-    padding ``ceil(k/s) - 1``) and the transpose of the polyphase split (a
-    permutation and a crop of the padded input). Unlike the transposed
-    convolution ``jax.linear_transpose`` emits, this is a forward convolution
-    in XLA's canonical layout, which XLA:CPU runs as fast inside a loop (the
-    Lanczos iteration) as outside.
-    """
-    kernel = params["kernel"]
-    if self.stride == 1:
-      pad = self.kernel_size - 1 - self.padding
-      return self._valid_conv(z, _flip_kernel(kernel), pad=pad)
-    kp = self._polyphase_kernel(kernel)
-    x = self._valid_conv(z, _flip_kernel(kp), pad=kp.shape[0] - 1)
-    spec = jax.ShapeDtypeStruct((z.shape[0],) + tuple(in_shape), z.dtype)
-    return jax.linear_transpose(self._polyphase, spec)(x)[0]
-
-  def _polyphase(self, h):
-    """``(B, H, W, C)`` -> ``(B, lh / s, lw / s, s * s * C)``: the padded input's sub-grids."""
-    s, p, k = self.stride, self.padding, self.kernel_size
-    b, hh, ww, c = h.shape
-    ka = -(-k // s)
-    ho, wo = (hh + 2 * p - k) // s + 1, (ww + 2 * p - k) // s + 1
-    lh, lw = s * (ho - 1 + ka), s * (wo - 1 + ka)
-    hp = jnp.pad(h, ((0, 0), (p, p + max(lh - hh - 2 * p, 0)),
-                     (p, p + max(lw - ww - 2 * p, 0)), (0, 0)))[:, :lh, :lw]
-    x = hp.reshape(b, lh // s, s, lw // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, lh // s, lw // s, s * s * c)
-
-  def _polyphase_kernel(self, kernel):
-    """``(k, k, C, O)`` -> ``(ceil(k/s), ceil(k/s), s * s * C, O)`` matching :meth:`_polyphase`."""
-    s = self.stride
-    k, c, o = kernel.shape[0], kernel.shape[2], kernel.shape[3]
-    ka = -(-k // s)
-    kp = jnp.pad(kernel, ((0, ka * s - k), (0, ka * s - k), (0, 0), (0, 0)))
-    return kp.reshape(ka, s, ka, s, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(ka, ka, s * s * c, o)
-
-  @staticmethod
-  def _valid_conv(x, kernel, pad=0):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  def bias(self, params):
-    return params.get("bias") if self.use_bias else None
-
-  def abs_linear(self, params, h):
-    return self._conv(h, jnp.abs(params["kernel"]))
-
-  def row_norms(self, params, in_shape):
-    # The whole filter of output channel k bounds every row of channel k
-    # (border rows see only part of it).
-    out_shape = jax.eval_shape(
-        lambda x: self._conv(x, params["kernel"]),
-        jax.ShapeDtypeStruct((1,) + tuple(in_shape), params["kernel"].dtype)).shape[1:]
-    norms = jnp.sqrt(jnp.sum(jnp.square(params["kernel"]), axis=(0, 1, 2)))
-    return jnp.broadcast_to(norms, out_shape)
-
-  def global_norm(self, params, in_shape):
-    from lipjax.bounds import norms
-    return norms.conv_global_norm(
-        params["kernel"], in_shape[:2], stride=self.stride, padding=self.padding)
-
-  def fan_in(self, params, in_shape):
-    del in_shape
-    k = params["kernel"].shape
-    return int(k[0] * k[1] * k[2])
-
 
 class AvgPool(LinearLayer):
   """Average pooling as a linear layer (no parameters), VALID windows.
@@ -454,7 +338,9 @@ class AvgPool(LinearLayer):
     if h.ndim != 4:
       raise ValueError(f"AvgPool expects (batch, H, W, C) inputs, got shape {h.shape}")
     self.check_shape(h.shape[1:])
-    return self.linear({}, h)
+    s = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, self.window, self.window, 1),
+                              (1, self.stride, self.stride, 1), "VALID")
+    return s / (self.window * self.window)
 
   def check_shape(self, in_shape, label: Optional[str] = None) -> Tuple[int, int, int]:
     """Output shape for a ``(H, W, C)`` input; a one-line ``ValueError`` when empty.
@@ -464,39 +350,6 @@ class AvgPool(LinearLayer):
     _positive(self, label, window=self.window, stride=self.stride)
     ho, wo = _check_window(self, label, in_shape, self.window, self.stride, 0, "window")
     return ho, wo, int(in_shape[-1])
-
-  def linear(self, params, h):
-    del params
-    s = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, self.window, self.window, 1),
-                              (1, self.stride, self.stride, 1), "VALID")
-    return s / (self.window * self.window)
-
-  def abs_linear(self, params, h):
-    return self.linear(params, h)
-
-  def row_norms(self, params, in_shape):
-    out_shape = jax.eval_shape(
-        lambda x: self.linear(params, x),
-        jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32)).shape[1:]
-    return jnp.full(out_shape, 1.0 / self.window, jnp.float32)
-
-  def global_norm(self, params, in_shape):
-    """Exact norm of the circulant operator that contains the pooling.
-
-    The per-channel map is a VALID (unpadded) strided convolution with the
-    ``(window, window)`` kernel ``1 / window^2``;
-    :func:`lipjax.bounds.norms.conv_global_norm` bounds it deterministically
-    (polyphase split + FFT). Block diagonal over channels: the same norm.
-    """
-    del params
-    from lipjax.bounds import norms
-    k = jnp.full((self.window, self.window, 1, 1), 1.0 / (self.window * self.window),
-                 jnp.float32)
-    return norms.conv_global_norm(k, in_shape[:2], stride=self.stride, padding=0)
-
-  def fan_in(self, params, in_shape):
-    del params, in_shape
-    return self.window * self.window
 
 
 class Flatten(Reshape):
@@ -511,77 +364,18 @@ class Flatten(Reshape):
 # --------------------------------------------------------------------------
 
 
-def _as_float(mask, like=None):
-  """0/1 mask in the working precision of ``like`` (float32 by default)."""
-  dtype = like.dtype if like is not None and jnp.issubdtype(like.dtype, jnp.floating) \
-      else jnp.float32
-  return mask.astype(jnp.promote_types(dtype, jnp.float32))
-
-
-def elementwise_masks(act: "Activation", params: Params, lb: Array,
-                      ub: Array) -> Tuple[Array, Array]:
-  """Exact status masks of an elementwise, monotone (nondecreasing) activation.
-
-  On a box ``[lb, ub]`` such an activation ``s`` takes values between
-  ``s(lb)`` and ``s(ub)``, so an entry is constant on the box exactly when
-  ``s(lb) == s(ub)`` (its interval rule's output has zero width): a clipped
-  ReLU with ``theta <= 0``, a clamp with ``upper <= lower`` and a degenerate
-  box included. ``max``, ``min`` and clamping are exact in floating point,
-  so the comparison is exact. NaN bounds count as varying.
-
-  Returns:
-    ``(row_mask, col_mask)``, equal 0/1 arrays of the shape of ``lb``.
-  """
-  lo, hi = act.interval(params, lb, ub)
-  m = _as_float(~(hi <= lo), ub)
-  return m, m
-
-
-def pairwise_masks(act: "Activation", params: Params, lb: Array,
-                   ub: Array) -> Tuple[Array, Array]:
-  """Exact status masks of a MaxMin-style activation over the halves of the last axis.
-
-  Each output is a monotone (nondecreasing in both arguments) function of
-  one pair ``(a_k, b_k)``, so it is constant on the box exactly when the
-  interval rule's bounds for it coincide. A pre-activation entry is deleted
-  from the rows only when both outputs of its pair are constant (the outputs
-  may come in either order; each pair's two outputs sit at ``k`` and
-  ``k + C/2``). NaN bounds count as varying.
-
-  Returns:
-    ``(row_mask, col_mask)`` 0/1 arrays of the shape of ``lb``.
-  """
-  lo, hi = act.interval(params, lb, ub)
-  col = ~(hi <= lo)
-  c = col.shape[-1] // 2
-  pair = col[..., :c] | col[..., c:]
-  row = jnp.concatenate([pair, pair], axis=-1)
-  return _as_float(row, ub), _as_float(col, ub)
-
-
 class ReLU(Activation):
-  """``max(z, 0)``; constant where the pre-activation box has ``ub <= 0``."""
+  """``max(z, 0)``."""
 
   def __call__(self, z):
     return jax.nn.relu(z)
-
-  def activate(self, params, z):
-    return jax.nn.relu(z)
-
-  def interval(self, params, lb, ub):
-    return jax.nn.relu(lb), jax.nn.relu(ub)
-
-  def varying(self, params, lb, ub):
-    return elementwise_masks(self, params, lb, ub)
 
 
 class ClippedReLU(Activation):
   """``min(max(z, 0), theta)`` with a learnable per-neuron ``theta``.
 
   ``theta`` has the shape of one example's activation (shared across the
-  batch). Constant on a box where ``ub <= 0`` (always 0), ``lb >= theta``
-  (always theta) or ``theta <= 0`` (always ``min(0, theta)``), and nowhere
-  else (:func:`elementwise_masks`). Keep ``theta >= 0`` during training (see
+  batch). Keep ``theta >= 0`` during training (the training steps do, see
   :func:`lipjax.training.project_thresholds`).
 
   Attributes:
@@ -593,16 +387,7 @@ class ClippedReLU(Activation):
   @nn.compact
   def __call__(self, z):
     theta = self.param("theta", nn.initializers.constant(self.theta_init), z.shape[1:])
-    return self.activate({"theta": theta}, z)
-
-  def activate(self, params, z):
-    return jnp.minimum(jax.nn.relu(z), params["theta"])
-
-  def interval(self, params, lb, ub):
-    return self.activate(params, lb), self.activate(params, ub)
-
-  def varying(self, params, lb, ub):
-    return elementwise_masks(self, params, lb, ub)
+    return jnp.minimum(jax.nn.relu(z), theta)
 
 
 class ClippedMaxMin(Activation):
@@ -610,10 +395,7 @@ class ClippedMaxMin(Activation):
 
   Splits the last axis into halves ``a, b`` and returns
   ``concat(min(max(a, b), M), max(min(a, b), m))``. ``M`` and ``m`` have the
-  shape of one half (per position). A max-half output is constant on a box
-  when its lower bound reaches ``M``; a min-half output when its upper bound
-  is at most ``m``. Pre-activation pair ``(a_k, b_k)`` is deleted from the
-  preceding layer's rows only when *both* of its outputs are constant.
+  shape of one half (per position).
 
   Attributes:
     upper_init: initial ``M`` (``m`` starts at ``-upper_init``).
@@ -628,47 +410,17 @@ class ClippedMaxMin(Activation):
     half = z.shape[1:-1] + (z.shape[-1] // 2,)
     upper = self.param("upper", nn.initializers.constant(self.upper_init), half)
     lower = self.param("lower", nn.initializers.constant(-self.upper_init), half)
-    return self.activate({"upper": upper, "lower": lower}, z)
-
-  @staticmethod
-  def _split(z):
     c = z.shape[-1] // 2
-    return z[..., :c], z[..., c:]
-
-  def activate(self, params, z):
-    a, b = self._split(z)
-    hi = jnp.minimum(jnp.maximum(a, b), params["upper"])
-    lo = jnp.maximum(jnp.minimum(a, b), params["lower"])
-    return jnp.concatenate([hi, lo], axis=-1)
-
-  def interval(self, params, lb, ub):
-    la, lb_ = self._split(lb)
-    ua, ub_ = self._split(ub)
-    hi_l = jnp.minimum(jnp.maximum(la, lb_), params["upper"])
-    hi_u = jnp.minimum(jnp.maximum(ua, ub_), params["upper"])
-    lo_l = jnp.maximum(jnp.minimum(la, lb_), params["lower"])
-    lo_u = jnp.maximum(jnp.minimum(ua, ub_), params["lower"])
-    return (jnp.concatenate([hi_l, lo_l], axis=-1),
-            jnp.concatenate([hi_u, lo_u], axis=-1))
-
-  def varying(self, params, lb, ub):
-    return pairwise_masks(self, params, lb, ub)
+    a, b = z[..., :c], z[..., c:]
+    return jnp.concatenate([jnp.minimum(jnp.maximum(a, b), upper),
+                            jnp.maximum(jnp.minimum(a, b), lower)], axis=-1)
 
 
 class Identity(Activation):
-  """No activation; every neuron varies (used between consecutive linears)."""
+  """No activation (between consecutive linear layers)."""
 
   def __call__(self, z):
     return z
-
-  def activate(self, params, z):
-    return z
-
-  def interval(self, params, lb, ub):
-    return lb, ub
-
-  def varying(self, params, lb, ub):
-    return elementwise_masks(self, params, lb, ub)
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import pytest
 
 import lipjax
 from lipjax import nn as lnn
+from lipjax._src import certify as certify_lib
+from lipjax._src import trace as trace_lib
 
 import _bounds_util as U
 
@@ -266,7 +268,7 @@ def test_screen_rules_out_only_what_no_evaluation_of_the_exact_certificate_certi
   # size rounds the logits differently): at radii within 1e-6 of each
   # example's robust radius no evaluation, batch of one included, may
   # certify an example the screen ruled out.
-  certify_lib = importlib.import_module("lipjax.bounds.certify")
+  certify_lib = importlib.import_module("lipjax._src.certify")
   t = trained
   model, v, x, y = t.model, t.variables, t.x, t.y
   gn = lipjax.global_lipschitz_bound(model, v, input_shape=x.shape[1:], per_layer=True)[1]
@@ -292,12 +294,12 @@ def test_norm_rounding_bound_covers_float32_gaps():
   # Large inputs make float32 rounding visible; the bound E_iy on
   # |fl(z_y - z_i) - (z_y - z_i)| must hold at sampled points of the ball
   # against a float64 evaluation of the same network.
-  certify_lib = importlib.import_module("lipjax.bounds.certify")
+  certify_lib = importlib.import_module("lipjax._src.certify")
   model = _mlp()
   v = U.init_random(model, jax.random.PRNGKey(3))
   x = 300.0 * jax.random.normal(jax.random.PRNGKey(4), (6, 8))
   eps = jnp.full((6,), 2.0)
-  stages = lipjax.bounds.network.trace(model, v, (8,))
+  stages = trace_lib.trace(model, v, (8,))
   gn = lipjax.global_lipschitz_bound(model, v, per_layer=True)[1]
   e, d, rho = certify_lib._norm_rounding(stages, x, eps, gn)
   pts = U.sample_ball(jax.random.PRNGKey(5), x, eps, 8, uniform_radius=True)
@@ -336,7 +338,7 @@ def test_abs_norm_bound_is_an_upper_bound_close_to_the_norm(kind):
   # The rounding bound's || |W| ||_2 (Collatz-Wielandt on |W|^T |W|) against
   # the SVD of the explicit |W|: never below, and well below the old
   # sqrt(max row sum * max column sum) bound.
-  certify_lib = importlib.import_module("lipjax.bounds.certify")
+  certify_lib = importlib.import_module("lipjax._src.certify")
   layer, shape = {
       "dense": (lnn.Dense(24), (40,)),
       "conv_s1": (lnn.Conv(6, 3, 1, 1), (9, 9, 3)),
@@ -347,14 +349,14 @@ def test_abs_norm_bound_is_an_upper_bound_close_to_the_norm(kind):
                          input_shape=shape)
   for seed in range(3):
     v = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + shape))
-    st = lipjax.bounds.network.trace(model, v, shape)[0]
+    st = trace_lib.trace(model, v, shape)[0]
     exact = _abs_matrix_norm(st)
     got = float(certify_lib._abs_norm_bound(st))
     crude = float(certify_lib._abs_norm_bound(st, iterations=0))
     assert exact <= got <= 1.02 * exact, (kind, seed, exact, got)
     assert got <= crude
     # And the bounds the screen uses are these, one per stage.
-    stages = lipjax.bounds.network.trace(model, v, shape)
+    stages = trace_lib.trace(model, v, shape)
     absn = certify_lib.abs_norm_bounds(stages)
     assert len(absn) == len(stages) and float(absn[0]) == got
 
@@ -362,14 +364,14 @@ def test_abs_norm_bound_is_an_upper_bound_close_to_the_norm(kind):
 def test_abs_norm_bound_at_the_edges_of_float32():
   # Tiny weights whose products underflow, zeros, huge, inf and NaN: the
   # bound stays above the exact norm, inf stays inf and NaN stays NaN.
-  certify_lib = importlib.import_module("lipjax.bounds.certify")
+  certify_lib = importlib.import_module("lipjax._src.certify")
   model = lnn.Sequential((lnn.Dense(6), lnn.ReLU(), lnn.Dense(CLASSES)), input_shape=(5,))
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
 
   def bound_with(kernel):
     w = jax.tree_util.tree_map(lambda a: a, v)
     w["params"]["layers_0"]["kernel"] = jnp.asarray(kernel, jnp.float32)
-    st = lipjax.bounds.network.trace(model, w, (5,))[0]
+    st = trace_lib.trace(model, w, (5,))[0]
     return float(certify_lib._abs_norm_bound(st))
 
   k = np.asarray(v["params"]["layers_0"]["kernel"], np.float64)
@@ -403,8 +405,8 @@ def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained):
   model, v, x, y = t.model, t.variables, t.x, t.y
   starts = lipjax.bounds.global_top_vectors(model, v, input_shape=tuple(x.shape[1:]))
   for eps in (0.5 * t.eps, t.eps, 2 * t.eps):
-    sound = lipjax.bounds.certify_arrays(model, v, x, y, eps)
-    low = lipjax.bounds.certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1,
+    sound = certify_lib.certify_arrays(model, v, x, y, eps)
+    low = certify_lib.certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1,
                          rounding=False, state=starts)
     assert np.all(np.asarray(low.margin) >= np.asarray(sound.margin))
     assert np.all(np.asarray(low.lipschitz) <= np.asarray(sound.lipschitz) * (1 + 1e-5))
@@ -426,7 +428,7 @@ def test_global_top_vectors_and_lower_mode_started_from_them(trained):
   model, v, x = t.model, t.variables, t.x
   shape = tuple(x.shape[1:])
   starts = lipjax.bounds.global_top_vectors(model, v, input_shape=shape, iterations=200)
-  stages = lipjax.bounds.trace(model, v, shape)
+  stages = trace_lib.trace(model, v, shape)
   assert len(starts.vectors) == len(stages)
   for st, u in zip(stages, starts.vectors):
     assert u.shape == (1,) + tuple(st.in_shape)
@@ -635,19 +637,14 @@ def test_batching_and_jit_do_not_change_results():
 
 
 def _clear_compiled():
-  import importlib
-  from lipjax.bounds import lipschitz
-  cmod = importlib.import_module("lipjax.bounds.certify")
-  for f in (cmod._jitted, lipschitz._compiled_norms, lipschitz._compiled_local):
-    f.cache_clear()
+  certify_lib.clear_caches()
   jax.clear_caches()
-  cmod._NORM_CACHE.clear()
 
 
 @pytest.fixture
 def host_svd_calls(monkeypatch):
   """Records every host SVD of a global norm (one per layer per computation)."""
-  from lipjax.bounds import norms
+  from lipjax._src import norms
   calls = []
   original = norms._host_top_singular
 
@@ -718,7 +715,7 @@ def test_norm_cache_never_serves_changed_parameters(host_svd_calls):
 
 
 def test_local_bound_with_precomputed_global_norms_is_unchanged():
-  from lipjax.bounds import lipschitz
+  from lipjax._src import lipschitz
   t = _trained("conv")
   model, v, x = t.model, t.variables, t.x[:8]
   gn = lipschitz.layer_global_norms(model, v)

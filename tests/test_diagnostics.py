@@ -13,7 +13,7 @@ import pytest
 
 import lipjax
 from lipjax import training
-from lipjax.bounds import network
+from lipjax._src import trace as trace_lib
 from lipjax.evaluation import diagnostics
 
 import _bounds_util as U
@@ -38,7 +38,7 @@ def test_numbers_are_those_of_the_two_bounds(case):
   _, _, aux = training.worst_case_deltas(model, variables, x, y, eps, iterations=2,
                                          power=power, **opts)
   sound = lipjax.local_lipschitz_bound(model, variables, x, eps)
-  stages = network.trace(model, variables, model.input_shape)
+  stages = trace_lib.trace(model, variables, model.input_shape)
   est = np.prod([np.asarray(n) for n in aux["layer_norms"][:-1]], axis=0)
   snd = np.prod([np.asarray(n) for n in sound.layer_norms[:-1]], axis=0)
   np.testing.assert_allclose(diag["network_ratio_median"], np.median(est / snd), rtol=1e-5)

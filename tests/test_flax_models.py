@@ -19,7 +19,8 @@ import pytest
 import lipjax
 import lipjax.training
 from lipjax import nn as lnn
-from lipjax.bounds import graph, network
+from lipjax._src import frontends
+from lipjax._src import trace as trace_lib
 
 import _bounds_util as U
 
@@ -146,7 +147,7 @@ def _assert_same_stages(stages, native):
 def test_flax_and_lipjax_forms_agree(kind):
   model, v, fm, fv, x = _pair(kind)
   np.testing.assert_allclose(fm.apply(fv, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
-  _assert_same_stages(network.trace(fm, fv, SHAPE), network.trace(model, v, SHAPE))
+  _assert_same_stages(trace_lib.trace(fm, fv, SHAPE), trace_lib.trace(model, v, SHAPE))
   if kind != "clipped_relu":
     return   # the end-to-end checks below run the same code for both activations
   y = jnp.argmax(model.apply(v, x), -1)
@@ -170,10 +171,10 @@ def test_lipjax_layers_inside_a_traced_function_agree():
                           lnn.Dense(CLASSES)), input_shape=SHAPE)
   v = _random_variables(model, 5)
   fn = lambda variables, xb: model.apply(variables, xb)
-  stages = network.trace(fn, v, SHAPE)
+  stages = trace_lib.trace(fn, v, SHAPE)
   assert [type(s.activation).__name__ for s in stages] == ["ClippedMaxMin", "ClippedReLU",
                                                            "NoneType"]
-  _assert_same_stages(stages, network.trace(model, v, SHAPE))
+  _assert_same_stages(stages, trace_lib.trace(model, v, SHAPE))
 
 
 # ---------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def test_stages_of_user_models():
   def kinds(name):
     model, v = _user_model(name)
     return [(type(s.layer).__name__, type(s.activation).__name__)
-            for s in network.trace(model, v, SHAPE)]
+            for s in trace_lib.trace(model, v, SHAPE)]
   # SAME with stride 2 on an even size pads (0, 1), a 4x4 SAME kernel (1, 2):
   # both are convolutions with the circulant global norm, not lipjax.nn.Conv.
   assert kinds("sequential") == [("TracedConv", "ReLU"), ("TracedConv", "ReLU"),
@@ -284,7 +285,7 @@ def test_stages_of_user_models():
 
 
 def _apply(model):
-  return graph.as_model(model).apply
+  return frontends.as_model(model).apply
 
 
 @pytest.mark.parametrize("name", USER_MODELS + ("conv_bn",))
@@ -292,9 +293,9 @@ def test_stages_replay_the_users_forward_pass(name):
   model, v = _user_model(name)
   x = jax.random.uniform(jax.random.PRNGKey(7), (5,) + SHAPE)
   h = x
-  for st in network.trace(model, v, SHAPE):
+  for st in trace_lib.trace(model, v, SHAPE):
     z = st.affine(h)
-    h = z if st.activation is None else st.activation.activate(st.act_params, z)
+    h = z if st.activation is None else st.activation.forward(st.act_params, z)
   np.testing.assert_allclose(h, _apply(model)(v, x), rtol=1e-5, atol=1e-6)
 
 
@@ -403,7 +404,7 @@ def _explicit(st):
                                          ("sequential", 1), ("conv_bn", 0)])
 def test_traced_segment_rules_against_explicit_matrix(name, index):
   model, v = _user_model(name)
-  st = network.trace(model, v, SHAPE)[index]
+  st = trace_lib.trace(model, v, SHAPE)[index]
   w = _explicit(st)
   h = jax.random.uniform(jax.random.PRNGKey(12), (4,) + st.in_shape)
   absw = np.asarray(st.abs_linear(h), np.float64).reshape(4, -1)
@@ -519,9 +520,13 @@ class _Probe(fnn.Module):
       h = h * fnn.Dense(8)(_flatten(x))
     elif self.kind == "batch_stats":
       h = h - jnp.mean(h, axis=0, keepdims=True)
-    elif self.kind == "residual":   # a projection shortcut (identity skips are supported)
+    elif self.kind == "residual":   # a skip used by two sums (blocks join two paths)
       h = fnn.relu(h)
-      h = fnn.Dense(8)(h) + fnn.Dense(8)(fnn.relu(fnn.Dense(8)(h)))
+      y = h + fnn.Dense(8)(fnn.relu(fnn.Dense(8)(h)))
+      h = y + h
+    elif self.kind == "dense_concat":   # DenseNet-style concatenation of two layers
+      h = fnn.relu(h)
+      h = fnn.Dense(8)(jnp.concatenate([h, fnn.relu(fnn.Dense(8)(h))], axis=-1))
     elif self.kind == "attention":
       q = h.reshape(h.shape[0], 2, 4)
       h = fnn.MultiHeadDotProductAttention(num_heads=2)(q).reshape(h.shape[0], -1)
@@ -534,7 +539,8 @@ class _Probe(fnn.Module):
     ("sin", ["sin"]),
     ("product", ["multiplication of two values"]),
     ("batch_stats", ["batch axis"]),
-    ("residual", ["residual"]),
+    ("residual", ["used elsewhere"]),
+    ("dense_concat", ["concatenate of values from different layers"]),
     ("attention", ["product of two values"]),
 ])
 def test_unsupported_operations_raise_one_line_naming_them(kind, names):
@@ -583,10 +589,33 @@ def test_jit_and_vmap_over_a_flax_model():
   eager = np.stack([np.asarray(bound(v, x)) for v, x in zip(inits, xs)])
   np.testing.assert_allclose(jax.jit(jax.vmap(bound))(stacked, xs), eager, rtol=1e-5)
   # The unhashable (list-built) model is compiled once, not once per call.
-  from lipjax.bounds import lipschitz   # pylint: disable=import-outside-toplevel
-  before = lipschitz._compiled_local.cache_info().hits   # pylint: disable=protected-access
+  from lipjax._src import lipschitz   # pylint: disable=import-outside-toplevel
+  before = lipschitz.compiled_local.cache_info().hits
   bound(inits[0], xs[0])
-  assert lipschitz._compiled_local.cache_info().hits == before + 1   # pylint: disable=protected-access
+  assert lipschitz.compiled_local.cache_info().hits == before + 1
+
+
+def test_fresh_functions_of_one_structure_share_compiled_code():
+  """Caches are keyed by the traced structure, not by the function object: a
+  fresh wrapper per call compiles once; other constants are another model."""
+  from lipjax._src import lipschitz   # pylint: disable=import-outside-toplevel
+  model = fnn.Sequential([fnn.Dense(6), fnn.relu, fnn.Dense(CLASSES)])
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 5))
+  v = model.init(jax.random.PRNGKey(0), x[:1])
+  scale = jnp.ones((CLASSES,))
+
+  def wrapper(s):
+    return lambda vv, xx: model.apply(vv, xx) * s
+
+  first = lipjax.local_lipschitz_bound(wrapper(scale), v, x, 0.1).bound
+  info = lipschitz.compiled_local.cache_info()
+  again = lipjax.local_lipschitz_bound(wrapper(jnp.ones((CLASSES,))), v, x, 0.1).bound
+  after = lipschitz.compiled_local.cache_info()
+  assert (after.hits, after.misses) == (info.hits + 1, info.misses)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
+  doubled = lipjax.local_lipschitz_bound(wrapper(2.0 * scale), v, x, 0.1).bound
+  assert lipschitz.compiled_local.cache_info().misses == after.misses + 1
+  np.testing.assert_allclose(np.asarray(doubled), 2.0 * np.asarray(first), rtol=1e-5)
 
 
 class ClippedMLP(fnn.Module):

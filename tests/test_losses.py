@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import lipjax
+from lipjax._src import norms
+from lipjax._src import trace as trace_lib
 from lipjax import nn as lnn
 from lipjax import training
 
@@ -119,10 +121,10 @@ def test_worst_case_deltas_match_explicit_formula():
 
 
 def _explicit_top_singular_values(model, v):
-  stages = lipjax.bounds.trace(model, v, model.input_shape)
+  stages = trace_lib.trace(model, v, model.input_shape)
   out = []
   for st in stages:
-    mat = np.asarray(lipjax.bounds.norms.explicit_jacobian(st.linear, st.in_shape),
+    mat = np.asarray(norms.explicit_jacobian(st.linear, st.in_shape),
                      np.float64)
     out.append((st, np.linalg.svd(mat, compute_uv=False)[0]))
   return out
@@ -170,11 +172,11 @@ def test_lanczos_state_follows_the_union_masked_maps():
     power = aux["power"]
   _, _, aux = call(power)
   lb = aux["local_bound"]
-  stages = lipjax.bounds.trace(model, v, model.input_shape)
+  stages = trace_lib.trace(model, v, model.input_shape)
   col_prev = jnp.ones_like(x)
   checked = 0
   for l, st in enumerate(stages):
-    mat = np.asarray(lipjax.bounds.norms.explicit_jacobian(st.linear, st.in_shape),
+    mat = np.asarray(norms.explicit_jacobian(st.linear, st.in_shape),
                      np.float64)
     row = np.asarray(lb.layers[l].row_mask).reshape(4, -1)
     col = np.asarray(col_prev).reshape(4, -1)

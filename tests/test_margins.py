@@ -1,4 +1,4 @@
-"""The shared margin maths (lipjax.bounds.margins) on hand-set cases."""
+"""The shared margin maths (lipjax._src.margins) on hand-set cases."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 
 import lipjax
 from lipjax import nn as lnn
-from lipjax.bounds import margins
+from lipjax._src import margins
+from lipjax._src import trace as trace_lib
 from lipjax.training import losses
 
 MAT = jnp.asarray([[1.0, 2.0, 0.0],
@@ -51,7 +52,7 @@ def test_last_layer_columns_are_the_penultimate_varying_mask():
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
   x = jax.random.normal(jax.random.PRNGKey(1), (7, 4))
   lb = lipjax.local_lipschitz_bound(model, v, x, 0.05)
-  stages = lipjax.bounds.trace(model, v, (4,))
+  stages = trace_lib.trace(model, v, (4,))
   col = np.asarray(margins.last_layer_columns(stages, lb.layers, 7))
   assert col.shape == (7, 5)
   # Varying entries of the clipped ReLU (theta 1): its pre-activation box is
@@ -62,7 +63,7 @@ def test_last_layer_columns_are_the_penultimate_varying_mask():
   one = lnn.Sequential((lnn.Dense(3),), input_shape=(4,))
   v1 = one.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
   lb1 = lipjax.local_lipschitz_bound(one, v1, x, 0.05)
-  st1 = lipjax.bounds.trace(one, v1, (4,))
+  st1 = trace_lib.trace(one, v1, (4,))
   np.testing.assert_array_equal(margins.last_layer_columns(st1, lb1.layers, 7), np.ones((7, 4)))
 
 
@@ -73,7 +74,7 @@ def test_training_deltas_are_eps_times_inner_times_masked_pair_norms():
   y = jnp.asarray([0, 1, 2, 0, 1, 2, 0])
   _, deltas, aux = losses.worst_case_deltas(model, v, x, y, 0.3, bound="local", iterations=5)
   lb = aux["local_bound"]
-  stages = lipjax.bounds.trace(model, v, (4,))
+  stages = trace_lib.trace(model, v, (4,))
   inner = np.asarray(lb.layer_norms[0]) * np.asarray(lb.layer_norms[1])
   mat = np.asarray(stages[-1].layer.explicit_matrix(stages[-1].params))
   col = np.asarray(lb.layers[1].col_mask)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lipjax import nn as lnn
-from lipjax.bounds import graph
+from lipjax._src import rules
+from lipjax._src.rules import maxmin, relu
 
 INF = np.inf
 
@@ -17,7 +18,7 @@ def _grid_constant(act, params, lb, ub, n=101):
   """Per entry of an elementwise activation: constant on [lb, ub] (dense grid + ends)."""
   t = np.linspace(0.0, 1.0, n)[:, None]
   z = jnp.asarray(lb[None] + t * (ub - lb)[None], jnp.float32)
-  out = np.asarray(act.activate(params, z))
+  out = np.asarray(act.forward(params, z))
   return np.all(out == out[:1], axis=0)
 
 
@@ -38,9 +39,9 @@ CLIPPED_RELU = [
 
 def test_clipped_relu_masks_are_exact():
   lb, ub, theta, want = (np.array(c, np.float32) for c in zip(*CLIPPED_RELU))
-  act = lnn.ClippedReLU()
+  act = rules.module_rule(lnn.ClippedReLU())   # lipjax.nn.ClippedReLU's rule
   params = {"theta": jnp.asarray(theta)}
-  row, col = act.varying(params, jnp.asarray(lb), jnp.asarray(ub))
+  row, col = act.mask(params, jnp.asarray(lb), jnp.asarray(ub))
   np.testing.assert_array_equal(np.asarray(col), want)
   np.testing.assert_array_equal(np.asarray(row), want)
   np.testing.assert_array_equal(np.asarray(col) == 0,
@@ -50,9 +51,9 @@ def test_clipped_relu_masks_are_exact():
 def test_relu_and_identity_masks_are_exact():
   lb = np.array([-2.0, -1.0, 0.0, 0.5, 1.0], np.float32)
   ub = np.array([-1.0, 0.0, 1.0, 0.5, 2.0], np.float32)
-  _, col = lnn.ReLU().varying({}, jnp.asarray(lb), jnp.asarray(ub))
+  _, col = rules.module_rule(lnn.ReLU()).mask({}, jnp.asarray(lb), jnp.asarray(ub))
   np.testing.assert_array_equal(np.asarray(col), [0, 0, 1, 0, 1])
-  _, col = lnn.Identity().varying({}, jnp.asarray(lb), jnp.asarray(ub))
+  _, col = relu.Identity().mask({}, jnp.asarray(lb), jnp.asarray(ub))
   np.testing.assert_array_equal(np.asarray(col), [1, 1, 1, 0, 1])
 
 
@@ -61,9 +62,9 @@ def test_traced_clamp_masks_are_exact():
   ub = np.array([1.0, -0.5, 3.0, 0.5, 1.0, 3.0], np.float32)
   lower = np.array([0.0, 0.0, 0.0, 0.0, 0.5, -INF], np.float32)
   upper = np.array([0.0, 1.0, 1.0, 1.0, 0.2, INF], np.float32)   # 1st: empty range; 5th: upper < lower
-  act = graph.Clamp()
+  act = relu.Clamp()
   params = {"lower": jnp.asarray(lower), "upper": jnp.asarray(upper)}
-  _, col = act.varying(params, jnp.asarray(lb), jnp.asarray(ub))
+  _, col = act.mask(params, jnp.asarray(lb), jnp.asarray(ub))
   np.testing.assert_array_equal(np.asarray(col), [0, 0, 0, 1, 0, 1])
   np.testing.assert_array_equal(np.asarray(col) == 0, _grid_constant(act, params, lb, ub))
 
@@ -71,11 +72,11 @@ def test_traced_clamp_masks_are_exact():
 def test_nan_bounds_count_as_varying():
   nan = jnp.asarray([np.nan], jnp.float32)
   one = jnp.ones((1,), jnp.float32)
-  for act, params in [(lnn.ReLU(), {}), (lnn.ClippedReLU(), {"theta": one}),
-                      (graph.Clamp(), {"lower": 0 * one, "upper": one})]:
-    _, col = act.varying(params, nan, one)
+  for act, params in [(relu.ReLU(), {}), (relu.ClippedReLU(), {"theta": one}),
+                      (relu.Clamp(), {"lower": 0 * one, "upper": one})]:
+    _, col = act.mask(params, nan, one)
     assert float(col[0]) == 1.0
-    _, col = act.varying(params, -one, nan)
+    _, col = act.mask(params, -one, nan)
     assert float(col[0]) == 1.0
 
 
@@ -88,7 +89,7 @@ def test_maxmin_masks_are_exact(traced):
   ub = np.array([0.5, 1.0, -2.5], np.float32)
   low, upp = np.concatenate([la, lb]), np.concatenate([ua, ub])
   if traced:
-    act = graph.PairMaxMin(max_first=True)
+    act = maxmin.PairMaxMin(max_first=True)
     # The max part is clipped from above at 1 (pair 0: max >= 2, constant),
     # the min part from below at -1 (pair 2: min <= -2.5, constant); pair 1's
     # max part has an empty clamp range (max_upper <= max_lower): constant.
@@ -98,11 +99,11 @@ def test_maxmin_masks_are_exact(traced):
               "min_upper": jnp.asarray([INF, INF, INF], jnp.float32)}
     want_col = [0, 0, 1, 1, 1, 0]
   else:
-    act = lnn.ClippedMaxMin()
+    act = rules.module_rule(lnn.ClippedMaxMin())
     params = {"upper": jnp.asarray([1.0, 1.0, 1.0], jnp.float32),
               "lower": jnp.asarray([-1.0, -1.0, -1.0], jnp.float32)}
     want_col = [0, 1, 1, 1, 1, 0]
-  row, col = act.varying(params, jnp.asarray(low), jnp.asarray(upp))
+  row, col = act.mask(params, jnp.asarray(low), jnp.asarray(upp))
   np.testing.assert_array_equal(np.asarray(col), want_col)
   pair = np.maximum(np.array(want_col[:3]), np.array(want_col[3:]))
   np.testing.assert_array_equal(np.asarray(row), np.concatenate([pair, pair]))
@@ -112,6 +113,6 @@ def test_maxmin_masks_are_exact(traced):
   b = lb[None, None] + g[None, :, None] * (ub - lb)[None, None]
   a, b = np.broadcast_arrays(a, b)
   z = jnp.asarray(np.concatenate([a, b], axis=-1).reshape(-1, 6))
-  out = np.asarray(act.activate(params, z))
+  out = np.asarray(act.forward(params, z))
   constant = np.all(out == out[:1], axis=0)
   np.testing.assert_array_equal(constant, np.asarray(col) == 0)

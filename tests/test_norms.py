@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lipjax import bounds
-from lipjax.bounds import power
+from lipjax._src import norms
+from lipjax._src import power
 
 # Measured on the configurations below (random Gaussian kernels, 6x6 / 7x7 /
 # 6x7 inputs, the seeds used here): conv_global_norm / exact lies in
@@ -61,7 +61,7 @@ def test_conv_global_norm_is_an_upper_bound_and_not_too_loose(stride, padding, k
   for spatial, cin, cout in (((6, 6), 2, 3), ((7, 7), 3, 2), ((6, 7), 2, 4)):
     kernel = jnp.asarray(rng.normal(size=(ksize, ksize, cin, cout)), jnp.float32)
     exact = top_sv(explicit_conv_matrix(kernel, spatial, stride, padding))
-    bound = float(bounds.conv_global_norm(kernel, spatial, stride, padding))
+    bound = float(norms.conv_global_norm(kernel, spatial, stride, padding))
     assert bound >= exact * (1 + 1e-6), (spatial, bound, exact)
     out_side = (min(spatial) + 2 * padding - ksize) // stride + 1
     slack = SMALL_IMAGE_LOOSENESS if out_side >= 4 else TINY_OUTPUT_LOOSENESS
@@ -74,7 +74,7 @@ def test_conv_global_norm_is_tight_on_larger_images(stride, padding, ksize):
   rng = np.random.default_rng(7 + ksize)
   kernel = jnp.asarray(rng.normal(size=(ksize, ksize, 2, 3)), jnp.float32)
   exact = top_sv(explicit_conv_matrix(kernel, (16, 16), stride, padding))
-  bound = float(bounds.conv_global_norm(kernel, (16, 16), stride, padding))
+  bound = float(norms.conv_global_norm(kernel, (16, 16), stride, padding))
   assert exact * (1 + 1e-6) <= bound <= LARGE_IMAGE_LOOSENESS * exact
 
 
@@ -85,8 +85,8 @@ def test_conv_global_norm_exact_for_non_overlapping_stride():
   rng = np.random.default_rng(3)
   kernel = jnp.asarray(rng.normal(size=(2, 2, 3, 4)), jnp.float32)
   exact = top_sv(np.asarray(kernel).reshape(-1, 4))
-  bound = float(bounds.conv_global_norm(kernel, (6, 6), 2, 0))
-  np.testing.assert_allclose(bound, exact * (1 + bounds.ROUNDING_SLACK), rtol=2e-6)
+  bound = float(norms.conv_global_norm(kernel, (6, 6), 2, 0))
+  np.testing.assert_allclose(bound, exact * (1 + norms.ROUNDING_SLACK), rtol=2e-6)
 
 
 def test_conv_global_norm_with_large_kernel_on_tiny_image():
@@ -95,7 +95,7 @@ def test_conv_global_norm_with_large_kernel_on_tiny_image():
   kernel = jnp.asarray(rng.normal(size=(5, 5, 1, 2)), jnp.float32)
   for stride, padding in ((1, 0), (2, 0), (2, 2), (3, 1)):
     exact = top_sv(explicit_conv_matrix(kernel, (5, 5), stride, padding))
-    bound = float(bounds.conv_global_norm(kernel, (5, 5), stride, padding))
+    bound = float(norms.conv_global_norm(kernel, (5, 5), stride, padding))
     assert bound >= exact * (1 + 1e-6), (stride, padding)
 
 
@@ -131,9 +131,9 @@ def test_conv_global_norm_is_the_max_over_every_frequency(spatial, ksize, stride
   for cin, cout in ((2, 5), (5, 2)):
     kernel = jnp.asarray(rng.normal(size=(ksize, ksize, cin, cout)), jnp.float32)
     truth = circulant_truth(kernel, spatial, stride, padding)
-    bound = float(bounds.conv_global_norm(kernel, spatial, stride, padding))
-    np.testing.assert_allclose(bound, truth * (1 + bounds.ROUNDING_SLACK), rtol=1e-6)
-    assert bound >= truth * (1 + 0.9 * bounds.ROUNDING_SLACK)
+    bound = float(norms.conv_global_norm(kernel, spatial, stride, padding))
+    np.testing.assert_allclose(bound, truth * (1 + norms.ROUNDING_SLACK), rtol=1e-6)
+    assert bound >= truth * (1 + 0.9 * norms.ROUNDING_SLACK)
 
 
 def _fd_grad_check(f, params, seed):
@@ -153,11 +153,11 @@ def test_conv_global_norm_float64_value_and_gradient():
   with jax.enable_x64(True):
     kernel = jnp.asarray(rng.normal(size=(4, 4, 3, 5)), jnp.float64)
     kernel = kernel + 1e-12 * jnp.asarray(rng.normal(size=kernel.shape))   # not float32
-    f = jax.jit(lambda k: bounds.conv_global_norm(k, (7, 6), 2, 1))
+    f = jax.jit(lambda k: norms.conv_global_norm(k, (7, 6), 2, 1))
     val = f(kernel)
     assert val.dtype == jnp.float64
     truth = circulant_truth(np.asarray(kernel), (7, 6), 2, 1)
-    np.testing.assert_allclose(float(val), truth * (1 + bounds.ROUNDING_SLACK), rtol=1e-12)
+    np.testing.assert_allclose(float(val), truth * (1 + norms.ROUNDING_SLACK), rtol=1e-12)
     auto, fd = _fd_grad_check(f, kernel, 3)
     assert abs(auto - fd) <= 1e-6 * max(1.0, abs(fd)), (auto, fd)
 
@@ -167,11 +167,11 @@ def test_top_singular_value_complex_batch_float64_gradient():
   with jax.enable_x64(True):
     mats = jnp.asarray(rng.normal(size=(6, 4, 7)) + 1j * rng.normal(size=(6, 4, 7)))
     truth = float(np.max(np.linalg.svd(np.asarray(mats), compute_uv=False)[:, 0]))
-    val = bounds.norms.top_singular_value(mats)
+    val = norms.top_singular_value(mats)
     assert val.dtype == jnp.float64
-    np.testing.assert_allclose(float(val), truth * (1 + bounds.ROUNDING_SLACK), rtol=1e-12)
+    np.testing.assert_allclose(float(val), truth * (1 + norms.ROUNDING_SLACK), rtol=1e-12)
     re = jnp.real(mats)
-    f = lambda r: bounds.norms.top_singular_value(r + 1j * jnp.imag(mats))
+    f = lambda r: norms.top_singular_value(r + 1j * jnp.imag(mats))
     auto, fd = _fd_grad_check(f, re, 4)
     assert abs(auto - fd) <= 1e-6 * max(1.0, abs(fd)), (auto, fd)
 
@@ -180,8 +180,8 @@ def test_host_norms_leave_the_blas_thread_setting_as_it_was():
   threadpoolctl = pytest.importorskip("threadpoolctl")
   before = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
   kernel = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 4, 4)), jnp.float32)
-  jax.block_until_ready(jax.jit(lambda k: bounds.conv_global_norm(k, (9, 9), 1, 1)
-                                * bounds.dense_global_norm(k.reshape(-1, 4)))(kernel))
+  jax.block_until_ready(jax.jit(lambda k: norms.conv_global_norm(k, (9, 9), 1, 1)
+                                * norms.dense_global_norm(k.reshape(-1, 4)))(kernel))
   assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
 
 
@@ -195,8 +195,8 @@ def test_dense_global_norm_matches_svd(shape):
   rng = np.random.default_rng(shape[0] * 31 + shape[1])
   w = rng.normal(size=shape).astype(np.float32)
   exact = top_sv(w)
-  got = float(bounds.dense_global_norm(jnp.asarray(w)))
-  assert got >= exact * (1 + 0.9 * bounds.ROUNDING_SLACK)
+  got = float(norms.dense_global_norm(jnp.asarray(w)))
+  assert got >= exact * (1 + 0.9 * norms.ROUNDING_SLACK)
   assert got <= exact * (1 + 1e-3)
 
 
@@ -205,11 +205,11 @@ def test_dense_global_norm_float64_gradient():
   rng = np.random.default_rng(23)
   with jax.enable_x64(True):
     w = jnp.asarray(rng.normal(size=(30, 8)))
-    val = bounds.dense_global_norm(w)
+    val = norms.dense_global_norm(w)
     assert val.dtype == jnp.float64
-    np.testing.assert_allclose(float(val), top_sv(w) * (1 + bounds.ROUNDING_SLACK),
+    np.testing.assert_allclose(float(val), top_sv(w) * (1 + norms.ROUNDING_SLACK),
                                rtol=1e-12)
-    auto, fd = _fd_grad_check(bounds.dense_global_norm, w, 5)
+    auto, fd = _fd_grad_check(norms.dense_global_norm, w, 5)
     assert abs(auto - fd) <= 1e-6 * max(1.0, abs(fd)), (auto, fd)
 
 
@@ -228,7 +228,7 @@ def _masked_matrices():
 
 def test_masked_dense_norm_matches_svd_of_masked_matrix():
   w, rows, cols = _masked_matrices()
-  got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
+  got = np.asarray(norms.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
                                             jnp.asarray(cols)))
   assert got.shape == (rows.shape[0],)
   for b in range(rows.shape[0]):
@@ -240,7 +240,7 @@ def test_masked_dense_norm_matches_svd_of_masked_matrix():
 
 
 def test_masked_dense_norm_solves_each_distinct_mask_pair_once(monkeypatch):
-  from lipjax.bounds import norms as norms_lib
+  from lipjax._src import norms as norms_lib
   w, rows, cols = _masked_matrices()
   order = [0, 3, 0, 4, 3, 5, 0]              # repeats, as padding produces
   r2, c2 = rows[order], cols[order]
@@ -248,7 +248,7 @@ def test_masked_dense_norm_solves_each_distinct_mask_pair_once(monkeypatch):
   calls = []
   eig = np.linalg.eigvalsh
   monkeypatch.setattr(norms_lib.np.linalg, "eigvalsh", lambda g: calls.append(1) or eig(g))
-  got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(r2), jnp.asarray(c2)))
+  got = np.asarray(norms.masked_dense_norm(jnp.asarray(w), jnp.asarray(r2), jnp.asarray(c2)))
   assert len(calls) == 5                      # 0, 3, 4, 5 and the changed copy of 0
   for b in range(len(order)):
     exact = top_sv(r2[b][:, None] * w * c2[b][None, :])
@@ -271,12 +271,12 @@ def test_masked_dense_norm_of_nearly_full_masks_matches_svd(shape):
   cols[1, 7] = 0                              # one inner entry dropped
   rows[2] = 0
   rows[2, 3] = 1                              # a single row: the direct route
-  got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
+  got = np.asarray(norms.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
                                             jnp.asarray(cols)))
   for i in range(b):
     exact = top_sv(rows[i][:, None].astype(np.float64) * w * cols[i][None, :])
     assert exact <= got[i] <= exact * (1 + 1.01e-4), (i, got[i] / exact)
-  np.testing.assert_allclose(got[0], top_sv(w) * (1 + bounds.ROUNDING_SLACK), rtol=1e-6)
+  np.testing.assert_allclose(got[0], top_sv(w) * (1 + norms.ROUNDING_SLACK), rtol=1e-6)
 
 
 def test_masked_dense_norm_never_reuses_the_gram_of_other_parameters():
@@ -287,7 +287,7 @@ def test_masked_dense_norm_never_reuses_the_gram_of_other_parameters():
   rows = (rng.random((4, 30)) > 0.05).astype(np.float32)
   cols = (rng.random((4, 200)) > 0.05).astype(np.float32)
   for step in range(3):
-    got = np.asarray(bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
+    got = np.asarray(norms.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows),
                                               jnp.asarray(cols)))
     for i in range(4):
       exact = top_sv(rows[i][:, None].astype(np.float64) * w * cols[i][None, :])
@@ -297,8 +297,8 @@ def test_masked_dense_norm_never_reuses_the_gram_of_other_parameters():
 
 def test_masked_dense_norm_under_jit_and_vmap():
   w, rows, cols = _masked_matrices()
-  eager = bounds.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows), jnp.asarray(cols))
-  jitted = jax.jit(bounds.masked_dense_norm)(jnp.asarray(w), jnp.asarray(rows),
+  eager = norms.masked_dense_norm(jnp.asarray(w), jnp.asarray(rows), jnp.asarray(cols))
+  jitted = jax.jit(norms.masked_dense_norm)(jnp.asarray(w), jnp.asarray(rows),
                                              jnp.asarray(cols))
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6)
 
@@ -343,7 +343,7 @@ def make_masked_conv():
 def test_lanczos_upper_bound_holds_and_estimate_is_below(masked_conv):
   op, cols, exact = masked_conv
   for seed in range(3):
-    upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(seed),
+    upper, est = power.lanczos_norm_bound(op, jax.random.PRNGKey(seed),
                                            (B,) + IN_SHAPE, cols, 60, 1e-9)
     upper, est = np.asarray(upper), np.asarray(est)
     assert np.all(upper >= exact), (upper, exact)
@@ -356,7 +356,7 @@ def test_lanczos_upper_bound_holds_and_estimate_is_below(masked_conv):
 
 def test_lanczos_without_enough_steps_gives_no_bound(masked_conv):
   op, cols, exact = masked_conv
-  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (B,) + IN_SHAPE,
+  upper, est = power.lanczos_norm_bound(op, jax.random.PRNGKey(0), (B,) + IN_SHAPE,
                                          cols, 2, 1e-9)
   assert np.all(np.asarray(est) <= exact * (1 + 1e-4))
   assert np.all(np.isinf(np.asarray(upper)) | (np.asarray(upper) >= exact))
@@ -365,7 +365,7 @@ def test_lanczos_without_enough_steps_gives_no_bound(masked_conv):
 def test_lanczos_all_masked_is_zero(masked_conv):
   op, cols, _ = masked_conv
   zero = jnp.zeros_like(cols)
-  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), cols.shape, zero,
+  upper, est = power.lanczos_norm_bound(op, jax.random.PRNGKey(0), cols.shape, zero,
                                          20, 1e-9)
   np.testing.assert_array_equal(np.asarray(est), 0.0)
   assert np.all(np.asarray(upper) == 0) or np.all(np.isinf(np.asarray(upper)))
@@ -378,7 +378,7 @@ def test_lanczos_estimate_is_below_from_any_start_and_exact_from_the_top_vector(
   # vector outside the column mask), never exceed the exact norm.
   starts = [jax.random.normal(jax.random.PRNGKey(1), cols.shape),
             jnp.zeros(cols.shape).at[:, 0, 0, 0].set(1.0), 1.0 - cols]
-  est_fn = jax.jit(functools.partial(bounds.lanczos_estimate, op, opt), static_argnums=1)
+  est_fn = jax.jit(functools.partial(power.lanczos_estimate, op, opt), static_argnums=1)
   for q0 in starts:
     for steps in (1, 4):
       est = np.asarray(est_fn(q0 * cols, steps))
@@ -403,7 +403,7 @@ def test_power_iteration_is_below_and_monotone(masked_conv):
   u0 = jax.random.normal(jax.random.PRNGKey(1), cols.shape) * cols
   prev = np.zeros(B)
   for iters in (0, 1, 3, 10):
-    sigma, u = bounds.power_iteration(op, u0, iters)
+    sigma, u = power.power_iteration(op, u0, iters)
     sigma = np.asarray(sigma)
     assert np.all(sigma <= exact * (1 + 1e-5)), (iters, sigma, exact)
     assert np.all(sigma >= prev * (1 - 1e-5)), (iters, sigma, prev)
@@ -414,21 +414,21 @@ def test_power_iteration_is_below_and_monotone(masked_conv):
 def test_power_iteration_converges(masked_conv):
   op, cols, exact = masked_conv
   u0 = jax.random.normal(jax.random.PRNGKey(2), cols.shape) * cols
-  sigma20, _ = bounds.power_iteration(op, u0, 20)
-  sigma, u = bounds.power_iteration(op, u0, 300)
+  sigma20, _ = power.power_iteration(op, u0, 20)
+  sigma, u = power.power_iteration(op, u0, 300)
   np.testing.assert_allclose(np.asarray(sigma), exact, rtol=1e-4)
   # Closer to the truth than after 20 iterations (here 20 are 2% off on one
   # example, so this is not vacuous).
   assert np.all(exact - np.asarray(sigma) <= exact - np.asarray(sigma20) + 1e-6 * exact)
   # Warm start from the converged vectors: already converged after 1 step.
-  sigma1, _ = bounds.power_iteration(op, u, 1)
+  sigma1, _ = power.power_iteration(op, u, 1)
   np.testing.assert_allclose(np.asarray(sigma1), exact, rtol=1e-3)
 
 
 def test_power_iteration_tolerance_stops_early_but_stays_below(masked_conv):
   op, cols, exact = masked_conv
   u0 = jax.random.normal(jax.random.PRNGKey(3), cols.shape) * cols
-  sigma, _ = bounds.power_iteration(op, u0, 30, tol=1e-3)
+  sigma, _ = power.power_iteration(op, u0, 30, tol=1e-3)
   assert np.all(np.asarray(sigma) <= exact * (1 + 1e-5))
   assert np.all(np.asarray(sigma) >= 0.5 * exact)
 
@@ -461,7 +461,7 @@ def test_lanczos_stopping_early_is_judged_by_the_steps_it_completed():
   theta, done = power._lanczos(lambda q: power.adjoint(op, ones)(op(q)), ones, 50)
   np.testing.assert_array_equal(np.asarray(done), 2)
   np.testing.assert_allclose(np.asarray(theta), 4.0, rtol=1e-5)
-  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
+  upper, est = power.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
   assert np.all(np.isinf(np.asarray(upper))), upper
   np.testing.assert_allclose(np.asarray(est), 2.0, rtol=1e-5)
 
@@ -472,17 +472,17 @@ def test_lanczos_capped_by_a_known_bound_gives_the_same_minimum(masked_conv):
   # the full run's bound itself.
   op, cols, exact = masked_conv
   key = jax.random.PRNGKey(3)
-  full, est_full = bounds.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9)
+  full, est_full = power.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9)
   full = np.asarray(full)
   for cap in (np.full(B, 1e30), exact * 1.5, exact * 1.001, np.array(exact)):
-    upper, est = bounds.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9,
+    upper, est = power.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9,
                                            cap=jnp.asarray(cap, jnp.float32))
     upper, est = np.asarray(upper), np.asarray(est)
     np.testing.assert_allclose(np.minimum(upper, cap), np.minimum(full, cap), rtol=1e-6)
     assert np.all(np.minimum(upper, cap) >= exact)
     assert np.all(est <= exact * (1 + 1e-4))
   below = np.full(B, 1e30)
-  upper, _ = bounds.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9,
+  upper, _ = power.lanczos_norm_bound(op, key, cols.shape, cols, 60, 1e-9,
                                        cap=jnp.asarray(below, jnp.float32))
   np.testing.assert_array_equal(np.asarray(upper), full)
 
@@ -519,7 +519,7 @@ def test_one_step_lanczos_estimate_is_the_rayleigh_quotient(masked_conv):
 
 def test_lanczos_bound_includes_the_rounding_margin(masked_conv):
   op, cols, exact = masked_conv
-  upper, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), cols.shape, cols,
+  upper, est = power.lanczos_norm_bound(op, jax.random.PRNGKey(0), cols.shape, cols,
                                          60, 1e-9)
   e = np.asarray(power.kw_relative_error(jnp.sum(cols.reshape(cols.shape[0], -1), 1),
                                          60, 0.5e-9))
@@ -533,16 +533,20 @@ def test_lanczos_bound_includes_the_rounding_margin(masked_conv):
 def test_conv_polyphase_form_is_the_same_map_and_gives_the_same_adjoint(size, ksize, stride,
                                                                         padding):
   from lipjax import nn as lnn
-  layer = lnn.Conv(features=3, kernel_size=ksize, stride=stride, padding=padding)
+  from lipjax._src import rules
+  module = lnn.Conv(features=3, kernel_size=ksize, stride=stride, padding=padding)
+  layer = rules.module_rule(module)   # lipjax.nn.Conv's registered rule
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 2))
-  params = layer.init(jax.random.PRNGKey(1), x)["params"]
-  a = layer.linear(params, x)
-  b = layer.linear_for_adjoint(params, x)
+  params = module.init(jax.random.PRNGKey(1), x)["params"]
+  a = layer.forward(params, x)
+  np.testing.assert_allclose(np.asarray(module.apply({"params": params}, x)),
+                             np.asarray(a + params["bias"]), rtol=1e-5, atol=1e-5)
+  b = layer.forward_for_adjoint(params, x)
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
   v = jax.random.normal(jax.random.PRNGKey(2), a.shape)
   spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
-  ta = jax.linear_transpose(lambda u: layer.linear(params, u), spec)(v)[0]
-  tb = jax.linear_transpose(lambda u: layer.linear_for_adjoint(params, u), spec)(v)[0]
+  ta = jax.linear_transpose(lambda u: layer.forward(params, u), spec)(v)[0]
+  tb = jax.linear_transpose(lambda u: layer.forward_for_adjoint(params, u), spec)(v)[0]
   np.testing.assert_allclose(np.asarray(tb), np.asarray(ta), rtol=1e-5, atol=1e-5)
   # <W u, v> == <u, W^T v> with the polyphase adjoint.
   np.testing.assert_allclose(float(jnp.vdot(a, v)), float(jnp.vdot(x, tb)), rtol=1e-4)
@@ -555,11 +559,13 @@ def test_conv_explicit_adjoint_is_the_transpose_of_the_explicit_matrix(size, ksi
                                                                        padding):
   # Lanczos runs on op^T op with this adjoint: any error in it voids the bound.
   from lipjax import nn as lnn
-  layer = lnn.Conv(features=3, kernel_size=ksize, stride=stride, padding=padding)
+  from lipjax._src import rules
+  module = lnn.Conv(features=3, kernel_size=ksize, stride=stride, padding=padding)
+  layer = rules.module_rule(module)
   in_shape = (size, size + 1, 2)
-  params = layer.init(jax.random.PRNGKey(1), jnp.zeros((1,) + in_shape))["params"]
+  params = module.init(jax.random.PRNGKey(1), jnp.zeros((1,) + in_shape))["params"]
   mat = explicit_conv_matrix(params["kernel"], in_shape[:2], stride, padding)  # float64
-  out = layer.linear(params, jnp.zeros((1,) + in_shape))
+  out = layer.forward(params, jnp.zeros((1,) + in_shape))
   v = jax.random.normal(jax.random.PRNGKey(2), (3,) + out.shape[1:])
   got = np.asarray(layer.adjoint(params, v, in_shape), np.float64)
   want = (np.asarray(v, np.float64).reshape(3, -1) @ mat).reshape((3,) + in_shape)
@@ -569,7 +575,7 @@ def test_conv_explicit_adjoint_is_the_transpose_of_the_explicit_matrix(size, ksi
 
 def test_stage_adjoint_matches_linear_transpose_through_reshapes():
   from lipjax import nn as lnn
-  from lipjax.bounds import network
+  from lipjax._src import trace as trace_lib
 
   class ToImage(lnn.Reshape):
     def reshape(self, x):
@@ -578,7 +584,7 @@ def test_stage_adjoint_matches_linear_transpose_through_reshapes():
   model = lnn.Sequential((lnn.Dense(36), lnn.ReLU(), ToImage(), lnn.Conv(4, 4, 2, 1),
                           lnn.ReLU(), lnn.Flatten(), lnn.Dense(3)), input_shape=(8,))
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
-  stages = network.trace(model, v, (8,))
+  stages = trace_lib.trace(model, v, (8,))
   assert stages[1].reshapes and stages[1].layer.adjoint(
       stages[1].params, jnp.zeros((1, 3, 3, 4)), (6, 6, 1)) is not None
   for st in stages:
@@ -603,10 +609,10 @@ def test_lanczos_rank_bound_accepts_a_krylov_space_that_cannot_grow():
     return u @ mat.T
 
   ones = jnp.ones((b, n))
-  up_rank, est = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9,
+  up_rank, est = power.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9,
                                            rank_bound=jnp.full((b,), 2.0))
   np.testing.assert_allclose(np.asarray(est), 3.0, rtol=1e-5)
   assert np.all(np.isfinite(np.asarray(up_rank)))
   assert np.all(np.asarray(up_rank) >= 3.0) and np.all(np.asarray(up_rank) <= 3.0 * 1.05)
-  up, _ = bounds.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
+  up, _ = power.lanczos_norm_bound(op, jax.random.PRNGKey(0), (b, n), ones, 50, 1e-9)
   assert np.all(np.isinf(np.asarray(up)))

@@ -1,4 +1,4 @@
-"""Per-class-pair bounds (lipjax.bounds.pairwise) against independent truth.
+"""Per-class-pair bounds (lipjax._src.pairwise) against independent truth.
 
 Truth for the margin ``g = z_i - z_y`` of every class pair:
 
@@ -26,8 +26,10 @@ import pytest
 import lipjax
 import lipjax.evaluation
 from lipjax import nn as lnn
-from lipjax.bounds.certify import abs_norm_bounds
-from lipjax.bounds import network, pairwise
+from lipjax._src import lipschitz, margins, pairwise
+from lipjax._src import trace as trace_lib
+from lipjax._src.certify import abs_norm_bounds
+from lipjax._src.rules import relu as relu_rules
 
 import _bounds_util as U
 
@@ -39,12 +41,12 @@ def _pair_bounds(model, variables, x, eps, labels):
   with the local bound's own boxes, and as ``certify`` computes them (slopes
   of the global-norm boxes, local norms where their masks allow)."""
   lb = lipjax.local_lipschitz_bound(model, variables, x, eps)
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
   abs_norms = abs_norm_bounds(stages)
   own = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, labels, sound=True,
                              abs_norms=abs_norms)
-  boxes = lipjax.bounds.lipschitz.ball_bounds(stages, x, jnp.full((x.shape[0],), eps),
-                                              list(lb.global_norms))
+  boxes = lipschitz.ball_bounds(stages, x, jnp.full((x.shape[0],), eps),
+                                list(lb.global_norms))
   mixed = pairwise.pair_bounds(stages, boxes, lb.layer_norms, labels, sound=True,
                                abs_norms=abs_norms, norm_layers=lb.layers,
                                global_norms=lb.global_norms)
@@ -55,7 +57,7 @@ def _pair_bounds(model, variables, x, eps, labels):
 def _slope_choices(act, params, lower, upper):
   """Per unit of one activation (flattened), the slopes a vertex may take."""
   lo, hi = np.asarray(lower, np.float64).ravel(), np.asarray(upper, np.float64).ravel()
-  if isinstance(act, lnn.ClippedReLU):
+  if isinstance(act, relu_rules.ClippedReLU):
     theta = np.asarray(params["theta"], np.float64).ravel()
   else:
     theta = np.full_like(lo, np.inf)
@@ -192,13 +194,13 @@ def test_certify_never_certifies_less_and_pgd_breaks_nothing(name):
   y = jnp.argmax(model.apply(variables, x), -1)   # every point correctly classified
   for eps in (0.05, 0.2):
     cert = lipjax.certify(model, variables, x, y, eps, triage=False)
-    stages = network.trace(model, variables, tuple(x.shape[1:]))
+    stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
     # The same certificate with the product bound alone (no pair bounds).
     lb = lipjax.local_lipschitz_bound(model, variables, x, eps)
-    inner = network.chain_product(stages[:-1], lb.layer_norms[:-1])
+    inner = stages.product(lb.layer_norms[:-1], logits=False)
     logits = np.asarray(lb.logits, np.float64)
     mat = np.asarray(stages[-1].layer.explicit_matrix(stages[-1].params), np.float64)
-    col = np.asarray(lipjax.bounds.margins.last_layer_columns(stages, lb.layers, 16))
+    col = np.asarray(margins.last_layer_columns(stages, lb.layers, 16))
     for b in range(16):
       gap = logits[b, int(y[b])] - logits[b]
       pn = np.linalg.norm((mat - mat[int(y[b])]) * col[b], axis=1)
@@ -236,6 +238,6 @@ def test_residual_branches_are_not_supported():
       (lnn.Dense(4), lnn.ReLU(), lnn.Residual((lnn.Dense(4), lnn.ReLU(), lnn.Dense(4))),
        lnn.Dense(3)), input_shape=(4,))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
-  stages = network.trace(model, variables, (4,))
+  stages = trace_lib.trace(model, variables, (4,))
   assert not pairwise.supports(stages)
   assert pairwise.pair_bounds(stages, [], [], jnp.zeros((1,), jnp.int32)) is None

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import lipjax
-from lipjax.bounds import graph, network
+from lipjax._src import trace as trace_lib
+from lipjax._src.rules import registered
 
 import _bounds_util as U
 
@@ -51,7 +52,7 @@ def _setup():
 
 def test_registered_rules_become_stages_and_the_map_is_exact():
   model, v, _ = _setup()
-  stages = network.trace(model, v, SHAPE)
+  stages = trace_lib.trace(model, v, SHAPE)
   assert [type(st.activation).__name__ for st in stages] == [
       "RegisteredActivation", "RegisteredActivation", "NoneType"]
   # The first stage is Dense then the registered map: its matrix is exact.
@@ -111,4 +112,4 @@ def test_bad_registrations_raise_one_line():
     lipjax.bounds.register_linear(lambda h: 2 * h, name="test_mix")
   with pytest.raises(ValueError, match="flat_below"):
     lipjax.bounds.register_activation(jnp.tanh, name="t", flat_below=1.0, flat_above=0.0)
-  assert graph.register_linear is lipjax.bounds.register_linear
+  assert registered.register_linear is lipjax.bounds.register_linear is lipjax.register_linear

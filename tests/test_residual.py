@@ -16,7 +16,9 @@ import pytest
 import lipjax
 import lipjax.training
 from lipjax import nn as lnn
-from lipjax.bounds import graph, network
+from lipjax._src import interpret
+from lipjax._src import trace as trace_lib
+from lipjax._src.graph import Block, stages_of
 
 import _bounds_util as U
 from test_flax_models import (CLASSES, SHAPE, _clusters, _flatten, _jacobian_norms,
@@ -107,30 +109,25 @@ def _model(name):
   return _CACHE[name]
 
 
-def _forward(stages, x):
-  """The network replayed from its stages (blocks included)."""
-  h, saved = x, None
-  starts = {st.block.start for st in stages if st.block is not None}
-  for st in stages:
-    if st.index in starts:
-      saved = h
-    z = st.affine(h)
-    h = z if st.activation is None else st.activation.activate(st.act_params, z)
-    if st.block is not None:
-      h = saved + h
-      if st.block.activation is not None:
-        h = st.block.activation.activate(st.block.act_params, h)
-  return h
+def _block_ends(items, ends):
+  """Per identity-shortcut block: its branch's last stage -> (its first stage,
+  the activation after the sum)."""
+  for item in items:
+    if isinstance(item, Block):
+      for path in item.paths:
+        _block_ends(path, ends)
+      (branch,) = [p for p in item.paths if p]
+      flat = stages_of(branch)
+      ends[flat[-1].index] = (flat[0].index, type(item.activation).__name__)
+  return ends
 
 
 def test_blocks_are_traced_as_intended():
   def structure(name):
     model, v = _model(name)
-    stages = network.trace(model, v, SHAPE)
-    return [(type(st.activation).__name__,
-             None if st.block is None else (st.block.start,
-                                            type(st.block.activation).__name__))
-            for st in stages]
+    graph = trace_lib.trace(model, v, SHAPE)
+    ends = _block_ends(graph.items, {})
+    return [(type(st.activation).__name__, ends.get(st.index)) for st in graph]
 
   assert structure("cnn") == [("ReLU", None), ("ReLU", None), ("Identity", (1, "ReLU")),
                               ("ClippedReLU", (3, "NoneType")), ("NoneType", None)]
@@ -140,7 +137,8 @@ def test_blocks_are_traced_as_intended():
   # feasible by the training step like any other.
   model, v = _model("mlp")
   leaves = jax.tree_util.tree_leaves_with_path(v)
-  names = [jax.tree_util.keystr(leaves[i][0]) for i in graph.threshold_leaves(model, v, SHAPE)]
+  names = [jax.tree_util.keystr(leaves[i][0])
+           for i in trace_lib.threshold_leaves(model, v, SHAPE)]
   assert names == ["['params']['theta']"], names
   assert structure("lipjax") == [("ReLU", None), ("ReLU", None), ("Identity", (1, "ReLU")),
                                  ("ClippedReLU", (3, "NoneType")), ("NoneType", None)]
@@ -153,7 +151,7 @@ def test_blocks_are_traced_as_intended():
 def test_stages_replay_the_forward_pass(name):
   model, v = _model(name)
   x = jax.random.uniform(jax.random.PRNGKey(7), (4,) + SHAPE)
-  np.testing.assert_allclose(_forward(network.trace(model, v, SHAPE), x),
+  np.testing.assert_allclose(interpret.forward(trace_lib.trace(model, v, SHAPE), x),
                              model.apply(v, x), rtol=1e-5, atol=1e-6)
 
 
@@ -205,7 +203,7 @@ class ResMLPLipjaxLayers(fnn.Module):
     f = lnn.ReLU()(lnn.Dense(6, name="Dense_1")(h))
     h = h + lnn.Dense(8, name="Dense_2")(f)
     theta = self.param("theta", fnn.initializers.constant(0.8), (8,))
-    h = lnn.ClippedReLU().activate({"theta": theta}, h)
+    h = jnp.minimum(jax.nn.relu(h), theta)   # what lipjax.nn.ClippedReLU computes
     return lnn.Dense(CLASSES, name="Dense_3")(h)
 
 
@@ -274,6 +272,10 @@ def test_lipjax_residual_blocks_in_any_position_are_sound_or_refused_in_one_line
   ok = {
       "on the input": (lnn.Residual((lnn.Dense(5), lnn.ReLU(), lnn.Dense(5))), d(CLASSES)),
       "empty branch": (d(), lnn.ReLU(), lnn.Residual(()), d(CLASSES)),
+      # A block on a linear layer's output: its skip runs through that layer
+      # (a projection shortcut from the block's input).
+      "after a linear layer": (d(), lnn.Residual((d(), lnn.ReLU(), d()), lnn.ReLU()),
+                               d(CLASSES)),
       "consecutive": (d(), lnn.ReLU(), lnn.Residual((d(),), lnn.ReLU()),
                       lnn.Residual((d(), lnn.ReLU(), d())),
                       lnn.Residual((d(), lnn.ClippedMaxMin(), d()), lnn.ClippedReLU()),
@@ -292,7 +294,6 @@ def test_lipjax_residual_blocks_in_any_position_are_sound_or_refused_in_one_line
     assert np.all(worst <= bound * (1 + 1e-5)), (name, worst, bound)
   refused = {
       "two activations in a row": (d(), lnn.ReLU(), lnn.Residual((lnn.ReLU(),)), d(CLASSES)),
-      "different layers": (d(), lnn.Residual((d(), lnn.ReLU(), d()), lnn.ReLU()), d(CLASSES)),
   }
   for words, layers in refused.items():
     model = lnn.Sequential(layers, input_shape=(5,))
@@ -388,7 +389,7 @@ def test_certificates_survive_pgd_and_training_step_runs():
   assert np.mean(worst_big > 0) > 0.3
 
 
-def test_unsupported_residual_patterns_raise_one_line():
+def test_projection_and_nested_blocks_are_bounded_and_a_shared_skip_is_refused():
   class Nested(fnn.Module):
     @fnn.compact
     def __call__(self, x):
@@ -410,14 +411,23 @@ def test_unsupported_residual_patterns_raise_one_line():
       y = h + fnn.Dense(6)(fnn.relu(fnn.Dense(6)(h)))
       return fnn.Dense(CLASSES)(y + h)
 
-  for cls, words in ((Nested, "nested residual"), (Projection, "different layers"),
-                     (Twice, "used elsewhere")):
+  x = jax.random.uniform(jax.random.PRNGKey(2), (B,) + SHAPE)
+  eps = 0.2
+  for cls in (Nested, Projection):   # refused before nested blocks and projections
     model = cls()
-    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
-    with pytest.raises(lipjax.UnsupportedModelError) as e:
-      lipjax.local_lipschitz_bound(model, v, jnp.zeros((1,) + SHAPE), 0.1)
-    msg = str(e.value)
-    assert "\n" not in msg and words in msg, msg
+    v = _random_variables(model, 4)
+    bound = np.asarray(lipjax.local_lipschitz_bound(model, v, x, eps).bound, np.float64)
+    glob = float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE))
+    assert np.all(bound <= glob * (1 + 1e-5)), cls.__name__
+    pts = jnp.concatenate([x[None], U.sample_ball(jax.random.PRNGKey(3), x, eps, 8)])
+    worst = _jacobian_norms(model.apply, v, pts.reshape((-1,) + SHAPE)).reshape(-1, B).max(0)
+    assert np.all(worst <= bound * (1 + 1e-5)), (cls.__name__, worst, bound)
+  model = Twice()
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+  with pytest.raises(lipjax.UnsupportedModelError) as e:
+    lipjax.local_lipschitz_bound(model, v, jnp.zeros((1,) + SHAPE), 0.1)
+  msg = str(e.value)
+  assert "\n" not in msg and "used elsewhere" in msg, msg
 
 
 # ---------------------------------------------------------------------------
@@ -434,7 +444,7 @@ def _tiny_liresnet(activation):
 def test_liresnet_blocks_are_joint_operators_and_bound_is_sound(activation):
   model = _tiny_liresnet(activation)
   v = _random_variables(model, 5)
-  stages = network.trace(model, v, SHAPE)
+  stages = trace_lib.trace(model, v, SHAPE)
   assert [type(st.layer).__name__ for st in stages] == [
       "Conv", "TracedResidualConv", "TracedResidualConv", "Conv", "Dense", "Dense"]
   # I + W as one convolution: its global norm is the joint circulant norm,

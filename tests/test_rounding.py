@@ -15,7 +15,8 @@ import pytest
 
 import lipjax
 from lipjax import nn as lnn
-from lipjax.bounds import lipschitz, network, rounding
+from lipjax._src import lipschitz, rounding
+from lipjax._src import trace as trace_lib
 
 import _bounds_util as U
 
@@ -119,7 +120,7 @@ def test_rounding_bounds_and_boxes_hold_at_points_of_the_ball(name, which):
   if which == "local":
     layers = lipjax.local_lipschitz_bound(model, v, x, eps).layers
   else:
-    stages = network.trace(model, v, model.input_shape)
+    stages = trace_lib.trace(model, v, model.input_shape)
     _, gn = lipjax.global_lipschitz_bound(model, v, per_layer=True)
     layers = lipschitz.ball_bounds(stages, x, jnp.full((3,), eps), gn)
   pts = U.sample_ball(jax.random.PRNGKey(6), x, eps, 16)     # (n, B, ...)
@@ -336,7 +337,8 @@ def _pool_matrix(h, w, c, window, stride):
                                                  ((7, 5, 1), 3, 2), ((5, 6, 3), 2, 1),
                                                  ((9, 9, 1), 3, 3)])
 def test_avgpool_rules_against_the_explicit_matrix(shape, window, stride):
-  layer = lnn.AvgPool(window, stride)
+  from lipjax._src import rules   # pylint: disable=import-outside-toplevel
+  layer = rules.module_rule(lnn.AvgPool(window, stride))   # lipjax.nn.AvgPool's rule
   m = _pool_matrix(*shape, window, stride)
   sigma = np.linalg.svd(m, compute_uv=False)[0]
   bound = float(layer.global_norm({}, shape))
@@ -347,7 +349,7 @@ def test_avgpool_rules_against_the_explicit_matrix(shape, window, stride):
     np.testing.assert_allclose(bound, 1.0 / window, rtol=2e-4)
   h = jax.random.uniform(jax.random.PRNGKey(0), (2,) + shape)
   flat = np.asarray(h, np.float64).reshape(2, -1)
-  np.testing.assert_allclose(np.asarray(layer.abs_linear({}, h)).reshape(2, -1),
+  np.testing.assert_allclose(np.asarray(layer.abs_forward({}, h)).reshape(2, -1),
                              flat @ np.abs(m).T, rtol=1e-6)
   rows = np.asarray(layer.row_norms({}, shape)).reshape(-1)
   np.testing.assert_allclose(rows, np.linalg.norm(m, axis=1), rtol=1e-6)
@@ -358,7 +360,7 @@ def test_large_avgpool_global_bound_is_deterministic():
   model = lnn.Sequential((lnn.AvgPool(2, 2), lnn.Flatten(), lnn.Dense(3)),
                          input_shape=(64, 64, 4))
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 4)))
-  stages = network.trace(model, v, model.input_shape)
+  stages = trace_lib.trace(model, v, model.input_shape)
   assert not lipschitz.needs_probabilistic_global(stages[0])
   _, gn = lipjax.global_lipschitz_bound(model, v, per_layer=True)
   np.testing.assert_allclose(float(gn[0]), 0.5, rtol=2e-4)
@@ -395,7 +397,7 @@ def test_lanczos_global_norm_reports_its_failure_probability():
   # 64 * 65 = 4160 inputs: an explicit Jacobian would have more than 2^24 entries.
   model = lnn.Sequential((_Ramp(), lnn.Flatten(), lnn.Dense(3)), input_shape=(64, 65, 1))
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 65, 1)))
-  stages = network.trace(model, v, model.input_shape)
+  stages = trace_lib.trace(model, v, model.input_shape)
   assert lipschitz.needs_probabilistic_global(stages[0])
   g = lipjax.bound_guarantee(model, v, bound="global", failure_probability=1e-7)
   assert not g.deterministic and g.failure_probability == 1e-7

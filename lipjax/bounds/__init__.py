@@ -1,51 +1,46 @@
-"""Pure bound functions: intervals, masks, norms, Lipschitz bounds, certificates.
+"""Pure bound functions: Lipschitz bounds, certificates, and your own rules.
 
-Nothing here knows about training; every function takes a model description
-(a :class:`lipjax.nn.Sequential`, any other Flax module or a function
-``fn(variables, x)``, read by :mod:`lipjax.bounds.graph`), its variables and
-arrays.
+Every function takes a model (a :class:`lipjax.nn.Sequential`, any other
+Flax linen or NNX module, or a function ``fn(variables, x)``), its variables
+and arrays. The implementation lives in :mod:`lipjax._src` (private).
+
+Public API::
+
+  local_lipschitz_bound(model, variables, x, eps, **options) -> LocalBound
+  global_lipschitz_bound(model, variables, **options)
+  layer_global_norms(model, variables, **options)
+  global_top_vectors(model, variables, **options) -> PowerState
+  certify(model, variables, x, y, eps, **options) -> Certificate
+  bound_guarantee(model, variables, bound="local" | "global") -> Guarantee
+  register_linear(fn), register_activation(fn, ...)
+  working_dtype(variables, x_dtype), operand_roundoff()
 """
 
-from lipjax.bounds.certify import Certificate, certify, certify_arrays
-from lipjax.bounds.intervals import LayerBounds, propagate
-from lipjax.bounds.lipschitz import (Guarantee, LocalBound, PowerState, bound_guarantee,
-                                     global_lipschitz_bound, global_top_vectors,
-                                     local_lipschitz_bound)
-from lipjax.bounds.network import Stage, UnsupportedModelError, trace, working_dtype
-from lipjax.bounds.norms import (ROUNDING_SLACK, conv_global_norm, dense_global_norm,
-                                 masked_dense_norm)
-from lipjax.bounds.rounding import operand_roundoff
-from lipjax.bounds.power import lanczos_estimate, lanczos_norm_bound, power_iteration
-from lipjax.bounds.graph import register_activation, register_linear
-from lipjax.bounds.network import BlockEnd, chain_product
+from lipjax._src.certify import Certificate, certify
+from lipjax._src.errors import UnsupportedModelError
+from lipjax._src.interpret import LayerBounds
+from lipjax._src.lipschitz import (Guarantee, LocalBound, PowerState, bound_guarantee,
+                                   global_lipschitz_bound, global_top_vectors,
+                                   layer_global_norms, local_lipschitz_bound)
+from lipjax._src.rounding import operand_roundoff
+from lipjax._src.rules.registered import register_activation, register_linear
+from lipjax._src.trace import working_dtype
 
 __all__ = [
-    "BlockEnd",
     "Certificate",
     "Guarantee",
     "LayerBounds",
     "LocalBound",
     "PowerState",
-    "ROUNDING_SLACK",
-    "Stage",
     "UnsupportedModelError",
     "bound_guarantee",
     "certify",
-    "certify_arrays",
-    "chain_product",
-    "conv_global_norm",
-    "dense_global_norm",
     "global_lipschitz_bound",
     "global_top_vectors",
-    "lanczos_estimate",
-    "lanczos_norm_bound",
+    "layer_global_norms",
     "local_lipschitz_bound",
-    "masked_dense_norm",
     "operand_roundoff",
-    "power_iteration",
-    "propagate",
     "register_activation",
     "register_linear",
-    "trace",
     "working_dtype",
 ]

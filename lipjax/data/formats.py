@@ -150,11 +150,11 @@ def read_idx_pair(images_path: PathLike, labels_path: PathLike, *,
   if labels.shape[0] != images.shape[0]:
     raise DataError(f"{labels_path}: {labels.shape[0]} labels but {images_path} "
                     f"holds {images.shape[0]} images")
-  _check_labels(labels, num_classes, labels_path)
+  check_labels(labels, num_classes, labels_path)
   return images[..., None], labels.astype(np.int32)
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, source: object) -> None:
+def check_labels(labels: np.ndarray, num_classes: int, source: object) -> None:
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f"{source}: labels out of range [0, {num_classes}): "
                     f"min {labels.min()}, max {labels.max()}")
@@ -248,7 +248,7 @@ def parse_cifar_batch(data: bytes, *, source: object,
     raise DataError(f"{source}: b'labels' is not a list of integers ({e})") from e
   if labels.shape != (pixels.shape[0],):
     raise DataError(f"{source}: {labels.shape} labels for {pixels.shape[0]} images")
-  _check_labels(labels, num_classes, source)
+  check_labels(labels, num_classes, source)
   images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return np.ascontiguousarray(images), labels.astype(np.int32)
 
@@ -356,7 +356,7 @@ def read_mnist_pkl(path: PathLike, split: str) -> Tuple[np.ndarray, np.ndarray]:
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
       raise DataError(f"{where}: expected {x.shape[0]} integer labels, got "
                       f"{y.dtype} {y.shape}")
-    _check_labels(y, 10, where)
+    check_labels(y, 10, where)
     scaled = x * np.float32(256.0)  # Exact: a power-of-two scale.
     with np.errstate(invalid="ignore"):
       values = scaled.astype(np.uint8)

@@ -322,7 +322,7 @@ def _read_data_source(source, ds: DatasetInfo, where: object,
                         f"expected uint8 {tuple(ds.image_shape)}")
       images[k] = image
       labels[k] = int(example["label"])
-  formats._check_labels(labels, ds.num_classes, where)  # pylint: disable=protected-access
+  formats.check_labels(labels, ds.num_classes, where)
   return images, labels.astype(np.int32)
 
 

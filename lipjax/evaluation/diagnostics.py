@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import lipjax
-from lipjax import nn as lnn
-from lipjax.bounds import graph, network
+from lipjax._src import frontends
+from lipjax._src import trace as trace_lib
 
 Array = jax.Array
 
@@ -48,11 +48,15 @@ def _quantiles(a) -> Dict[str, float]:
   return {"median": float(np.median(a)), "q10": float(np.quantile(a, 0.1))}
 
 
-def _thresholds(act, params) -> Optional[np.ndarray]:
-  """The clip thresholds of an activation (widths of its linear range), or None."""
-  if isinstance(act, lnn.ClippedReLU):
+def _thresholds(params) -> Optional[np.ndarray]:
+  """The clip thresholds of an activation (widths of its linear range), or None:
+  a learnable ``theta`` (clipped ReLU), or finite ``lower`` and ``upper``
+  (clamps)."""
+  if not isinstance(params, dict):
+    return None
+  if "theta" in params:
     return np.asarray(params["theta"], np.float64).ravel()
-  if isinstance(act, graph.Clamp):
+  if "lower" in params and "upper" in params:
     lo = np.asarray(params["lower"], np.float64)
     hi = np.asarray(params["upper"], np.float64)
     lo, hi = np.broadcast_arrays(lo, hi)
@@ -91,11 +95,11 @@ def bound_diagnostics(model, variables, x, y, eps, *, bound: str = "local",
   """
   from lipjax.training import losses   # pylint: disable=import-outside-toplevel
   t0 = time.time()
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
   eps = float(eps)
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
   hidden = stages[:-1]
   _, _, aux = losses.worst_case_deltas(model, variables, x, y, eps, bound=bound,
                                        iterations=iterations, power=power,
@@ -105,9 +109,9 @@ def bound_diagnostics(model, variables, x, y, eps, *, bound: str = "local",
   sound = lipjax.local_lipschitz_bound(model, variables, x, eps, key=key)
   b = x.shape[0]
   out: Dict[str, float] = {}
-  est_inner = network.chain_product(hidden, [jnp.broadcast_to(n, (b,)) for n in
-                                             train_norms[:-1]])
-  snd_inner = network.chain_product(hidden, list(sound.layer_norms[:-1]))
+  est_inner = stages.product([jnp.broadcast_to(n, (b,)) for n in train_norms[:-1]],
+                             logits=False)
+  snd_inner = stages.product(list(sound.layer_norms[:-1]), logits=False)
   for k, v in _quantiles(np.asarray(est_inner) / np.asarray(snd_inner)).items():
     out[f"network_ratio_{k}"] = v
   for l, st in enumerate(hidden):
@@ -120,7 +124,7 @@ def bound_diagnostics(model, variables, x, y, eps, *, bound: str = "local",
     if train_cols[l] is not None:
       out[f"layer{l}_kept_train"] = float(np.mean(np.asarray(train_cols[l])))
     out[f"layer{l}_dead"] = float(np.mean(np.max(col_sound, axis=0) == 0))
-    th = _thresholds(st.activation, st.act_params)
+    th = _thresholds(st.act_params)
     if th is not None and th.size:
       out[f"layer{l}_theta_zero"] = float(np.mean(th <= 0))
       out[f"layer{l}_theta_median"] = float(np.median(th))

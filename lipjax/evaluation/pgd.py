@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lipjax.bounds.per_example import expand, l2_norm
+from lipjax._src.per_example import expand, l2_norm
 
 Array = jax.Array
 

@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import certify as certify_fn
-from lipjax.bounds import graph, lipschitz, network
+from lipjax._src import frontends
+from lipjax._src.certify import certify as certify_fn
+from lipjax._src import lipschitz
+from lipjax._src import trace as trace_lib
 from lipjax.evaluation import pgd, tightness
 
 BOUNDS = ("local", "global")
@@ -158,7 +160,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
 
   Args:
     model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
-      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
+      ``fn(variables, x)`` (see :func:`lipjax.local_lipschitz_bound`).
     variables: its variables ``{"params": ...}``.
     images: ``(N, *input_shape)`` float32 in ``[0, 1]`` (host numpy is fine).
     labels: ``(N,)`` integer labels.
@@ -172,7 +174,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
     when every certified point survived the attacks).
   """
   eps_list = check_eps_list(eps_list)
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   bounds = tuple(options.bounds)
   if not bounds or any(b not in BOUNDS for b in bounds):
     raise ValueError(f"bounds must be a non-empty subset of {BOUNDS}, got {bounds}")
@@ -184,7 +186,7 @@ def evaluate(model, variables, images, labels, eps_list, options: EvalOptions = 
   if labels.shape != (n,):
     raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
   input_shape = tuple(images.shape[1:])
-  stages = network.trace(model, variables, input_shape)
+  stages = trace_lib.trace(model, variables, input_shape)
   num_classes = stages[-1].out_shape[0]
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"labels must be in [0, {num_classes})")

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax import nn as lnn
-from lipjax.bounds import graph, network, per_example
+from lipjax._src import frontends, interpret, per_example, power
+from lipjax._src import trace as trace_lib
 from lipjax.evaluation import pgd
 
 Array = jax.Array
@@ -51,10 +51,6 @@ class JacobianSearch(NamedTuple):
   point: Array
 
 
-def _normalise(v):
-  return v / per_example.expand(jnp.maximum(per_example.l2_norm(v), 1e-30), v)
-
-
 def power_norm(f, x, v, iterations: int):
   """Power iteration on ``J^T J`` of a per-example map ``f`` at ``x``.
 
@@ -71,46 +67,16 @@ def power_norm(f, x, v, iterations: int):
   """
   _, vjp = jax.vjp(f, x)
   jvp = lambda t: jax.jvp(f, (x,), (t,))[1]
-  v = jax.lax.fori_loop(0, iterations, lambda _, u: _normalise(vjp(jvp(u))[0]),
-                        _normalise(v))
+  v = jax.lax.fori_loop(0, iterations, lambda _, u: power.normalise(vjp(jvp(u))[0]),
+                        power.normalise(v))
   return per_example.l2_norm(jvp(v)), v
 
 
-def _smooth_activation(act, params, z, temperature):
-  t = temperature
-  sp = lambda u: t * jax.nn.softplus(u / t)
-  if isinstance(act, lnn.ReLU):
-    return sp(z)
-  if isinstance(act, lnn.ClippedReLU):
-    theta = params["theta"]
-    return sp(z) - sp(z - theta)
-  if isinstance(act, lnn.ClippedMaxMin):
-    a, b = jnp.split(z, 2, axis=-1)
-    hi = t * jnp.logaddexp(a / t, b / t)
-    lo = -t * jnp.logaddexp(-a / t, -b / t)
-    upper, lower = params["upper"], params["lower"]
-    hi = hi - sp(hi - upper)                      # smooth min(hi, M)
-    lo = lo + sp(lower - lo)                      # smooth max(lo, m)
-    return jnp.concatenate([hi, lo], axis=-1)
-  return act.activate(params, z)
-
-
 def smoothed_forward(model, variables, x, temperature: float):
-  """The network with every known activation replaced by a smooth surrogate."""
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
-  starts = {st.block.start for st in stages if st.block is not None}
-  h, saved = x, {}
-  for st in stages:
-    if st.index in starts:
-      saved[st.index] = h   # the skip input of a residual block
-    z = st.affine(h)
-    h = z if st.activation is None else _smooth_activation(st.activation, st.act_params,
-                                                           z, temperature)
-    if st.block is not None:
-      h = saved[st.block.start] + h
-      if st.block.activation is not None:
-        h = _smooth_activation(st.block.activation, st.block.act_params, h, temperature)
-  return h
+  """The network with every activation replaced by its rule's smooth surrogate
+  (:meth:`lipjax._src.rules.base.ActivationRule.smooth`)."""
+  graph = trace_lib.trace(model, variables, tuple(x.shape[1:]))
+  return interpret.smoothed_forward(graph, x, temperature)
 
 
 def _search_core(model, variables, x, eps, key, *, steps, iterations, temperature,
@@ -139,7 +105,7 @@ def _search_core(model, variables, x, eps, key, *, steps, iterations, temperatur
     best = jnp.where(better, sigma, best)
     best_x = jnp.where(per_example.expand(better, xa), xa, best_x)
     g = grad_fn(xa, jax.lax.stop_gradient(v))
-    xa = pgd.project(x, xa + per_example.expand(alpha, g) * _normalise(g), eps)
+    xa = pgd.project(x, xa + per_example.expand(alpha, g) * power.normalise(g), eps)
     return xa, v, best, best_x
 
   xa, v, best, best_x = jax.lax.fori_loop(0, steps, ascent, (xa, v, best, best_x))
@@ -164,7 +130,7 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
 
   Args:
     model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
-      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
+      ``fn(variables, x)`` (see :func:`lipjax.local_lipschitz_bound`).
     variables: its variables.
     x: ``(B, *input_shape)`` points.
     eps: scalar or ``(B,)`` radii ``>= 0``.
@@ -180,13 +146,14 @@ def jacobian_norm_lower_bound(model, variables, x, eps, *, steps: int = 10,
   """
   if steps < 0 or iterations < 1:
     raise ValueError(f"need steps >= 0 and iterations >= 1, got {steps}, {iterations}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   e_host = np.asarray(eps, np.float64)
   if not np.all(np.isfinite(e_host)) or np.any(e_host < 0):
     raise ValueError("eps must be finite and >= 0")
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (x.shape[0],))
   key = jax.random.PRNGKey(0) if key is None else key
+  model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   return _compiled(model, int(steps), int(iterations), float(temperature),
                    float(step_scale))(variables, x, eps, key)
 

@@ -109,11 +109,13 @@ def _workdir(workdir: Union[str, os.PathLike], *, must_exist: bool = True) -> Pa
   return path
 
 
-def _to_jsonable(value):
+def to_jsonable(value):
+  """``value`` with tuples as lists, numpy scalars and arrays as Python numbers and
+  lists, and dict keys as strings: what ``json.dumps`` writes."""
   if isinstance(value, Mapping):
-    return {str(k): _to_jsonable(v) for k, v in value.items()}
+    return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_to_jsonable(v) for v in value]
+    return [to_jsonable(v) for v in value]
   if isinstance(value, (np.generic, np.ndarray)) or isinstance(value, jax.Array):
     arr = np.asarray(value)
     return arr.item() if arr.ndim == 0 else arr.tolist()
@@ -159,7 +161,7 @@ def save_config(workdir, config: Mapping[str, Any]) -> Path:
   path = _workdir(workdir, must_exist=False)
   path.mkdir(parents=True, exist_ok=True)
   out = path / CONFIG_FILE
-  _atomic_write(out, json.dumps(_to_jsonable(dict(config)), indent=2, sort_keys=True) + "\n")
+  _atomic_write(out, json.dumps(to_jsonable(dict(config)), indent=2, sort_keys=True) + "\n")
   return out
 
 
@@ -193,7 +195,7 @@ def append_metrics(workdir, record: Mapping[str, Any]) -> None:
   path = _workdir(workdir, must_exist=False)
   path.mkdir(parents=True, exist_ok=True)
   with open(path / METRICS_FILE, "a") as f:
-    f.write(json.dumps(_to_jsonable(dict(record)), sort_keys=True) + "\n")
+    f.write(json.dumps(to_jsonable(dict(record)), sort_keys=True) + "\n")
 
 
 def read_metrics(workdir):
@@ -234,6 +236,18 @@ def _warn(msg: str) -> None:
   warnings.warn(msg, CheckpointWarning, stacklevel=3)
 
 
+def _best_fn(best_metric: str, best_mode: str):
+  """The score of a checkpoint's metrics (a broken evaluation is never the best)."""
+
+  def best_fn(metrics):
+    value = metrics.get(best_metric) if isinstance(metrics, Mapping) else None
+    if value is None or not np.isfinite(value):
+      return -np.inf if best_mode == "max" else np.inf
+    return float(value)
+
+  return best_fn
+
+
 def _make_manager(directory: Path, *, max_to_keep: int, best_metric: str, best_mode: str,
                   read_only: bool) -> ocp.CheckpointManager:
   if best_mode not in ("max", "min"):
@@ -241,12 +255,7 @@ def _make_manager(directory: Path, *, max_to_keep: int, best_metric: str, best_m
   if max_to_keep < 1:
     raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
 
-  def best_fn(metrics):
-    value = metrics.get(best_metric) if isinstance(metrics, Mapping) else None
-    if value is None or not np.isfinite(value):   # a broken evaluation is never the best
-      return -np.inf if best_mode == "max" else np.inf
-    return float(value)
-
+  best_fn = _best_fn(best_metric, best_mode)
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       best_fn=best_fn,
@@ -338,7 +347,7 @@ class TrainCheckpointer:
     host_state = jax.device_get(state)
     position = {"epoch": int(epoch), "batch_index": int(batch_index), "step": step,
                 "params_sha256": _digest(_params_of(host_state))}
-    metrics = None if metrics is None else _to_jsonable(dict(metrics))
+    metrics = None if metrics is None else to_jsonable(dict(metrics))
     self._manager.save(
         step,
         args=ocp.args.Composite(**{
@@ -561,7 +570,7 @@ def _restore_tree(workdir, which):
     elif which == "best":
       scored = [s for s in steps if manager.metrics(s) is not None]
       if scored:
-        key = manager._options.best_fn  # pylint: disable=protected-access
+        key = _best_fn(_best_metric_of(path), _best_mode_of(path))
         sign = 1 if _best_mode_of(path) == "max" else -1
         # Best first; among equal scores the newest.
         candidates = sorted(scored, key=lambda s: (sign * key(manager.metrics(s)), s),

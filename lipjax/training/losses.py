@@ -7,18 +7,22 @@ Lipschitz bound; the losses below consume it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lipjax import nn as lnn
-from lipjax.bounds import graph, lipschitz, margins, network, pairwise, power
+from lipjax._src import frontends
+from lipjax._src import lipschitz, margins, pairwise
+from lipjax._src import trace as trace_lib
+from lipjax._src.options import check_choice
 
 Array = jax.Array
 
+
+#: The gradient options of the training estimates.
+GRADS = ("constant", "through")
 
 #: Power iterations that :func:`init_power_state` runs from the random start.
 INIT_ITERATIONS = 30
@@ -35,7 +39,7 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
 
   Args:
     model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
-      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
+      ``fn(variables, x)`` (see :func:`lipjax.local_lipschitz_bound`).
     variables: its variables, ``{"params": ...}``.
     input_shape: shape of one example (defaults to ``model.input_shape``).
     key: PRNG key of the random start (default ``PRNGKey(0)``).
@@ -46,30 +50,16 @@ def init_power_state(model, variables, input_shape=None, key=None, *,
   """
   if iterations < 0:
     raise ValueError(f"iterations must be >= 0, got {iterations}")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   shape = lipschitz.resolve_input_shape(model, input_shape)
-  network.trace(model, variables, shape)   # validates the model
+  trace_lib.trace(model, variables, shape)   # validates the model
   key = jax.random.PRNGKey(0) if key is None else key
   return _init_power(model, variables, shape, key, int(iterations))
 
 
 def _init_power(model, variables, shape, key, iterations):
-  stages = network.trace(model, variables, shape)
-  keys = jax.random.split(key, len(stages))
-  vecs = []
-  for st, k in zip(stages, keys):
-    u = jax.random.normal(k, (1,) + st.in_shape, jnp.float32)
-    frozen = dataclasses.replace(st, params=jax.lax.stop_gradient(st.params))
-    op = frozen.linear
-    opt = power.adjoint(frozen.linear_for_adjoint, u)
-
-    def body(_, u, op=op, opt=opt):
-      v = power.normalise(op(u))
-      return power.normalise(opt(v))
-
-    vecs.append(jax.lax.stop_gradient(
-        jax.lax.fori_loop(0, iterations, body, power.normalise(u))))
-  return lipschitz.PowerState(tuple(vecs))
+  return lipschitz.global_vectors(trace_lib.trace(model, variables, shape), key, iterations,
+                                  jnp.float32)
 
 
 #: The training-estimator options of :func:`worst_case_deltas` a training step accepts.
@@ -126,7 +116,8 @@ def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
       ``"constant"``).
 
   Returns:
-    The options with ``estimator`` resolved (:func:`resolve_estimator`).
+    Every option of :data:`BOUND_OPTIONS`, ``estimator`` and ``intermediate``
+    resolved (:func:`resolve_estimator`, :func:`resolve_intermediate`).
 
   Raises:
     ValueError: one line naming the bad key or value.
@@ -137,12 +128,14 @@ def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
     raise ValueError(f"unknown bound option(s) {', '.join(map(repr, unknown))}; "
                      f"known: {', '.join(BOUND_OPTIONS)}")
   options["estimator"] = resolve_estimator(options.get("estimator"), grad)
-  resolve_intermediate(options["estimator"], options.get("intermediate"))
+  options["intermediate"] = resolve_intermediate(options["estimator"],
+                                                 options.get("intermediate"))
   if options["estimator"] == "lanczos" and grad != "constant":
     raise ValueError("estimator='lanczos' needs grad='constant'")
-  if not isinstance(options.get("pair", False), bool):
+  options.setdefault("pair", False)
+  if not isinstance(options["pair"], bool):
     raise ValueError(f"pair must be True or False, got {options['pair']!r}")
-  g = options.get("global_iterations")
+  g = options.setdefault("global_iterations", None)
   if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
     raise ValueError(f"global_iterations must be an int >= 0, got {g!r}")
   return options
@@ -212,18 +205,25 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     "layer_norms": per linear layer the norm the loss used ((B,) or scalar),
     "col_masks": per hidden layer the (B, units) column mask or None}``.
   """
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-  if grad not in ("constant", "through"):
-    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
-  estimator = resolve_estimator(estimator, grad)
-  iterations = resolve_iterations(iterations, estimator)
-  intermediate = resolve_intermediate(estimator, intermediate)
-  model = graph.as_model(model)
+  check_choice("bound", bound, lipschitz.BOUNDS)
+  check_choice("grad", grad, GRADS)
+  options = check_bound_options({"estimator": estimator, "intermediate": intermediate,
+                                 "global_iterations": global_iterations, "pair": pair},
+                                grad=grad)
+  return deltas(model, variables, x, y, eps, bound=bound,
+                iterations=resolve_iterations(iterations, options["estimator"]), power=power,
+                key=key, grad=grad, batch_axis=batch_axis, **options)
+
+
+def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
+           global_iterations, estimator, intermediate, pair, batch_axis=None):
+  """:func:`worst_case_deltas` for callers that checked and resolved its options
+  (the training steps: :func:`check_bound_options`, :func:`resolve_iterations`)."""
+  model, variables = frontends.resolve(model, variables)
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
   eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (b,))
-  stages = network.trace(model, variables, tuple(x.shape[1:]))
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
   last = stages[-1]
   mat = last.layer.explicit_matrix(last.params)
   if mat is None:
@@ -246,7 +246,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                                          batch_axis=batch_axis)
     logits = lb.logits
     used = list(lb.layer_norms)
-    inner = network.chain_product(stages[:-1], used[:-1])
+    inner = stages.product(used, logits=False)
     col = margins.last_layer_columns(stages, lb.layers, b)
     cols = [layer.col_mask.reshape(b, -1) for layer in lb.layers[:-1]]
     new_power = lb.global_state
@@ -256,17 +256,17 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
     used, new_power = lipschitz.running_global_norms(stages, power, n_global,
                                                      differentiable=True,
                                                      estimator=estimator)
-    inner = jnp.full((b,), network.chain_product(stages[:-1], used[:-1]))
+    inner = jnp.full((b,), stages.product(used, logits=False))
     col = jnp.ones((b, mat.shape[1]))
     cols = [None] * (len(stages) - 1)
-  deltas = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
+  out = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
   if pair and lb is not None and pairwise.supports(stages):
     # The per-class-pair bound of the sound certificate, as an estimate: the
     # estimate's boxes give the slopes, its per-layer norms the prefixes.
     pb = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, y, sound=False)
-    deltas = jnp.minimum(deltas, eps[:, None] * pb)
-  return logits, deltas, {"power": new_power, "local_bound": lb, "layer_norms": used,
-                          "col_masks": cols}
+    out = jnp.minimum(out, eps[:, None] * pb)
+  return logits, out, {"power": new_power, "local_bound": lb, "layer_norms": used,
+                       "col_masks": cols}
 
 
 def gloro_loss(logits: Array, deltas: Array, y: Array) -> Array:
@@ -310,17 +310,11 @@ def sparsity_loss(model, variables, local_bound, theta_weight: float = 0.1) -> A
     local_bound = local_bound.get("local_bound")
   if local_bound is None:
     return jnp.zeros(())
-  stages = network.trace(model, variables, tuple(local_bound.layers[0].input_center.shape[1:]))
+  model, variables = frontends.resolve(model, variables)
+  stages = trace_lib.trace(model, variables, tuple(local_bound.layers[0].input_center.shape[1:]))
   total = jnp.zeros(())
   for st, lb in zip(stages[:-1], local_bound.layers[:-1]):
-    act, p = st.activation, st.act_params
-    if isinstance(act, lnn.ClippedReLU):
-      total += jnp.mean(jax.nn.relu(lb.upper)) + theta_weight * jnp.mean(
-          jax.nn.relu(p["theta"] - lb.lower))
-    elif isinstance(act, lnn.ClippedMaxMin):
-      c = lb.lower.shape[-1] // 2
-      lo_max = jnp.maximum(lb.lower[..., :c], lb.lower[..., c:])
-      up_min = jnp.minimum(lb.upper[..., :c], lb.upper[..., c:])
-      total += jnp.mean(jax.nn.relu(p["upper"] - lo_max)) + jnp.mean(
-          jax.nn.relu(up_min - p["lower"]))
+    term = st.activation.sparsity(st.act_params, lb.lower, lb.upper, theta_weight)
+    if term is not None:
+      total += term
   return total

@@ -248,7 +248,7 @@ def make_sharded_train_step(model, optimizer: optax.GradientTransformation, *,
   """
   mesh = data_mesh(axis_name=data_axis) if mesh is None else mesh
   _check_axis(mesh, data_axis)
-  update = step_lib._make_update(  # pylint: disable=protected-access
+  update = step_lib.make_update(
       model, optimizer, loss=loss, bound=bound, iterations=iterations, grad=grad,
       sparsity_weight=sparsity_weight, eps_schedule=eps_schedule,
       kappa_schedule=kappa_schedule, axis_name=None, bound_options=bound_options)

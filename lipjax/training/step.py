@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lipjax.bounds import graph
+from lipjax._src import frontends
+from lipjax._src import trace as trace_lib
+from lipjax._src.options import check_choice
 from lipjax.training import losses
 
 _THRESHOLDS = ("theta",)
@@ -100,13 +102,21 @@ def create_train_state(params, optimizer: optax.GradientTransformation, *, rng,
 def _project_all_thresholds(model, params, in_shape):
   """``max(theta, 0)`` for every clipped-ReLU threshold, in one pass: the
   leaves named ``theta`` and those a traced model uses as thresholds
-  (:func:`lipjax.bounds.graph.threshold_leaves`), whatever their names."""
-  variables = {"params": params}
-  index = set(graph.threshold_leaves(model, variables, in_shape))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  (see :func:`lipjax._src.trace.threshold_leaves`), whatever their names."""
+  index = set(trace_lib.threshold_leaves(model, _variables(model, params), in_shape))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [jnp.maximum(a, 0.0) if (i in index or _is_threshold(path)) else a
             for i, (path, a) in enumerate(leaves)]
-  return jax.tree_util.tree_unflatten(treedef, leaves)["params"]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _variables(model, params):
+  """The variables the model is applied with during training: ``{"params": params}``
+  (for an NNX module, its other variables come from the module itself).
+
+  Their leaves are ``params``' leaves, in the same order, so that a leaf
+  index into the one is an index into the other."""
+  return {"params": params}
 
 
 def _as_schedule(value, name):
@@ -122,20 +132,17 @@ def _as_schedule(value, name):
   return lambda step: jnp.full((), const, jnp.float32)
 
 
-def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_weight,
-                 eps_schedule, kappa_schedule, axis_name, bound_options=None):
+def make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_weight,
+                eps_schedule, kappa_schedule, axis_name, bound_options=None):
   """Pure ``update(state, images, labels) -> (state, metrics)``.
 
   With ``axis_name`` set, gradients, metrics and the power state are averaged
   over that mapped axis (each member holding an equal share of the batch).
   """
-  if loss not in ("gloro", "bcp", "ce"):
-    raise ValueError(f"loss must be 'gloro', 'bcp' or 'ce', got {loss!r}")
-  model = graph.as_model(model)
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-  if grad not in ("constant", "through"):
-    raise ValueError(f"grad must be 'constant' or 'through', got {grad!r}")
+  check_choice("loss", loss, ("gloro", "bcp", "ce"))
+  model = frontends.as_model(model)
+  check_choice("bound", bound, ("local", "global"))
+  check_choice("grad", grad, losses.GRADS)
   bound_options = losses.check_bound_options(bound_options, grad=grad)
   iterations = losses.resolve_iterations(iterations, bound_options["estimator"])
   eps_fn = _as_schedule(eps_schedule, "eps_schedule")
@@ -148,13 +155,13 @@ def _make_update(model, optimizer, *, loss, bound, iterations, grad, sparsity_we
   kappa_fn = kappa_fn or _as_schedule(0.0, "kappa_schedule")
 
   def loss_fn(params, power, images, labels, eps, kappa, key):
-    variables = {"params": params}
+    variables = _variables(model, params)
     if loss == "ce":
       logits = model.apply(variables, images)
       deltas = jnp.zeros_like(logits)
       value = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     else:
-      logits, deltas, aux = losses.worst_case_deltas(
+      logits, deltas, aux = losses.deltas(
           model, variables, images, labels, eps, bound=bound, iterations=iterations,
           power=power, key=key, grad=grad, batch_axis=axis_name, **bound_options)
       power = jax.lax.stop_gradient(aux["power"])
@@ -244,7 +251,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
     ``vra_estimate`` (fraction whose estimated margin exceeds the estimated
     ``Delta``: a training signal, not a certificate).
   """
-  update = _make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
+  update = make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
                         grad=grad, sparsity_weight=sparsity_weight,
                         eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
                         axis_name=None, bound_options=bound_options)
@@ -275,7 +282,7 @@ def make_parallel_train_step(model, optimizer: optax.GradientTransformation, *,
     with ``D = jax.local_device_count()``; state and metrics keep the leading
     device axis (take one copy with :func:`unreplicate`).
   """
-  update = _make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
+  update = make_update(model, optimizer, loss=loss, bound=bound, iterations=iterations,
                         grad=grad, sparsity_weight=sparsity_weight,
                         eps_schedule=eps_schedule, kappa_schedule=kappa_schedule,
                         axis_name=axis_name, bound_options=bound_options)

@@ -18,14 +18,13 @@ Two tools with different guarantees:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from lipjax.bounds import per_example
-from lipjax.bounds.norms import ROUNDING_SLACK
+from lipjax._src import per_example
+from lipjax._src.norms import ROUNDING_SLACK
 
 Array = jax.Array
 Operator = Callable[[Array], Array]
@@ -33,21 +32,9 @@ Operator = Callable[[Array], Array]
 _TINY = 1e-30
 
 
-def _batch_norm(x: Array) -> Array:
-  """Per-example l2 norm with a finite (zero) gradient at 0."""
-  sq = jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
-
-
-def _normalise(x: Array) -> Array:
-  n = _batch_norm(x)
-  return x / per_example.expand(jnp.maximum(n, _TINY), x)
-
-
 def normalise(x: Array) -> Array:
   """Each example scaled to unit l2 norm (zero examples stay zero)."""
-  return _normalise(x)
+  return x / per_example.expand(jnp.maximum(per_example.safe_norm(x), _TINY), x)
 
 
 def _batch_dot(a: Array, b: Array) -> Array:
@@ -80,14 +67,16 @@ def adjoint(op: Operator, u_like: Array) -> Operator:
 def power_iteration(op: Operator, u0: Array, iterations: int, *,
                     grad_through: bool = False, tol: Optional[float] = None,
                     adjoint_of: Optional[Operator] = None,
-                    final_op: Optional[Operator] = None) -> Tuple[Array, Array]:
+                    final_op: Optional[Operator] = None,
+                    loop: bool = False) -> Tuple[Array, Array]:
   """Estimates ``||op||_2`` per example with the power method.
 
   Args:
     op: batched linear operator.
     u0: ``(B, *in_shape)`` start vectors (random or warm start; need not be
       normalised).
-    iterations: number of iterations (unrolled: a few are used in training).
+    iterations: number of iterations (unrolled: a few are used in training;
+      see ``loop``).
     grad_through: if True, gradients flow through every iteration; otherwise
       the final vector is a constant and only the last application of ``op``
       is differentiated (``||op(stop_gradient(u))||``).
@@ -99,6 +88,8 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
       With ``grad_through=False``, pass ``op`` and ``adjoint_of`` built from
       parameters under ``stop_gradient`` and the live map here: the
       iterations then carry no derivative work at all.
+    loop: run the iterations in a ``jax.lax.fori_loop`` (many iterations;
+      not with ``grad_through`` or ``tol``).
 
   Returns:
     ``(sigma, u)``: ``(B,)`` estimates, each a *lower bound* of the true norm
@@ -106,30 +97,35 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
     warm-start the next call.
   """
   opt = adjoint(adjoint_of or op, u0)
-  u = _normalise(u0)
+  u = normalise(u0)
   if not grad_through:
     u = jax.lax.stop_gradient(u)
+  if loop:
+    if grad_through or tol is not None:
+      raise ValueError("loop=True takes neither grad_through nor tol")
+    u = jax.lax.fori_loop(0, int(iterations), lambda _, u: normalise(opt(normalise(op(u)))), u)
+    iterations = 0
   sigma_prev = None
   for _ in range(int(iterations)):
-    v = _normalise(op(u))
-    u_new = _normalise(opt(v))
+    v = normalise(op(u))
+    u_new = normalise(opt(v))
     if tol is not None and sigma_prev is not None:
-      sigma_now = _batch_norm(op(u))
+      sigma_now = per_example.safe_norm(op(u))
       done = jnp.abs(sigma_now - sigma_prev) <= tol * jnp.maximum(sigma_now, _TINY)
       u_new = jnp.where(per_example.expand(done, u), u, u_new)
       sigma_prev = sigma_now
     elif tol is not None:
-      sigma_prev = _batch_norm(op(u))
+      sigma_prev = per_example.safe_norm(op(u))
     u = u_new
     if not grad_through:
       u = jax.lax.stop_gradient(u)
-  sigma = _batch_norm((final_op or op)(u))
+  sigma = per_example.safe_norm((final_op or op)(u))
   return sigma, jax.lax.stop_gradient(u)
 
 
 def norm_at(op: Operator, u: Array) -> Array:
   """``||op(u)||`` per example (``(B,)``), with a finite gradient at 0."""
-  return _batch_norm(op(u))
+  return per_example.safe_norm(op(u))
 
 
 def _lanczos(matvec: Operator, q0: Array, steps: int,
@@ -148,8 +144,8 @@ def _lanczos(matvec: Operator, q0: Array, steps: int,
   it is). The Ritz value never decreases as steps are added (the tridiagonal
   matrices are nested), so a test on it holds for every later step too.
   """
-  q = _normalise(q0)
-  alive0 = _batch_norm(q0) > 0
+  q = normalise(q0)
+  alive0 = per_example.safe_norm(q0) > 0
   steps = int(steps)
 
   def body(carry, index):
@@ -159,7 +155,7 @@ def _lanczos(matvec: Operator, q0: Array, steps: int,
     w = matvec(q) - per_example.expand(beta_prev, q) * q_prev
     alpha = jnp.where(real, _batch_dot(q, w), 0.0)
     w = w - per_example.expand(alpha, q) * q
-    beta = _batch_norm(w)
+    beta = per_example.safe_norm(w)
     scale = jnp.maximum(scale, jnp.abs(alpha))
     counted = alive
     alive = alive & (beta > 1e-6 * scale)
@@ -225,8 +221,8 @@ def lanczos_estimate(op: Operator, transpose: Operator, q0: Array, steps: int) -
     ``||op(q0)|| / ||q0||``, computed with ``op`` alone.
   """
   if int(steps) == 1:
-    n = _batch_norm(q0)
-    return jnp.where(n > 0, _batch_norm(op(q0)) / jnp.maximum(n, _TINY), 0.0)
+    n = per_example.safe_norm(q0)
+    return jnp.where(n > 0, per_example.safe_norm(op(q0)) / jnp.maximum(n, _TINY), 0.0)
   top, _ = _lanczos(lambda q: transpose(op(q)), q0, int(steps))
   return jnp.sqrt(top)
 
@@ -256,7 +252,7 @@ def lanczos_ritz_vector(op: Operator, transpose: Operator, q0: Array,
     ``(B, *in)`` unit vectors (zero where ``q0`` is zero).
   """
   steps = int(steps)
-  q = jax.lax.stop_gradient(_normalise(q0))
+  q = jax.lax.stop_gradient(normalise(q0))
   if steps <= 1:
     return q
   basis, alphas, betas = [q], [], []
@@ -270,7 +266,7 @@ def lanczos_ritz_vector(op: Operator, transpose: Operator, q0: Array,
     alphas.append(alpha)
     if k == steps - 1:
       break
-    beta = _batch_norm(w)
+    beta = per_example.safe_norm(w)
     betas.append(beta)
     w_prev = basis[-1]
     ok = per_example.expand(beta > 1e-6 * jnp.maximum(jnp.abs(alpha), _TINY), q)
@@ -279,7 +275,7 @@ def lanczos_ritz_vector(op: Operator, transpose: Operator, q0: Array,
   off = jnp.stack(betas, axis=1)                         # (B, k - 1)
   s = tridiagonal_top_vector(a, off, iterations=ritz_iterations)
   u = sum(per_example.expand(s[:, i], q) * v for i, v in enumerate(basis))
-  return jax.lax.stop_gradient(_normalise(u))
+  return jax.lax.stop_gradient(normalise(u))
 
 
 def tridiagonal_top_vector(diag: Array, off: Array, iterations: int = 3) -> Array:
@@ -402,11 +398,10 @@ def _settled_at(cap, n: Array, steps: int, delta: float, dtype):
 
 def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...],
                        col_mask: Array, steps: int, delta: float,
-                       adjoint_of: Optional[Operator] = None,
                        rank_bound: Optional[Array] = None,
                        transpose: Optional[Operator] = None,
                        cap: Optional[Array] = None,
-                       capped: Optional[Array] = None) -> Tuple[Array, Array]:
+                       shared: Optional[Tuple] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -419,7 +414,7 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   before its Krylov space fills the ``n`` varying dimensions is judged by the
   steps it completed, with the budget ``delta`` split over the possible
   stopping points. The result carries the relative rounding
-  margin ``1e-4`` of :mod:`lipjax.bounds.norms`.
+  margin ``1e-4`` of :mod:`lipjax._src.norms`.
 
   Args:
     op: batched linear operator whose input is already column-masked.
@@ -428,14 +423,12 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
     col_mask: ``(B, *in_shape)`` 0/1 mask of varying input coordinates.
     steps: Lanczos steps.
     delta: failure probability for this operator.
-    adjoint_of: another implementation of ``op`` whose transpose gives the
-      adjoint (default: ``op``).
     rank_bound: optional ``(B,)`` upper bound on the rank of ``op`` (e.g. its
       number of unmasked rows ``r``): the Krylov space of ``op^T op`` then has
       dimension at most ``r + 1``, so a run that completed that many steps
       cannot have stopped too early.
     transpose: optional explicit adjoint ``op^T`` (must be exactly the
-      transpose of ``op``); replaces ``adjoint_of``.
+      transpose of ``op``); default ``jax.linear_transpose`` of ``op``.
     cap: optional scalar or ``(B,)`` upper bound on ``||op||`` known
       otherwise (e.g. the global norm), which the caller takes the minimum
       with. Steps stop, in blocks of 5, once every example's bound can no
@@ -444,13 +437,13 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
       Ritz value only grows with more steps, and a run judged by fewer steps
       gets a larger relative error ``e``). The estimate is then the Ritz
       value reached so far.
-    capped: optional ``(B,)`` bools (with ``cap``): examples whose ``||op||``
-      the caller knows to be at most ``cap`` without Lanczos (e.g. masks
-      that keep every row and column, so ``op`` is the unmasked layer). They
-      count as settled from the first step (no steps run for them unless
-      other examples need them) and get ``upper = inf``, so that
-      ``min(upper, cap)`` is ``cap``; their estimate is at least the start
-      vector's Rayleigh quotient.
+    shared: optional ``(members, op_1, transpose_1, col_mask_1, rank_bound_1)``
+      (with ``cap``): ``members`` ``(B,)`` bools marks the examples whose
+      operator is the batch-of-one operator ``op_1`` (e.g. examples whose
+      masks equal the batch's elementwise maximum). One run on ``op_1``, from
+      its own Gaussian start (``key`` folded with 1), bounds all of them, and
+      runs only when there is a member; their own runs count as settled from
+      the first step.
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
@@ -458,14 +451,15 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   """
   dtype = jnp.promote_types(col_mask.dtype, jnp.float32)   # the working precision
   g = gaussian(key, in_shape_batch, dtype) * col_mask
-  opt = transpose if transpose is not None else adjoint(adjoint_of or op, g)
+  opt = transpose if transpose is not None else adjoint(op, g)
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
   settled = None if cap is None else _settled_at(cap, n, steps, delta, dtype)
-  if capped is not None:
+  if shared is not None:
     if cap is None:
-      raise ValueError("capped needs cap")
+      raise ValueError("shared needs cap")
+    members = shared[0]
     base = settled
-    settled = lambda top, done: base(top, done) | capped   # noqa: E731
+    settled = lambda top, done: base(top, done) | members   # noqa: E731
   theta, done = _lanczos(lambda q: opt(op(q)), g, steps, settled)
   # The number of steps an example completes depends on its start vector, so
   # the failure budget is split over the possible stopping points: half for a
@@ -481,16 +475,18 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   upper = jnp.where(e < 1.0, jnp.sqrt(theta / jnp.maximum(1.0 - e, _TINY)), jnp.inf)
   upper = upper * (1.0 + ROUNDING_SLACK)
   est = jnp.sqrt(theta)
-  if capped is not None:
-    upper = jnp.where(capped, jnp.inf, upper)
-    # Their steps may not have run: the start's Rayleigh quotient (one
-    # product) keeps their estimate from below informative.
-    rq = _batch_norm(op(g)) / jnp.maximum(_batch_norm(g), _TINY)
-    est = jnp.where(capped, jnp.maximum(est, rq), est)
+  if shared is not None:
+    members, op_1, transpose_1, col_1, rank_1 = shared
+
+    def run_shared():
+      u, e1 = lanczos_norm_bound(op_1, jax.random.fold_in(key, 1), col_1.shape, col_1,
+                                 steps, delta, rank_bound=rank_1, transpose=transpose_1,
+                                 cap=cap)
+      return u[0], e1[0]
+
+    inf = jnp.asarray(jnp.inf, upper.dtype)
+    u_1, e_1 = jax.lax.cond(jnp.any(members), run_shared,
+                            lambda: (inf, jnp.zeros_like(inf)))
+    upper = jnp.where(members, u_1, upper)
+    est = jnp.where(members, jnp.maximum(est, e_1), est)
   return upper, est
-
-
-def steps_for(n: int, delta: float, rel_error: float) -> int:
-  """Lanczos steps so that the KW bound at ``n`` is ``<= delta``."""
-  return int(math.ceil((math.log(1.648 * math.sqrt(n) / delta) / math.sqrt(rel_error)
-                        + 1) / 2)) + 1

@@ -10,7 +10,7 @@ where ``g_iy`` is the float32 gap at ``x``, ``D_{L-1}`` deletes the last
 layer's constant columns, ``IBP_iy`` is the exact minimum of the gap over the
 penultimate box, and ``E_iy`` bounds ``|fl(z_y - z_i) - (z_y - z_i)|`` at
 every point of the ball: the float32 rounding of the whole forward pass
-(:mod:`lipjax.bounds.rounding`), which grows with the magnitudes summed
+(:mod:`lipjax._src.rounding`), which grows with the magnitudes summed
 (``sum |W| |h| + |b|`` per logit), not with the gap. The example is
 *certified* when ``L_iy - E_iy > 0`` for every ``i != y`` (every float32
 evaluation ``model.apply(x')`` and the exact network then predict ``y`` on
@@ -37,9 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax import nn as lnn
-from lipjax.bounds import (graph, intervals, lipschitz, margins, network, norms, pairwise,
-                           per_example, rounding)
+from lipjax._src import (frontends, interpret, lipschitz, margins, norms, pairwise,
+                         per_example, rounding)
+from lipjax._src import trace as trace_lib
+from lipjax._src.graph import Pass
+from lipjax._src.options import check_choice
 
 Array = jax.Array
 
@@ -53,7 +55,7 @@ class Certificate:
     predicted: ``(B,)`` int32 argmax of the logits.
     certified: ``(B,)`` bool; ``predicted == y`` and at every point ``x'`` of
       ``B(x, eps)`` both the float32 forward pass ``model.apply`` (on this
-      backend and matmul precision, see :mod:`lipjax.bounds.rounding`) and
+      backend and matmul precision, see :mod:`lipjax._src.rounding`) and
       the exact network predict ``y`` (with probability
       ``>= 1 - failure_probability`` over the Lanczos start vectors where
       that is nonzero).
@@ -127,7 +129,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
     inner: ``(B,)`` the product of norms in ``scale`` (``scale = eps * inner``).
     eps: ``(B,)`` the radii (with ``pair``).
     pair: optional ``(B, C)`` sound bounds on the Lipschitz constant of
-      ``z_i - z_y`` over the ball (:func:`lipjax.bounds.pairwise.pair_bounds`);
+      ``z_i - z_y`` over the ball (:func:`lipjax._src.pairwise.pair_bounds`);
       each pair's gap then moves by at most ``eps`` times the smaller of it
       and the product bound.
 
@@ -149,7 +151,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
   if mat is not None:
     m = mat.shape[1]
     pn = margins.pair_norms(mat, col, labels)                          # (B, C)
-    a = mat[None, :, :] - mat[labels][:, None, :]                       # w_i - w_y
+    a = margins.class_differences(mat, labels)                          # w_i - w_y
     an = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * rounding.upper_factor(m + 4)
     vecs = [e] if box is None else [e, 0.5 * (box[1] - box[0])]
     prods = jnp.einsum("bch,bkh->bkc", jnp.abs(a), jnp.stack(vecs, axis=1))
@@ -206,16 +208,16 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
 
   ``global_norms``: optionally the per-layer global norms of *these*
   ``variables``, computed once by the caller for many batches
-  (:func:`lipjax.bounds.lipschitz.layer_global_norms` with the same options
+  (:func:`lipjax.bounds.layer_global_norms` with the same options
   for ``bound="local"``, ``global_lipschitz_bound(per_layer=True)`` for
   ``bound="global"``); computed here when None. ``abs_norms``: likewise
   :func:`abs_norm_bounds` of these variables (the rounding bound's norms).
   """
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
-  variables = network.cast_floating(variables, x.dtype)   # the working precision
+  variables = trace_lib.cast_floating(variables, x.dtype)   # the working precision
   b = x.shape[0]
-  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   last = stages[-1]
   options = dict(options)
   use_pairs = options.pop("pairwise", True)
@@ -225,7 +227,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     layers = lb.layers
     logits = lb.logits
     col = margins.last_layer_columns(stages, layers, b)
-    inner = (network.chain_product(stages[:-1], lb.layer_norms[:-1]) if len(layers) > 1
+    inner = (stages.product(lb.layer_norms, logits=False) if len(layers) > 1
              else jnp.ones((b,)))
     lo = last.layer_input(layers[-1].input_lower).reshape(b, -1)
     hi = last.layer_input(layers[-1].input_upper).reshape(b, -1)
@@ -235,9 +237,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     finite_extra = jnp.all(jnp.isfinite(jnp.stack(lb.layer_norms)), axis=0)
     pair = (_local_pair_bounds(stages, lb, abs_norms, options.get("mode", "sound"), x, eps)
             if use_pairs else None)
-  elif bound == "global":
-    if options.get("mode", "sound") != "sound":
-      raise ValueError("bound='global' is always sound; do not pass mode")
+  else:   # "global" (the options were checked by the caller)
     options = {k: v for k, v in options.items() if k in ("key", "failure_probability")}
     if global_norms is None:
       _, gn = lipschitz.global_lipschitz_bound(model, variables, input_shape=x.shape[1:],
@@ -250,8 +250,6 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
         stages, gn, b, options.get("failure_probability", 1e-9))
     pair = None
-  else:
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
 
   gnorms = lb.global_norms if bound == "local" else gn
   if bound == "local" and not options.get("rounding", True):
@@ -269,13 +267,13 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
 def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
   """``(B, C)`` pair bounds of the local certificate for the predicted classes, or None.
 
-  :func:`lipjax.bounds.pairwise.pair_bounds` with the slopes of the sound
-  boxes that the *global* norms give (:func:`lipjax.bounds.lipschitz.ball_bounds`:
+  :func:`lipjax._src.pairwise.pair_bounds` with the slopes of the sound
+  boxes that the *global* norms give (:func:`lipjax._src.lipschitz.ball_bounds`:
   deterministic, the same in every mode, and containing the ball's exact
   pre-activations) and the local per-layer norms ``lb.layer_norms`` for the
-  prefixes (where a layer's masks under the local bound's boxes keep fewer
-  units than under the global ones, its global norm). Sound mode: rigorous (sound local norms, float32 rounding
-  bounded). Lower mode (the triage's estimates from below): the same
+  prefixes (the global norm of a layer where the global boxes' masks keep a
+  unit the local bound's masks drop). Sound mode: rigorous (sound local
+  norms, float32 rounding bounded). Lower mode (the triage's estimates from below): the same
   computation with the estimates from below and no rounding terms, so it
   stays below the sound pair bound (the slopes are identical and the bound
   grows with the norms) and the triage's margins above the sound margins.
@@ -291,7 +289,7 @@ def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
   boxes = lipschitz.ball_bounds(stages, x, eps, gnorms)
   if mode == "sound":
     # The local norms hold under the local bound's own masks (those of
-    # ``lb.layers``, inside the global boxes' masks): where a mask differs,
+    # ``lb.layers``): where the global boxes keep a unit those masks drop,
     # the layer's global norm stands in.
     return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=True,
                                 abs_norms=abs_norms, norm_layers=lb.layers,
@@ -370,9 +368,9 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
 def _global_terms(stages, gn, b, failure_probability):
   """``(inner, col, lip, fail, last_norm, last_global, finite_extra)`` of the global certificate."""
   last = stages[-1]
-  inner = jnp.full((b,), network.chain_product(stages[:-1], gn[:-1]))
+  inner = jnp.full((b,), stages.product(gn, logits=False))
   col = jnp.ones((b, int(np.prod(last.layer_in_shape))))
-  lip = jnp.full((b,), network.chain_product(stages, gn))
+  lip = jnp.full((b,), stages.product(gn))
   probabilistic = any(lipschitz.needs_probabilistic_global(st) for st in stages)
   fail = jnp.full((b,), failure_probability if probabilistic else 0.0, jnp.float32)
   last_norm, last_global = jnp.full((b,), gn[-1]), gn[-1]
@@ -380,19 +378,16 @@ def _global_terms(stages, gn, b, failure_probability):
   return inner, col, lip, fail, last_norm, last_global, finite_extra
 
 
-# Activations whose float32 evaluation is exact (max, min, identity) and
-# which are 1-Lipschitz in l2: the norm-based rounding bound of the screen.
-_SCREEN_ACTIVATIONS = (lnn.ReLU, lnn.ClippedReLU, lnn.Identity, lnn.ClippedMaxMin)
-
-
 def screenable(stages) -> bool:
-  """Whether :func:`screen_arrays` applies: built-in activations, layers with ``|W|``."""
+  """Whether :func:`screen_arrays` applies: a chain of maps with ``|W|`` whose
+  activations are evaluated exactly in float32 (``max``, ``min``: they are
+  1-Lipschitz in l2)."""
+  if stages.has_blocks:   # residual sums: the screen's chain rule does not apply
+    return False
   for st in stages:
-    if st.block is not None:   # residual sums: the screen's chain rule does not apply
+    if st.layer.replays:
       return False
-    if getattr(st.layer, "affine_replay", None) is not None:
-      return False
-    if st.activation is not None and type(st.activation) not in _SCREEN_ACTIVATIONS:
+    if st.activation is not None and not st.activation.exact:
       return False
     spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
     if jax.eval_shape(st.abs_linear, spec) is None:
@@ -415,7 +410,7 @@ def _abs_norm_bound(st, iterations: int = _ABS_NORM_ITERATIONS) -> Array:
   kept, typically within 1% of the norm, where the row-column bound is often
   1.5-2 times it. Both are made rigorous for the float32 (or lower-precision
   operand) evaluation of ``A v`` and ``A^T u``: sums of nonnegative terms,
-  rounded up by :func:`lipjax.bounds.rounding.upper_factor`, plus
+  rounded up by :func:`lipjax._src.rounding.upper_factor`, plus
   ``2^-126`` per product for the ones flushed to zero.
   """
   spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
@@ -477,14 +472,14 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
   ``||h(x') - h(x)|| <= r_l = eps prod_{k<l} ||W_k||`` and so
   ``||h~(x')|| <= M_l = ||h~(x)|| + r_l + 2 d_l`` (also a bound on every
   entry). The stage's own rounding is at most ``c_n (|W| |h~| + |b|)`` per
-  entry (the model of :mod:`lipjax.bounds.rounding`), in l2 at most
+  entry (the model of :mod:`lipjax._src.rounding`), in l2 at most
   ``c_n (|| |W| || M_l + ||b||)`` plus the underflow allowance, so
   ``d_{l+1} = ||W_l|| d_l + that``; the activations are evaluated exactly
   and are 1-Lipschitz. Every quantity is rounded up with ample slack
   (``1e-3`` relative). The last layer's rounding is bounded per logit,
   ``|w_i| |h~(x')| <= |w_i| |h~(x)| + ||w_i|| (r_L + 2 d_L)``. One forward
   pass instead of the several per layer of
-  :func:`lipjax.bounds.intervals.propagate`; neither bound is always the
+  :func:`lipjax._src.interpret.propagate`; neither bound is always the
   smaller, and the exact certificates keep the minimum of both
   (:func:`_tightest_rounding`). ``abs_norms``: :func:`abs_norm_bounds` of
   these stages, computed here when None.
@@ -492,11 +487,25 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
   abs_norms = abs_norm_bounds(stages) if abs_norms is None else tuple(abs_norms)
   if len(abs_norms) != len(stages):
     raise ValueError(f"abs_norms must hold {len(stages)} scalars, got {len(abs_norms)}")
-  u, v = rounding.U, rounding.operand_roundoff()
-  safe = 1.0 + 1e-3
-  c, r, d = x, eps, jnp.zeros_like(eps)
-  for st, g, an in zip(stages, gn, abs_norms):
-    n = intervals._fan_in(st)   # pylint: disable=protected-access
+  return stages.walk(_NormRounding(gn, abs_norms, x.shape[0]), (x, eps, jnp.zeros_like(eps)))
+
+
+class _NormRounding(Pass):
+  """The pass of :func:`_norm_rounding`: carries ``(centre, radius, error)``
+  through the hidden stages and returns ``(e, d, rho)`` at the logits."""
+
+  def __init__(self, gn, abs_norms, batch):
+    self.gn, self.abs_norms, self.batch = gn, abs_norms, batch
+
+  def join(self, block, carry, outs):
+    raise ValueError("the norm-based rounding bound is for chains (see screenable)")
+
+  def stage(self, st, carry):
+    c, r, d = carry
+    g, an = self.gn[st.index], self.abs_norms[st.index]
+    u, v = rounding.U, rounding.operand_roundoff()
+    safe = 1.0 + 1e-3
+    n = interpret.fan_in(st)
     size_in = int(np.prod(st.in_shape))
     hn = per_example.l2_norm(c) * rounding.upper_factor(size_in)
     m = (hn + r + 2.0 * d + rounding.FLOOR * np.sqrt(size_in)) * safe
@@ -512,7 +521,7 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
       mags = jnp.minimum(rows[None, :] * m[:, None], pt * safe)
       rho = (coef * (mags + babs[None, :]) + under[:, None]) * safe
       width = int(np.prod(st.layer_in_shape))
-      e = jnp.broadcast_to(d[:, None], (x.shape[0], width))
+      e = jnp.broadcast_to(d[:, None], (self.batch, width))
       return e, d, rho
     size_out = int(np.prod(st.out_shape))
     bn = (jnp.zeros(()) if bias is None else
@@ -521,8 +530,8 @@ def _norm_rounding(stages, x, eps, gn, abs_norms=None):
     rn = (coef * (an * m + bn) + np.sqrt(size_out) * under) * safe
     d = (g * d + rn) * safe
     r = r * g * (1.0 + 4 * u)
-    c = st.activation.activate(st.act_params, st.affine(c))
-  raise ValueError("the network has no last linear layer")
+    c = st.activation.forward(st.act_params, st.affine(c))
+    return c, r, d
 
 
 def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability=1e-9,
@@ -541,11 +550,11 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   not positive. ``global_norms`` and ``abs_norms`` as in
   :func:`certify_arrays`.
   """
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
-  variables = network.cast_floating(variables, x.dtype)
+  variables = trace_lib.cast_floating(variables, x.dtype)
   b = x.shape[0]
-  stages = network.trace(model, variables, tuple(x.shape[1:]), x.dtype)
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   gn = lipschitz.check_global_norms(stages, global_norms)
   logits = model.apply(variables, x)
   fwd = _norm_rounding(stages, x, eps, gn, abs_norms)
@@ -568,7 +577,7 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   _, d, rho = fwd
   if mat is not None:
     m = mat.shape[1]
-    a = mat[None, :, :] - mat[y][:, None, :]
+    a = margins.class_differences(mat, y)
     pn = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1))
     an = pn * rounding.upper_factor(m + 4)
     den = pn * (1.0 + norms.ROUNDING_SLACK) * rounding.upper_factor(m + len(stages) + 8)
@@ -614,6 +623,14 @@ _NORM_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _NORM_CACHE_SIZE = 8
 
 
+def clear_caches() -> None:
+  """Drops every compiled bound and certificate computation and the parameter
+  norms kept across calls (``certify(..., cache=True)``)."""
+  for f in (_jitted, _compiled_abs_norms, lipschitz.compiled_local, lipschitz.compiled_norms):
+    f.cache_clear()
+  _NORM_CACHE.clear()
+
+
 def parameter_fingerprint(variables) -> Optional[bytes]:
   """A hash of every parameter's path, dtype, shape and bytes (None under tracing).
 
@@ -637,8 +654,8 @@ def _compiled_abs_norms(model, input_shape, dtype_name):
   dtype = jnp.dtype(dtype_name)
 
   def fn(variables):
-    variables = network.cast_floating(variables, dtype)
-    return abs_norm_bounds(network.trace(model, variables, input_shape, dtype))
+    variables = trace_lib.cast_floating(variables, dtype)
+    return abs_norm_bounds(trace_lib.trace(model, variables, input_shape, dtype))
 
   return jax.jit(fn)
 
@@ -657,11 +674,10 @@ class _ParameterNorms:
   def __init__(self, model, variables, input_shape, key, timer, cache=False):
     self.model, self.variables, self.shape, self.key = model, variables, input_shape, key
     self.timer, self.cache = timer, cache
-    stages = network.trace(model, variables, input_shape)
+    stages = trace_lib.trace(model, variables, input_shape)
     self.stages = stages
     # Built-in layers have deterministic global norms: one set serves all passes.
-    self.random = any(lipschitz._needs_probabilistic_global(st)  # pylint: disable=protected-access
-                      for st in stages)
+    self.random = any(lipschitz.needs_probabilistic_global(st) for st in stages)
     self.computed = {}
     self._fingerprint = None
 
@@ -695,7 +711,7 @@ class _ParameterNorms:
     return value
 
   def top_vectors(self):
-    """:func:`lipjax.bounds.lipschitz.global_top_vectors` of these parameters (the
+    """:func:`lipjax.bounds.global_top_vectors` of these parameters (the
     triage's Lanczos starts), computed at most once."""
     return self._memo(("top",), True, lambda: lipschitz.global_top_vectors(
         self.model, self.variables, input_shape=self.shape,
@@ -716,7 +732,7 @@ class _ParameterNorms:
     # A generic layer's Lanczos global norm: an upper bound for the sound
     # passes, the estimate from below for the lower pass.
     lower = mode == "lower" and self.random
-    fn = lipschitz._compiled_norms(self.model, self.shape, delta, lower)  # pylint: disable=protected-access
+    fn = lipschitz.compiled_norms(self.model, self.shape, delta, lower)
     return self._memo((delta, lower) if self.random else None, None,
                       lambda: fn(self.variables, self.key))
 
@@ -755,7 +771,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
 
   Args:
     model: a :class:`lipjax.nn.Sequential`, a Flax module or a function
-      ``fn(variables, x)`` (see :mod:`lipjax.bounds.graph`).
+      ``fn(variables, x)`` (see :mod:`lipjax._src.trace`).
     variables: its variables.
     x: ``(B, *input_shape)`` inputs.
     y: ``(B,)`` integer labels in ``[0, num_classes)``.
@@ -807,18 +823,18 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   options.pop("mode", None)
   if "global_norms" in options:
     raise ValueError("certify computes the global norms itself; do not pass global_norms")
-  model = graph.as_model(model)
+  model, variables = frontends.resolve(model, variables)
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
-  if bound not in ("local", "global"):
-    raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
+  check_choice("bound", bound, lipschitz.BOUNDS)
   if not isinstance(options.get("pairwise", True), bool):
     raise ValueError(f"pairwise must be True or False, got {options['pairwise']!r}")
   if bound == "local":
     lipschitz.check_local_options(**{k: v for k, v in options.items() if k != "pairwise"})
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
+  model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   n = x.shape[0]
-  num_classes = network.trace(model, variables, tuple(x.shape[1:]),
+  num_classes = trace_lib.trace(model, variables, tuple(x.shape[1:]),
                               x.dtype)[-1].out_shape[0]
   y = check_labels(y, n, num_classes)
   key = jax.random.PRNGKey(0) if key is None else key

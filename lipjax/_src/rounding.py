@@ -32,7 +32,7 @@ Sec. 3.1), for any summation order:
 plus an absolute term of a few ``2^-126`` per product for underflow (flush
 to zero included). :func:`dot_coefficient` returns a coefficient ``c`` such
 that ``c`` times the *float32-computed* sum of magnitudes is such a bound.
-:func:`lipjax.bounds.intervals.propagate` applies it layer by layer over the
+:func:`lipjax._src.interpret.propagate` applies it layer by layer over the
 ball (``|h| <= max(|lb|, |ub|)`` from the boxes) and carries the error through
 the network (1-Lipschitz activations, ``|W| e`` and ``||W|| ||e||``).
 Convolution algorithms that are not sums of products (Winograd, FFT, which

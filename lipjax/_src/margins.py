@@ -4,7 +4,7 @@ With the last layer ``z = W h + b`` (``W`` of shape ``(C, m)``), a bound ``K``
 on the Lipschitz constant of ``h`` over the ball and a column mask ``D`` of
 the entries of ``h`` that can vary there, the logit gap against class ``i``
 moves by at most ``eps K ||D (w_i - w_y)||_2`` (the paper's Delta_iy). These
-functions compute the pieces; :mod:`lipjax.bounds.certify` adds rounding
+functions compute the pieces; :mod:`lipjax._src.certify` adds rounding
 bounds for a certificate, :mod:`lipjax.training.losses` feeds the deltas to
 the GloRo and BCP losses.
 """
@@ -15,11 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipjax.bounds import intervals, network
+from lipjax._src import interpret, per_example
 
 Array = jax.Array
 
-__all__ = ["last_layer_columns", "logit_deltas", "pair_differences", "pair_norms"]
+__all__ = ["class_differences", "last_layer_columns", "logit_deltas", "pair_differences",
+           "pair_norms"]
+
+
+def class_differences(mat: Array, labels: Array) -> Array:
+  """``(B, C, m)`` rows ``w_i - w_{labels_b}`` of the ``(C, m)`` last-layer matrix."""
+  return mat[None, :, :] - mat[labels][:, None, :]
 
 
 def pair_differences(mat: Array, col: Array, labels: Array) -> Array:
@@ -30,8 +36,7 @@ def pair_differences(mat: Array, col: Array, labels: Array) -> Array:
     col: ``(B, m)`` 0/1 column mask (ones: no mask).
     labels: ``(B,)`` integer classes.
   """
-  diff = mat[None, :, :] - mat[labels][:, None, :]
-  return diff * col[:, None, :]
+  return class_differences(mat, labels) * col[:, None, :]
 
 
 def pair_norms(mat: Array, col: Array, labels: Array) -> Array:
@@ -39,9 +44,8 @@ def pair_norms(mat: Array, col: Array, labels: Array) -> Array:
 
   Differentiable everywhere: the gradient at a zero row is 0, not NaN.
   """
-  sq = jnp.sum(jnp.square(pair_differences(mat, col, labels)), axis=-1)
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+  return per_example.safe_sqrt(jnp.sum(jnp.square(pair_differences(mat, col, labels)),
+                                        axis=-1))
 
 
 def logit_deltas(eps: Array, inner: Array, norms: Array) -> Array:
@@ -59,13 +63,13 @@ def last_layer_columns(stages, layers: list, batch: int) -> Array:
   """``(B, m)`` 0/1 mask of the last layer's inputs that vary over the ball.
 
   Args:
-    stages: from :func:`lipjax.bounds.network.trace`.
-    layers: per-stage :class:`lipjax.bounds.intervals.LayerBounds` (e.g.
+    stages: the graph of :func:`lipjax._src.trace.trace`.
+    layers: per-stage :class:`lipjax._src.interpret.LayerBounds` (e.g.
       ``LocalBound.layers``); ones when the network has a single stage.
     batch: ``B``.
   """
-  last: network.Stage = stages[-1]
+  last = stages[-1]
   if len(layers) < 2:
     return jnp.ones((batch, int(np.prod(last.layer_in_shape))))
-  prev: intervals.LayerBounds = layers[-2]
+  prev: interpret.LayerBounds = layers[-2]
   return last.layer_input(prev.col_mask).reshape(batch, -1)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["expand", "l2_norm"]
+__all__ = ["expand", "l2_norm", "safe_norm", "safe_sqrt"]
 
 
 def expand(s: Array, like: Array) -> Array:
@@ -17,6 +17,17 @@ def expand(s: Array, like: Array) -> Array:
   """
   s = jnp.asarray(s)
   return s.reshape(s.shape + (1,) * (like.ndim - 1))
+
+
+def safe_sqrt(sq: Array) -> Array:
+  """``sqrt(sq)`` for ``sq >= 0`` with a finite (zero) gradient at 0, not NaN."""
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def safe_norm(x: Array) -> Array:
+  """:func:`l2_norm` with a finite (zero) gradient at 0 (for differentiated norms)."""
+  return safe_sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
 
 
 def l2_norm(x: Array) -> Array:

@@ -1,0 +1,226 @@
+"""Per-class-pair local Lipschitz bounds from the linearised midpoint network.
+
+The product of per-layer norms bounds the Jacobian of a chain
+``J = A_{L-1} D_{L-2} A_{L-2} ... D_0 A_0`` by ``prod_l ||D_l A_l D_{l-1}||``
+and so loses every alignment between layers. This module bounds, for the
+margin ``g = z_i - z_y`` of one class pair (``c = e_i - e_y``), the norm of
+``c^T J`` over every Jacobian the ball allows, by splitting each activation's
+slopes into a fixed midpoint and a bounded remainder.
+
+Slopes. On its pre-activation box an elementwise activation unit is
+*constant* (slope 0: the masks), *stably active* (slope 1 on the whole box,
+e.g. a clipped ReLU with ``lb >= 0`` and ``ub <= theta``) or *unstable*
+(slopes in ``[0, 1]``): the activation's rule says which
+(:meth:`~lipjax._src.rules.base.ActivationRule.active`). So ``D_k = M_k + Delta_k`` with the midpoint
+``M_k`` (0, 1 or 1/2) and ``|Delta_k| <= r_k`` elementwise (``r_k`` = 1/2 on
+the unstable units, 0 elsewhere). Any other 1-Lipschitz activation (MaxMin,
+registered ones) gets ``M_k = 0`` and a remainder of norm at most 1 on its
+varying units.
+
+Bound. ``J`` is multilinear in the slopes, so telescoping over the layers
+(the last one whose slopes differ from the midpoint) gives, exactly,
+
+  ``c^T J = c^T T + sum_k (v_k * delta_k)^T J_{<k}``
+
+with ``T`` the midpoint network's (linear) Jacobian, ``v_k`` the cotangent
+of ``c`` pulled back through the midpoint layers above activation ``k``, and
+``J_{<k}`` the Jacobian from the input to pre-activation ``k`` at a point of
+the ball. Hence
+
+  ``||c^T J|| <= ||c^T T|| + sum_k ||v_k * r_k||_2 * U_k``
+
+with ``U_k >= ||P_k J_{<k}||`` over the ball (``P_k``: the varying rows of
+layer ``k``), here ``prod_{l <= k} s_l`` with the per-layer local norms
+``s_l >= ||D^r_l A_l D^c_{l-1}||`` of the product bound. ``||c^T T||`` and
+every ``v_k`` come from one backward pass of ``c`` through the midpoint
+network (exact vector norms, no power method); with every unit stable the
+bound is the exact norm of the margin's gradient, and with every unit
+unstable it is still below the product bound's ``||D (w_i - w_y)|| prod s``
+up to the alignment it gains.
+
+Sound mode bounds the float32 rounding of that backward pass (each
+transposed layer: ``gamma_n || |A| || ||w||`` per application, carried
+through the layers by the local norms) and rounds every sum and product up.
+Networks with residual blocks (nonlinear branches) are not chains: the
+functions here return None for them and the product bound stands alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipjax._src import per_example, rounding
+from lipjax._src.graph import Stage
+from lipjax._src.interpret import LayerBounds
+
+Array = jax.Array
+
+__all__ = ["midpoint_slopes", "pair_bounds", "supports"]
+
+
+def supports(stages) -> bool:
+  """Whether :func:`pair_bounds` applies: a chain of stages (a graph without
+  blocks) whose last layer has an explicit matrix."""
+  if getattr(stages, "has_blocks", False):
+    return False
+  return stages[-1].layer.explicit_matrix(stages[-1].params) is not None
+
+
+def midpoint_slopes(stage: Stage, bounds: LayerBounds) -> Tuple[Array, Array, bool]:
+  """Midpoint slopes and their radius for one hidden stage's activation.
+
+  Args:
+    stage: a hidden stage (with an activation).
+    bounds: its :class:`~lipjax._src.interpret.LayerBounds` (pre-activation
+      box and masks).
+
+  Returns:
+    ``(mid, rad, elementwise)``: ``(B, *out)`` arrays. For elementwise
+    activations with slopes in ``[0, 1]`` (those whose rule answers
+    :meth:`~lipjax._src.rules.base.ActivationRule.active`: ReLU, clipped
+    ReLU, clamps, identity): ``mid`` is 0 on constant units, 1 on stably active ones and
+    1/2 on the others, where ``rad`` is 1/2 (0 elsewhere). Otherwise
+    ``mid = 0`` and ``rad`` is the column mask (a remainder of norm <= 1 on
+    the varying outputs). NaN bounds make a unit unstable.
+  """
+  col = bounds.col_mask
+  active = stage.activation.active(stage.act_params, bounds.lower, bounds.upper)
+  if active is None:
+    return jnp.zeros_like(col), col, False
+  varying = col > 0
+  stable = varying & active
+  unstable = varying & ~active
+  dtype = col.dtype
+  mid = jnp.where(stable, 1.0, jnp.where(unstable, 0.5, 0.0)).astype(dtype)
+  rad = jnp.where(unstable, 0.5, 0.0).astype(dtype)
+  return mid, rad, True
+
+
+def _flat_norm(v: Array) -> Array:
+  return per_example.l2_norm(v)
+
+
+def pair_bounds(stages, layers: Sequence[LayerBounds],
+                layer_norms: Sequence[Array], labels: Array, *, sound: bool = True,
+                abs_norms: Optional[Sequence[Array]] = None,
+                norm_layers: Optional[Sequence[LayerBounds]] = None,
+                global_norms: Optional[Sequence[Array]] = None) -> Optional[Array]:
+  """``(B, C)`` bounds on the local Lipschitz constant of ``z_i - z_{labels}``.
+
+  Args:
+    stages: from :func:`lipjax._src.trace.trace` (a chain, see
+      :func:`supports`; otherwise None is returned).
+    layers: per stage, the :class:`~lipjax._src.interpret.LayerBounds` of
+      the ball (sound boxes in sound mode).
+    layer_norms: per stage, ``(B,)`` or scalar bounds ``s_l`` on
+      ``||D^r_l A_l D^c_{l-1}||`` (the product bound's factors; only the
+      hidden stages' are used), with the masks of ``layers`` or, when given,
+      of ``norm_layers``.
+    labels: ``(B,)`` integer classes ``y``.
+    sound: True: every float32 rounding of the computation is bounded and
+      the result rounded up (needs ``abs_norms``). False (estimates for
+      training and triage): the plain float computation, differentiable
+      with respect to the parameters (the slopes are constants).
+    abs_norms: sound mode, per hidden stage, a rigorous bound on
+      ``|| |A_l| ||_2`` (e.g. :func:`lipjax._src.certify.abs_norm_bounds`;
+      the last stage's entry is not used).
+    norm_layers: the :class:`~lipjax._src.interpret.LayerBounds` whose
+      masks ``layer_norms`` hold under, when they are not those of
+      ``layers`` (e.g. the local bound's own boxes, while ``layers`` are
+      boxes from the global norms). A layer's norm then serves an example
+      only where its row and column masks keep every unit that ``layers``
+      keeps; elsewhere ``global_norms`` (required with ``norm_layers``)
+      stand in, valid for any rows and columns.
+    global_norms: per stage, scalar bounds on ``||A_l||``.
+
+  Returns:
+    ``(B, C)`` with 0 at ``labels``; in sound mode an upper bound on the
+    Lipschitz constant of the exact ``z_i - z_y`` over the ball, given that
+    the boxes contain the exact pre-activations and ``layer_norms`` are
+    upper bounds. NaN where anything is not finite. None for networks
+    :func:`supports` rejects.
+  """
+  if not supports(stages):
+    return None
+  if sound and abs_norms is None:
+    raise ValueError("sound pair bounds need abs_norms (bounds on || |A| ||)")
+  last = stages[-1]
+  b = labels.shape[0]
+  c = int(last.out_shape[0])
+  dtype = last.dtype
+  u = rounding.U
+  v_op = rounding.operand_roundoff() if sound else 0.0
+  # Cotangents e_i - e_y for every class i, as B * C examples.
+  onehot = jax.nn.one_hot(labels, c, dtype=dtype)
+  cot = (jnp.eye(c, dtype=dtype)[None, :, :] - onehot[:, None, :]).reshape(b * c, c)
+
+  def per_pair(a):   # (B,) or (B, *shape) -> (B * C, *shape)
+    a = jnp.asarray(a)
+    if a.ndim == 0:
+      return a
+    return jnp.repeat(a, c, axis=0)
+
+  slopes = [midpoint_slopes(st, lb) for st, lb in zip(stages[:-1], layers[:-1])]
+  v = last.adjoint(cot)                                  # cotangent at the last input
+  err = jnp.zeros((b * c,), dtype)
+  if sound:
+    # fl(W^T (e_i - e_y)): entry j sums two nonzero products, w_ij - w_yj, so
+    # it errs by at most coef (|w_ij| + |w_yj|): in l2, coef (||w_i|| + ||w_y||).
+    mat = last.layer.explicit_matrix(last.params)
+    rows = jnp.sqrt(jnp.sum(jnp.square(mat), axis=1)) * rounding.upper_factor(mat.shape[1])
+    pair_rows = rows[None, :] + rows[labels][:, None]                   # (B, C)
+    err = (rounding.dot_coefficient(c, v_op) * pair_rows.reshape(b * c)
+           + rounding.underflow_term(c, 1.0) * np.sqrt(mat.shape[1]))
+  factors = [jnp.asarray(n, dtype) for n in layer_norms[:-1]]
+  if norm_layers is not None:
+    if global_norms is None:
+      raise ValueError("norm_layers needs global_norms")
+    # A norm under masks M' bounds the map under masks M only where M <= M'.
+    def within(a, bnd):
+      return jnp.all((a.reshape(b, -1) <= bnd.reshape(b, -1)), axis=1)
+    cols_in = [jnp.ones((b,), bool)]
+    for lb, nl in zip(layers[:-1], norm_layers[:-1]):
+      cols_in.append(within(lb.col_mask, nl.col_mask))
+    factors = [jnp.where(within(lb.row_mask, nl.row_mask) & cols_in[k], f,
+                         jnp.asarray(global_norms[k], dtype))
+               for k, (f, lb, nl) in enumerate(zip(factors, layers[:-1], norm_layers[:-1]))]
+  prefix = []
+  p = jnp.ones((b,), dtype)
+  for f in factors:
+    p = p * f
+    prefix.append(p)
+  total = jnp.zeros((b * c,), dtype)
+  for k in range(len(stages) - 2, -1, -1):
+    st = stages[k]
+    mid, rad, _ = slopes[k]
+    mid_k, rad_k = per_pair(mid), per_pair(rad)
+    size = int(np.prod(v.shape[1:]))
+    term = _flat_norm(v * rad_k)
+    if sound:
+      # ||v * r|| <= ||v~ * r|| + max(r) ||v~ - v||, r <= 1.
+      term = term * rounding.upper_factor(size) + err
+    total = total + term * per_pair(prefix[k])
+    w = v * mid_k
+    v = st.adjoint(w)
+    if sound:
+      n_out = int(np.prod(st.out_shape))
+      w_norm = _flat_norm(w) * rounding.upper_factor(size)
+      # The error carried (on the units the next slopes keep, which the
+      # local norm's column mask covers) and this layer's rounding.
+      err = (per_pair(factors[k]) * err
+             + rounding.dot_coefficient(n_out, v_op) * jnp.asarray(abs_norms[k], dtype)
+             * w_norm + rounding.underflow_term(n_out, w_norm) + size * 2.0 ** -149)
+      err = err * (1.0 + 8 * u)   # the products and sums just computed
+  size = int(np.prod(v.shape[1:]))
+  head = _flat_norm(v)
+  if sound:
+    head = head * rounding.upper_factor(size) + err
+  out = head + total
+  if sound:
+    out = out * rounding.upper_factor(2 * len(stages) + 8)
+  out = out.reshape(b, c)
+  return jnp.where(onehot > 0, 0.0, out)
