@@ -22,6 +22,7 @@ from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lipjax._src import per_example
 from lipjax._src.norms import ROUNDING_SLACK
@@ -251,7 +252,9 @@ def lanczos_ritz_vector(op: Operator, transpose: Operator, q0: Array,
   Returns:
     ``(B, *in)`` unit vectors (zero where ``q0`` is zero).
   """
-  steps = int(steps)
+  # The Krylov space has at most as many dimensions as the input: more steps
+  # add nothing (and would only lengthen the unrolled program).
+  steps = min(int(steps), max(int(np.prod(q0.shape[1:])), 1))
   q = jax.lax.stop_gradient(normalise(q0))
   if steps <= 1:
     return q
