@@ -182,7 +182,7 @@ def workdir(tmp_path_factory):
 
 def _flags(workdir, tmp, **over):
   f = dict(workdir=workdir, checkpoint="best", split=None, num_examples=48,
-           eps=",".join(str(e) for e in EPS), pgd_steps=20, pgd_restarts=1,
+           eps=",".join(str(e) for e in EPS), pgd_steps=8, pgd_restarts=1,
            pgd_step_size=None, pgd_loss="margin", pgd_examples=0, pgd_skip_certified=False,
            cross_check_examples=0, batch_size=48,
            bounds=["local", "global"], cross_check=True, tightness_examples=16,
@@ -285,7 +285,7 @@ def test_pgd_on_the_first_examples_only(workdir):
   model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
   variables, _ = checkpoints.restore_variables(workdir)
   ds = data.load("mnist", "test[:48]")
-  opts = dict(bounds=("global",), pgd_steps=10, batch_size=16, tightness_examples=0,
+  opts = dict(bounds=("global",), pgd_steps=4, batch_size=16, tightness_examples=0,
               progress=False)
   full = evaluate(model, variables, ds.images, ds.labels, EPS, EvalOptions(**opts))
   part = evaluate(model, variables, ds.images, ds.labels, EPS,
@@ -313,7 +313,7 @@ def test_pgd_skipping_certified_points_keeps_the_accuracy(workdir):
   model = lipjax.models.get("2c2f", num_classes=10, activation="clipped_relu")
   variables, _ = checkpoints.restore_variables(workdir)
   ds = data.load("mnist", "test[:48]")
-  opts = dict(bounds=("global",), pgd_steps=10, pgd_restarts=2, batch_size=16,
+  opts = dict(bounds=("global",), pgd_steps=4, pgd_restarts=2, batch_size=16,
               tightness_examples=0, progress=False)
   full = evaluate(model, variables, ds.images, ds.labels, EPS, EvalOptions(**opts))
   skip = evaluate(model, variables, ds.images, ds.labels, EPS,
