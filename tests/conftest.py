@@ -73,7 +73,8 @@ LONGEST_FIRST = ("test_evaluation", "test_train_launcher", "test_nnx", "test_blo
 
 
 def _file_rank(item) -> int:
-  name = item.module.__name__.rpartition(".")[2] if item.module else ""
+  module = getattr(item, "module", None)
+  name = module.__name__.rpartition(".")[2] if module is not None else ""
   return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
