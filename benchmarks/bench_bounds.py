@@ -38,25 +38,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lipjax  # noqa: E402  pylint: disable=wrong-import-position
-from lipjax import data  # noqa: E402  pylint: disable=wrong-import-position
 from lipjax._src import lipschitz, margins, pairwise  # noqa: E402  pylint: disable=wrong-import-position
 from lipjax._src import trace as trace_lib  # noqa: E402  pylint: disable=wrong-import-position
 from lipjax._src.certify import abs_norm_bounds  # noqa: E402  pylint: disable=wrong-import-position
 
-from bench_certify import _machine  # noqa: E402  pylint: disable=wrong-import-position
-
-
-def _load(a):
-  from experiments import train_lib   # pylint: disable=import-outside-toplevel
-  from lipjax.training import checkpoints   # pylint: disable=import-outside-toplevel
-  cfg = checkpoints.load_config(a.workdir)
-  shape = tuple(cfg.get("image_shape") or (28, 28, 1))
-  model = train_lib.build_model(cfg, shape)
-  variables, step = checkpoints.restore_variables(a.workdir, a.checkpoint)
-  split = cfg.get("test_split") or "test"
-  ds = data.load(cfg["dataset"], f"{split}[:{a.n}]", data_dir=cfg.get("data_dir") or None)
-  what = f"{cfg['model']} {cfg['dataset']}, step {step} of {a.workdir}, {len(ds)} {split} images"
-  return model, variables, jnp.asarray(ds.images), jnp.asarray(ds.labels), what
+from bench_certify import _load, _machine  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _quantiles(a):
