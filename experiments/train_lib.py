@@ -97,7 +97,8 @@ def bound_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   inter = cfg.get("intermediate", "auto")
   return {"estimator": cfg.get("estimator", "power"),
           "intermediate": None if inter == "auto" else inter,
-          "pair": bool(cfg.get("pair_bounds", False))}
+          "pair": bool(cfg.get("pair_bounds", False)),
+          "box_clip": bool(cfg.get("box_clip", False))}
 
 
 def validation_bound(cfg: Mapping[str, Any]) -> str:
@@ -128,7 +129,8 @@ RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps", 
 # What runs started before a field existed did: an absent field is equal to this
 # value, not to today's default (a run never resumes with another estimator).
 LEGACY_DEFAULTS = {"estimator": "power", "intermediate": "auto", "val_bound": "global",
-                   "diag_examples": 0, "parallel": "pmap", "pair_bounds": False}
+                   "diag_examples": 0, "parallel": "pmap", "pair_bounds": False,
+                   "box_clip": False}
 # Fields config.json holds besides the config, computed from the data.
 DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "image_shape")
 

@@ -5,8 +5,9 @@ them, so the tests run with XLA's CPU backend optimisation level 0 (about
 half the compile time). Code generated at level 0 rounds differently from the
 default (no fused multiply-adds), so tests marked ``default_xla`` (the
 float32-edge regressions of ``tests/test_rounding.py``, about the float32
-forward pass users run) are skipped here and run in a subprocess at the
-default level by ``tests/test_default_xla.py``. Set
+forward pass users run, and ``tests/test_evaluation.py``, which mostly runs
+compiled code) are skipped here and run in a subprocess at the default level
+by ``tests/test_default_xla.py``. Set
 ``LIPJAX_TEST_XLA_DEFAULT=1`` to run everything at the default level.
 
 The test process itself runs without JAX's persistent compilation cache
@@ -67,8 +68,8 @@ def pytest_configure(config):
 #: Test files, longest first (a full run's durations on a 2-core CPU). The
 #: parallel workers take whole files in collection order, so starting the
 #: long ones first keeps one long file from running alone at the end.
-LONGEST_FIRST = ("test_evaluation", "test_train_launcher", "test_nnx", "test_blocks",
-                 "test_residual", "test_docs", "test_certify", "test_default_xla",
+LONGEST_FIRST = ("test_default_xla", "test_train_launcher", "test_nnx", "test_blocks",
+                 "test_residual", "test_docs", "test_certify", "test_evaluation",
                  "test_parallel", "test_pairwise", "test_notebook", "test_training")
 
 

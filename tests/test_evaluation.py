@@ -27,6 +27,11 @@ from experiments import compare as compare_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Mostly running compiled code (training, PGD on a conv net), which is several
+# times slower at the suite's XLA level 0: these run at the default level, in
+# tests/test_default_xla.py's subprocess.
+pytestmark = pytest.mark.default_xla
+
 
 # ---------------------------------------------------------------------------
 # PGD on linear classifiers: the minimal l2 perturbation is known exactly.

@@ -106,7 +106,8 @@ def check_labels(y, batch: int, num_classes: int) -> Array:
 
 
 def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
-             rows=None, last_norm=None, depth=1, inner=None, eps=None, pair=None):
+             rows=None, last_norm=None, depth=1, inner=None, eps=None, pair=None,
+             center=None):
   """Lower bounds on ``z_y - z_i`` over the ball, net of float32 rounding.
 
   Args:
@@ -132,6 +133,10 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
       ``z_i - z_y`` over the ball (:func:`lipjax._src.pairwise.pair_bounds`);
       each pair's gap then moves by at most ``eps`` times the smaller of it
       and the product bound.
+    center: ``(B, m)`` float32 penultimate activation at the centres (with
+      ``box`` and ``mat``): the box-clipped translation (BCP) bound, the
+      move of each gap over the ball's part inside the box
+      (:func:`lipjax._src.margins.box_ball_support`), evaluated rigorously.
 
   Returns:
     ``(num, den, margin, other)``: ``num - r * den > 0`` (``den`` the
@@ -196,10 +201,46 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
     ibp = db - amid - prods[:, 1] - err_ibp
     ibp = ibp - 6 * u * (jnp.abs(db) + jnp.abs(amid) + prods[:, 1] + err_ibp)
     lower = jnp.maximum(lower, ibp)
+    if center is not None:                                              # box-clipped
+      clipped = _box_clipped_move(a, lo, hi, center, e, scale, depth)
+      bcp = gap - err - clipped - 6 * u * (jnp.abs(gap) + err + clipped)
+      lower = jnp.maximum(lower, jnp.where(jnp.isnan(bcp), -jnp.inf, bcp))
   # The float32 gap at any point of the ball is within err of the exact one.
   slack = lower - err - 3 * u * (jnp.abs(lower) + err)
   margin = jnp.min(jnp.where(other, slack, jnp.inf), axis=1)
   return num, den, margin, other
+
+
+def _box_clipped_move(a, lo, hi, center, e, scale, depth):
+  """``(B, C)`` rigorous upper bound on ``(w_i - w_y) . (h* (x') - h* (x))`` over the ball.
+
+  ``h*`` is the exact penultimate activation. ``h*(x')`` lies in the box
+  ``[lo, hi]`` and within ``R = scale * prod`` (the Lipschitz bound below the
+  last layer) of ``h*(x)``, which is within ``e`` of the float32 ``center``;
+  so ``delta = h*(x') - h*(x)`` lies in the ball of radius ``R`` and in
+  ``[lo - center - e, hi - center + e]`` (widened to contain 0). The dual
+  bound of :func:`lipjax._src.margins.box_ball_support` holds for any
+  multiplier ``nu``; here it is evaluated for the computed ``nu`` with every
+  float32 error bounded: the exact ``a`` differs from the computed one by at
+  most ``u |a|`` per entry, norms and sums are inflated by their rounding
+  factors, and ``R`` by the factor the Lipschitz path applies to it.
+  """
+  u = rounding.U
+  m = a.shape[-1]
+  dlo = jnp.minimum(rounding.down(rounding.down(lo - center) - e), 0.0)[:, None, :]
+  dhi = jnp.maximum(rounding.up(rounding.up(hi - center) + e), 0.0)[:, None, :]
+  radius = scale * (1.0 + norms.ROUNDING_SLACK) * rounding.upper_factor(depth + 8)
+  _, nu = margins.box_ball_support(a, dlo, dhi, radius[:, None])
+  nf = rounding.upper_factor(m + 4)
+  rest = jnp.sqrt(jnp.sum(jnp.square(a - nu), axis=-1)) * nf            # ~ ||a - nu||
+  size = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * nf
+  rest = (rest * (1 + 2 * u) + 2 * u * size) * (1 + 4 * u)             # >= exact ||a - nu||
+  terms = jnp.where(nu != 0, jnp.maximum(nu * dlo, nu * dhi), 0.0)   # 0 * inf: no term
+  box = jnp.sum(terms, axis=-1)
+  box = (box + rounding.dot_coefficient(m + 8, 0.0) * jnp.sum(jnp.abs(terms), axis=-1)
+         + rounding.underflow_term(m, 0.0))
+  first = radius[:, None] * rest * (1 + 4 * u)
+  return (first + box) * (1 + 4 * u) + rounding.underflow_term(2, 0.0)
 
 
 def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
@@ -221,6 +262,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   last = stages[-1]
   options = dict(options)
   use_pairs = options.pop("pairwise", True)
+  box_clip = options.pop("box_clip", True)
   if bound == "local":
     lb = lipschitz.local_lipschitz_bound(model, variables, x, eps,
                                          global_norms=global_norms, **options)
@@ -232,6 +274,8 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     lo = last.layer_input(layers[-1].input_lower).reshape(b, -1)
     hi = last.layer_input(layers[-1].input_upper).reshape(b, -1)
     box = (lo, hi)
+    center = (last.layer_input(layers[-1].input_center).reshape(b, -1) if box_clip
+              else None)
     lip, fail = lb.bound, lb.failure_probability
     last_norm, last_global = lb.layer_norms[-1], lb.global_norms[-1]
     finite_extra = jnp.all(jnp.isfinite(jnp.stack(lb.layer_norms)), axis=0)
@@ -246,7 +290,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
       gn = lipschitz.check_global_norms(stages, global_norms)
     layers = lipschitz.ball_bounds(stages, x, eps, gn)
     logits = model.apply(variables, x)
-    box = None
+    box = center = None
     inner, col, lip, fail, last_norm, last_global, finite_extra = _global_terms(
         stages, gn, b, options.get("failure_probability", 1e-9))
     pair = None
@@ -261,7 +305,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
   else:
     fwd = _tightest_rounding(stages, x, eps, gnorms, layers[-1], abs_norms)
   return _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-                 finite_extra, fwd, bound == "local", pair=pair)
+                 finite_extra, fwd, bound == "local", pair=pair, center=center)
 
 
 def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
@@ -318,12 +362,14 @@ def _tightest_rounding(stages, x, eps, gnorms, last_bounds, abs_norms=None):
 
 
 def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_global,
-            finite_extra, fwd, local, pair=None):
+            finite_extra, fwd, local, pair=None, center=None):
   """The margins, radii and :class:`Certificate` from the bounds of one batch.
 
   ``fwd``: the triple ``(e, d, rho)`` of :func:`_margins`. ``pair``:
   optional ``(B, C)`` sound bounds on the Lipschitz constants of
   ``z_i - z_p`` for the predicted class ``p`` (``argmax`` of ``logits``).
+  ``center``: optional ``(B, m)`` penultimate activation at the centres, for
+  the box-clipped translation bound (with ``box``).
   """
   b = logits.shape[0]
   last = stages[-1]
@@ -341,7 +387,7 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
     return _margins(logits, labels, mat, col, scale, fwd,
                     box=box if mat is not None else None, bias=bias, rows=rows,
                     last_norm=last_norm, depth=len(stages), inner=inner, eps=eps,
-                    pair=pair_bounds)
+                    pair=pair_bounds, center=center if mat is not None else None)
 
   # The pair bounds are those of the prediction: they serve the label where
   # it is the prediction (elsewhere the example is not certified anyway).
@@ -827,10 +873,12 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
   check_choice("bound", bound, lipschitz.BOUNDS)
-  if not isinstance(options.get("pairwise", True), bool):
-    raise ValueError(f"pairwise must be True or False, got {options['pairwise']!r}")
+  for flag in ("pairwise", "box_clip"):
+    if not isinstance(options.get(flag, True), bool):
+      raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
   if bound == "local":
-    lipschitz.check_local_options(**{k: v for k, v in options.items() if k != "pairwise"})
+    lipschitz.check_local_options(**{k: v for k, v in options.items()
+                                     if k not in ("pairwise", "box_clip")})
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
   model = frontends.keyed(model, variables, x.shape[1:])   # caches by traced structure
   n = x.shape[0]

@@ -19,8 +19,8 @@ from lipjax._src import interpret, per_example
 
 Array = jax.Array
 
-__all__ = ["class_differences", "last_layer_columns", "logit_deltas", "pair_differences",
-           "pair_norms"]
+__all__ = ["box_ball_support", "class_differences", "last_layer_columns", "logit_deltas",
+           "pair_differences", "pair_norms"]
 
 
 def class_differences(mat: Array, labels: Array) -> Array:
@@ -73,3 +73,70 @@ def last_layer_columns(stages, layers: list, batch: int) -> Array:
     return jnp.ones((batch, int(np.prod(last.layer_in_shape))))
   prev: interpret.LayerBounds = layers[-2]
   return last.layer_input(prev.col_mask).reshape(batch, -1)
+
+
+def box_ball_support(a: Array, lower: Array, upper: Array, radius: Array):
+  """Largest ``a . delta`` over ``||delta||_2 <= radius``, ``lower <= delta <= upper``.
+
+  The last layer's box-clipped translation (BCP): ``delta`` is how far the
+  penultimate activation moves inside the ball, known to lie both within
+  ``radius`` of the centre (the Lipschitz bound) and inside the interval box.
+  For ``lower <= 0 <= upper`` the maximiser is ``clip(lam a, lower, upper)``
+  with the ``lam >= 0`` at which its norm reaches ``radius`` (or every entry
+  clipped); ``lam`` is found exactly from the sorted breakpoints
+  ``|corner_j / a_j|``, no iteration. The value returned is the dual bound
+
+    ``radius ||a - nu||_2 + sum_j max(nu_j lower_j, nu_j upper_j)``
+
+  with the optimal multiplier ``nu = a - clip(a, lower / lam, upper / lam)``.
+  In exact arithmetic it equals the maximum, and *any* ``nu`` makes it an
+  upper bound (weak duality), which is what a rigorous evaluation uses
+  (``nu`` is returned for that; it carries no gradient). Gradients flow
+  through ``a``, the box and ``radius``.
+
+  Args:
+    a: ``(..., m)`` directions (last-layer row differences).
+    lower, upper: ``(..., m)`` box of ``delta`` (``lower <= 0 <= upper``),
+      broadcast against ``a``.
+    radius: ``(...)`` ball radii ``>= 0``.
+
+  Returns:
+    ``(value (...), nu (..., m))``; ``value <= radius ||a||`` and at most the
+    box's own maximum ``sum_j max(a_j lower_j, a_j upper_j)``, up to rounding.
+  """
+  lower, upper = jnp.broadcast_to(lower, a.shape), jnp.broadcast_to(upper, a.shape)
+  nu = jax.lax.stop_gradient(_support_multiplier(
+      jax.lax.stop_gradient(a), jax.lax.stop_gradient(lower), jax.lax.stop_gradient(upper),
+      jax.lax.stop_gradient(radius)))
+  rest = per_example.safe_sqrt(jnp.sum(jnp.square(a - nu), axis=-1))
+  box = jnp.sum(jnp.maximum(nu * lower, nu * upper), axis=-1)
+  return radius * rest + box, nu
+
+
+def _support_multiplier(a, lower, upper, radius):
+  """The dual multiplier ``nu`` of :func:`box_ball_support` (no gradient)."""
+  corner = jnp.where(a > 0, upper, lower)            # where clipping stops entry j
+  absa, absc = jnp.abs(a), jnp.abs(corner)
+  brk = jnp.where(absa > 0, absc / jnp.where(absa > 0, absa, 1.0), jnp.inf)
+  order = jnp.argsort(brk, axis=-1)
+  t = jnp.take_along_axis(brk, order, axis=-1)
+  a2 = jnp.take_along_axis(jnp.square(absa), order, axis=-1)
+  c2 = jnp.take_along_axis(jnp.square(absc), order, axis=-1)
+  clipped_sq = jnp.cumsum(c2, axis=-1)                 # entries 1..k at their corners
+  # Entries k+1..m free (a suffix sum: no cancellation when sizes vary widely).
+  suffix = jnp.flip(jnp.cumsum(jnp.flip(a2, -1), axis=-1), -1)
+  free_sq = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+  # Squared norm of the maximiser at lam = t_k; non-decreasing in k.
+  at_break = jnp.where(jnp.isfinite(t), clipped_sq + jnp.square(jnp.where(
+      jnp.isfinite(t), t, 0.0)) * free_sq, jnp.inf)
+  r2 = jnp.square(radius)[..., None]
+  k = jnp.sum(at_break <= r2, axis=-1, keepdims=True)  # breakpoints passed
+  idx = jnp.maximum(k - 1, 0)
+  c_k = jnp.where(k > 0, jnp.take_along_axis(clipped_sq, idx, axis=-1), 0.0)
+  f_k = jnp.where(k > 0, jnp.take_along_axis(free_sq, idx, axis=-1),
+                  suffix[..., :1])
+  lam2 = jnp.maximum(r2 - c_k, 0.0) / jnp.where(f_k > 0, f_k, 1.0)
+  lam = jnp.where(f_k > 0, jnp.sqrt(lam2), jnp.inf)    # (..., 1); inf: all clipped
+  clipped = brk < lam
+  safe = jnp.where(jnp.isfinite(lam) & (lam > 0), lam, 1.0)
+  return jnp.where(clipped, jnp.where(jnp.isfinite(lam), a - corner / safe, a), 0.0)

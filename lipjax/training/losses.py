@@ -63,7 +63,7 @@ def _init_power(model, variables, shape, key, iterations):
 
 
 #: The training-estimator options of :func:`worst_case_deltas` a training step accepts.
-BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations", "pair")
+BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations", "pair", "box_clip")
 
 #: The default training estimator (``"power"`` when gradients go through the iterations).
 DEFAULT_ESTIMATOR = "lanczos"
@@ -132,9 +132,10 @@ def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
                                                  options.get("intermediate"))
   if options["estimator"] == "lanczos" and grad != "constant":
     raise ValueError("estimator='lanczos' needs grad='constant'")
-  options.setdefault("pair", False)
-  if not isinstance(options["pair"], bool):
-    raise ValueError(f"pair must be True or False, got {options['pair']!r}")
+  for flag in ("pair", "box_clip"):
+    options.setdefault(flag, False)
+    if not isinstance(options[flag], bool):
+      raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
   g = options.setdefault("global_iterations", None)
   if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
     raise ValueError(f"global_iterations must be an int >= 0, got {g!r}")
@@ -145,7 +146,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                       iterations: Optional[int] = None, power=None, key=None,
                       grad: str = "constant", global_iterations: Optional[int] = None,
                       estimator: Optional[str] = None, intermediate: Optional[str] = None,
-                      pair: bool = False,
+                      pair: bool = False, box_clip: bool = False,
                       batch_axis: Optional[str] = None) -> Tuple[Array, Array, Dict[str, Any]]:
   """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
 
@@ -195,6 +196,12 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
       per-layer norms), each pair's delta the smaller of the two. A chain
       network only (no residual branch); gradients flow through the
       linearised network's backward pass.
+    box_clip: also the box-clipped translation of the last layer (BCP, as
+      the paper's reference code trains): each delta is at most the largest
+      move of the gap over the part of the penultimate ball inside the
+      penultimate box (:func:`lipjax._src.margins.box_ball_support`; the
+      estimate's boxes with the local bound, boxes from the running global
+      norms with the global one). Gradients flow through the box.
     batch_axis: inside ``jax.pmap`` over a split batch, the mapped axis'
       name: the Lanczos running vectors then follow the union of masks of
       the whole batch (see :func:`lipjax.local_lipschitz_bound`).
@@ -208,15 +215,15 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
   check_choice("bound", bound, lipschitz.BOUNDS)
   check_choice("grad", grad, GRADS)
   options = check_bound_options({"estimator": estimator, "intermediate": intermediate,
-                                 "global_iterations": global_iterations, "pair": pair},
-                                grad=grad)
+                                 "global_iterations": global_iterations, "pair": pair,
+                                 "box_clip": box_clip}, grad=grad)
   return deltas(model, variables, x, y, eps, bound=bound,
                 iterations=resolve_iterations(iterations, options["estimator"]), power=power,
                 key=key, grad=grad, batch_axis=batch_axis, **options)
 
 
 def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
-           global_iterations, estimator, intermediate, pair, batch_axis=None):
+           global_iterations, estimator, intermediate, pair, box_clip=False, batch_axis=None):
   """:func:`worst_case_deltas` for callers that checked and resolved its options
   (the training steps: :func:`check_bound_options`, :func:`resolve_iterations`)."""
   model, variables = frontends.resolve(model, variables)
@@ -265,8 +272,24 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
     # estimate's boxes give the slopes, its per-layer norms the prefixes.
     pb = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, y, sound=False)
     out = jnp.minimum(out, eps[:, None] * pb)
+  if box_clip:
+    layers = (lb.layers if lb is not None else lipschitz.ball_bounds(
+        stages, x, eps, [jax.lax.stop_gradient(g) for g in used]))
+    out = jnp.minimum(out, _box_clipped_deltas(stages, layers, mat, y, eps * inner))
   return logits, out, {"power": new_power, "local_bound": lb, "layer_norms": used,
                        "col_masks": cols}
+
+
+def _box_clipped_deltas(stages, layers, mat, y, radius):
+  """``(B, C)`` largest moves of the gaps over the penultimate ball within the box."""
+  last = stages[-1]
+  b = radius.shape[0]
+  lo, hi, mid = (last.layer_input(t).reshape(b, -1) for t in (
+      layers[-1].input_lower, layers[-1].input_upper, layers[-1].input_center))
+  move, _ = margins.box_ball_support(margins.class_differences(mat, y),
+                                     jnp.minimum(lo - mid, 0.0)[:, None, :],
+                                     jnp.maximum(hi - mid, 0.0)[:, None, :], radius[:, None])
+  return move
 
 
 def gloro_loss(logits: Array, deltas: Array, y: Array) -> Array:
