@@ -352,16 +352,24 @@ def _pairs_pattern(ctx):
     if any(set(ctx.consumers[o]) - pieces - set(pair_nodes)
            for m in pieces for o in ctx.nodes[m].outs):
       continue
-    parts = _parts(ctx, pair_nodes)
-    found = _combined(ctx, (parts["max"][1], parts["min"][1]))
-    if found is None:
-      continue
-    layout, max_first, output, tail = found
-    claimed = (pieces | set(pair_nodes) | set(parts["max"][3]) | set(parts["min"][3])
-               | set(tail))
-    taken.update(claimed)
-    out.append(_match(ctx, z, pairs, claimed, parts, layout, max_first, output, node.where))
+    match = _claim(ctx, z, pairs, pair_nodes, pieces, node.where, taken)
+    if match is not None:
+      out.append(match)
   return out
+
+
+def _claim(ctx, z, pairs, pair_nodes, pieces, where, taken):
+  """The match of a pair's ``max`` / ``min`` nodes once their outputs are
+  recombined (:func:`_combined`), its nodes added to ``taken``; or None."""
+  parts = _parts(ctx, pair_nodes)
+  found = _combined(ctx, (parts["max"][1], parts["min"][1]))
+  if found is None:
+    return None
+  layout, max_first, output, tail = found
+  claimed = (set(pieces) | set(pair_nodes) | set(parts["max"][3]) | set(parts["min"][3])
+             | set(tail))
+  taken.update(claimed)
+  return _match(ctx, z, pairs, claimed, parts, layout, max_first, output, where)
 
 
 def _adjacent_pattern(ctx):
@@ -387,15 +395,9 @@ def _adjacent_pattern(ctx):
     if names != ["reduce_max", "reduce_min"] or any(
         tuple(ctx.nodes[m].params["axes"]) != (len(shape) - 1,) for m in pair_nodes):
       continue
-    parts = _parts(ctx, pair_nodes)
-    found = _combined(ctx, (parts["max"][1], parts["min"][1]))
-    if found is None:
-      continue
-    layout, max_first, output, tail = found
-    members = {p} | set(pair_nodes) | set(parts["max"][3]) | set(parts["min"][3]) | set(tail)
-    taken.update(members)
-    out.append(_match(ctx, z, "adjacent", members, parts, layout, max_first, output,
-                      node.where))
+    match = _claim(ctx, z, "adjacent", pair_nodes, {p}, node.where, taken)
+    if match is not None:
+      out.append(match)
   return out
 
 
