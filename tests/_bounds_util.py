@@ -194,3 +194,24 @@ def pgd_maximise(objective, x, eps, x0, steps):
   init = (x0, x0, objective(x0))
   xp, best, _ = jax.lax.fori_loop(0, steps, body, init)
   return xp, best
+
+
+def assert_rounding_bound_covers_float32(model, variables, x, eps, samples=6, key=4):
+  """The last stage's rounding bound covers ``|float32 - float64|`` of the logits
+  at sampled points of the ball, whose float64 logits lie in its boxes."""
+  import lipjax   # pylint: disable=import-outside-toplevel
+  b, shape = x.shape[0], tuple(x.shape[1:])
+  res = lipjax.local_lipschitz_bound(model, variables, x, eps)
+  err = np.asarray(res.layers[-1].error)
+  assert np.all(np.isfinite(err)) and np.all(err > 0)
+  pts = sample_ball(jax.random.PRNGKey(key), x, jnp.full((b,), eps), samples,
+                    uniform_radius=True).reshape((-1,) + shape)
+  z32 = np.asarray(model.apply(variables, pts)).reshape(samples, b, -1)
+  with jax.enable_x64(True):
+    v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), variables)
+    z64 = np.asarray(model.apply(v64, jnp.asarray(np.asarray(pts), jnp.float64)))
+  z64 = z64.reshape(samples, b, -1)
+  assert np.all(np.abs(z32 - z64) <= err[None]), (np.abs(z32 - z64).max(), err.min())
+  # The pre-activation boxes contain the exact logits.
+  assert np.all(z64 >= np.asarray(res.layers[-1].lower)[None])
+  assert np.all(z64 <= np.asarray(res.layers[-1].upper)[None])

@@ -264,20 +264,7 @@ def test_bound_covers_exact_jacobians_and_modes_are_ordered(name):
 def test_rounding_bound_covers_the_float32_forward_pass(name):
   model, v = _model(name)
   x = jax.random.uniform(jax.random.PRNGKey(3), (B,) + SHAPE)
-  eps = 0.2
-  res = lipjax.local_lipschitz_bound(model, v, x, eps)
-  err = np.asarray(res.layers[-1].error)
-  assert np.all(np.isfinite(err)) and np.all(err > 0)
-  pts = U.sample_ball(jax.random.PRNGKey(4), x, jnp.full((B,), eps), 6, uniform_radius=True)
-  pts = pts.reshape((-1,) + SHAPE)
-  z32 = np.asarray(model.apply(v, pts)).reshape(6, B, -1)
-  with jax.enable_x64(True):
-    v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), v)
-    z64 = np.asarray(model.apply(v64, jnp.asarray(np.asarray(pts), jnp.float64)))
-  z64 = z64.reshape(6, B, -1)
-  assert np.all(np.abs(z32 - z64) <= err[None]), (np.abs(z32 - z64).max(), err.min())
-  assert np.all(z64 >= np.asarray(res.layers[-1].lower)[None])
-  assert np.all(z64 <= np.asarray(res.layers[-1].upper)[None])
+  U.assert_rounding_bound_covers_float32(model, v, x, 0.2)
 
 
 def test_global_bound_of_a_dense_projection_is_the_sum_of_the_paths():

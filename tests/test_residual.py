@@ -344,21 +344,7 @@ def test_local_bound_uses_the_masks_inside_the_branch():
 def test_rounding_bound_covers_the_float32_forward_pass():
   model, v = _model("cnn")
   x = jax.random.uniform(jax.random.PRNGKey(3), (B,) + SHAPE)
-  eps = 0.2
-  res = lipjax.local_lipschitz_bound(model, v, x, eps)
-  err = np.asarray(res.layers[-1].error)
-  assert np.all(np.isfinite(err)) and np.all(err > 0)
-  pts = U.sample_ball(jax.random.PRNGKey(4), x, jnp.full((B,), eps), 6, uniform_radius=True)
-  pts = pts.reshape((-1,) + SHAPE)
-  z32 = np.asarray(model.apply(v, pts)).reshape(6, B, -1)
-  with jax.enable_x64(True):
-    v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), v)
-    z64 = np.asarray(model.apply(v64, jnp.asarray(np.asarray(pts), jnp.float64)))
-  z64 = z64.reshape(6, B, -1)
-  assert np.all(np.abs(z32 - z64) <= err[None]), (np.abs(z32 - z64).max(), err.min())
-  # The pre-activation boxes contain the exact logits.
-  assert np.all(z64 >= np.asarray(res.layers[-1].lower)[None])
-  assert np.all(z64 <= np.asarray(res.layers[-1].upper)[None])
+  U.assert_rounding_bound_covers_float32(model, v, x, 0.2)
 
 
 def test_certificates_survive_pgd_and_training_step_runs():
