@@ -215,3 +215,19 @@ def assert_rounding_bound_covers_float32(model, variables, x, eps, samples=6, ke
   # The pre-activation boxes contain the exact logits.
   assert np.all(z64 >= np.asarray(res.layers[-1].lower)[None])
   assert np.all(z64 <= np.asarray(res.layers[-1].upper)[None])
+
+
+def ordered_bounds(model, variables, x, eps, lower=True):
+  """``(result, bound (B,) float64, global bound)`` of the sound local bound,
+  after checking that it is finite and positive, at most the global bound,
+  and (``lower``) at least ``mode="lower"``'s estimate."""
+  import lipjax   # pylint: disable=import-outside-toplevel
+  res = lipjax.local_lipschitz_bound(model, variables, x, eps)
+  bound = np.asarray(res.bound, np.float64)
+  assert np.all(np.isfinite(bound)) and np.all(bound > 0)
+  glob = float(lipjax.global_lipschitz_bound(model, variables, input_shape=tuple(x.shape[1:])))
+  assert np.all(bound <= glob * (1 + 1e-5))
+  if lower:
+    low = np.asarray(lipjax.local_lipschitz_bound(model, variables, x, eps, mode="lower").bound)
+    assert np.all(low <= bound * (1 + 1e-5))
+  return res, bound, glob
