@@ -8,7 +8,9 @@ Run (after ``experiments.certify`` on each workdir)::
 Reads ``WORKDIR/eval/report.json`` of every run (``--eval_dir`` names another
 folder inside the workdirs), prints a markdown table (clean, PGD and certified
 accuracy with both bounds at every eps the runs share, the local / global
-tightness ratio and the evaluation's wall time) and writes a PNG of certified
+tightness ratio and the evaluation's wall time), and for labels ``ARM/RUN``
+(``local/s1,local/s2,global/s1,...``) a second table with each arm's mean and
+range over its runs, and writes a PNG of certified
 accuracy against eps, one colour per run, solid for the local bound and dashed
 for the global one. Bad input (a missing or corrupt report, runs without a
 common eps) ends with exit code 1 and one line on stderr.
@@ -96,6 +98,47 @@ def table(runs: List[Tuple[str, Dict]]) -> str:
   return "\n".join(lines)
 
 
+def _arm(label: str) -> str:
+  """The arm of a run label: the part before ``/`` (``local/s1`` -> ``local``)."""
+  return label.split("/", 1)[0]
+
+
+def _spread(values) -> str:
+  values = [100 * float(v) for v in values if v is not None]
+  if not values:
+    return "n/a"
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f"{mean:.2f}"
+  return f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def arms_table(runs: List[Tuple[str, Dict]]) -> str:
+  """Markdown table of each arm's mean (min-max) over its runs, per shared eps.
+
+  Runs are grouped by the part of their label before ``/`` (``local/s1``,
+  ``local/s2`` -> arm ``local``); every run of an arm counts.
+  """
+  common = sorted(set.intersection(*(set(float(e) for e in r["eps"]) for _, r in runs)))
+  arms: Dict[str, List[Dict]] = {}
+  for label, r in runs:
+    arms.setdefault(_arm(label), []).append(r)
+  lines = ["| arm | runs | eps | clean | certified (local bound) | certified (global bound) |",
+           "|" + "---|" * 6]
+  for arm, reports in arms.items():
+    for e in common:
+      cert = {b: [] for b in ("local", "global")}
+      for r in reports:
+        k = [float(x) for x in r["eps"]].index(e)
+        for b in cert:
+          acc = r["summary"]["certified"].get(b, {}).get("accuracy")
+          cert[b].append(None if acc is None else acc[k])
+      clean = [r["summary"]["clean_accuracy"] for r in reports]
+      lines.append(f"| {arm} | {len(reports)} | {e:g} | {_spread(clean)} | "
+                   f"{_spread(cert['local'])} | {_spread(cert['global'])} |")
+  return "\n".join(lines)
+
+
 def plot(runs: List[Tuple[str, Dict]], path: str, title: str = None) -> str:
   """Certified accuracy against eps, one colour per run (local solid, global dashed)."""
   import matplotlib   # pylint: disable=import-outside-toplevel
@@ -133,6 +176,9 @@ def run(f) -> int:
   pairs = parse_runs(f.runs)
   runs = [(label, load_report(path, f.eval_dir)) for label, path in pairs]
   print(table(runs))
+  if len({_arm(label) for label, _ in runs}) < len(runs):   # several runs of an arm
+    print("\nmean (min-max) over the runs of each arm:\n")
+    print(arms_table(runs))
   if f.output:
     print("wrote " + plot(runs, f.output, f.title))
   return 0

@@ -513,6 +513,23 @@ def test_compare_table_and_plot_from_reports(evaluated, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_arms_table_gives_each_arms_mean_and_range():
+  def rep(clean, local, glob):
+    return {"eps": [0.5, 1.0], "summary": {"clean_accuracy": clean, "certified": {
+        "local": {"accuracy": local}, "global": {"accuracy": glob}}}}
+  runs = [("local/s1", rep(0.90, [0.70, 0.30], [0.60, 0.20])),
+          ("local/s2", rep(0.80, [0.60, 0.20], [0.50, 0.10])),
+          ("global/s1", rep(0.85, [0.65, 0.25], [0.55, 0.15]))]
+  rows = [[c.strip() for c in l.strip("|").split("|")]
+          for l in compare_cli.arms_table(runs).splitlines()[2:]]
+  assert rows[0] == ["local", "2", "0.5", "85.00 (80.00-90.00)", "65.00 (60.00-70.00)",
+                     "55.00 (50.00-60.00)"]
+  assert rows[1] == ["local", "2", "1", "85.00 (80.00-90.00)", "25.00 (20.00-30.00)",
+                     "15.00 (10.00-20.00)"]
+  assert rows[2] == ["global", "1", "0.5", "85.00", "65.00", "55.00"]
+  assert len(rows) == 4
+
+
 def test_compare_bad_input_is_one_line(tmp_path):
   with pytest.raises(compare_cli.InputError, match="not LABEL=WORKDIR"):
     compare_cli.parse_runs(["nolabel"])
