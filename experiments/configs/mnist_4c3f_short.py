@@ -16,12 +16,18 @@ soundly at three radii::
     python -m experiments.train --config=mnist_4c3f_short --config.bound=local --config.seed=$seed --workdir=runs/m4s_local_s$seed
     python -m experiments.train --config=mnist_4c3f_short --config.bound=global --config.seed=$seed --workdir=runs/m4s_global_s$seed
   done
-  python -m experiments.certify --workdir=runs/m4s_local_s1 --eps=0.5,1.0,1.58 --bounds=local --pgd_examples=1000 --pgd_skip_certified --cross_check --tightness_examples=500
+  for run in m4s_local_s1 m4s_local_s2 m4s_global_s1 m4s_global_s2; do
+    python -m experiments.certify --workdir=runs/$run --eps=0.5,1.0,1.58 --bounds=local,global --pgd_examples=1000 --pgd_skip_certified --cross_check --tightness_examples=200
+  done
+  python -m experiments.compare --runs=local/s1=runs/m4s_local_s1,local/s2=runs/m4s_local_s2,global/s1=runs/m4s_global_s1,global/s2=runs/m4s_global_s2
 
 On a 2-core CPU a local-bound run trains in about an hour and a
-global-bound one in about 20 minutes (validation included). Expected: no
-measured result yet; the runs are reported in the README once both seeds of
-both arms are certified.
+global-bound one in about 20 minutes (validation included). Expected (seed
+1, the runs' own certification of the 10,000 test images at eps 1.58 with
+the sound local bound): local-bound training 90.24% clean / 36.83%
+certified, global-bound training 90.22% / 37.33%; seed 2 and the
+certification at three radii are reported in docs/guides/reproducing.md
+once measured.
 """
 
 from experiments.configs import mnist_4c3f_cpu
