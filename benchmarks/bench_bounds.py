@@ -11,8 +11,8 @@ the same process: with the product of per-layer local norms alone
 release), with the per-class-pair bound of :mod:`lipjax.bounds.pairwise`
 added (each pair's margin moves by at most ``eps`` times the smaller of the
 two), and with the default certificate, which also bounds each margin's move
-by the last layer's box-clipped translation. Printed per eps: certified accuracy and the
-seconds of each call (both warm: the first call of each compiles and is
+by the last layer's box-clipped translation. Printed per eps: certified
+accuracy and the seconds of each call (both warm: the first call of each compiles and is
 timed separately). On the first ``--tightness_n`` images, for the
 runner-up class ``i`` of each correctly classified image (the pair the
 certificate hinges on), the median and 10% quantile of

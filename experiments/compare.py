@@ -71,11 +71,17 @@ def _pct(x) -> str:
   return "n/a" if x is None else report.pct(float(x))
 
 
-def table(runs: List[Tuple[str, Dict]]) -> str:
-  """Markdown table over the eps shared by every run."""
+def _common_eps(runs: List[Tuple[str, Dict]]) -> List[float]:
+  """The eps every run evaluated, sorted (raises InputError when there is none)."""
   common = sorted(set.intersection(*(set(float(e) for e in r["eps"]) for _, r in runs)))
   if not common:
     raise InputError("the runs share no evaluated eps")
+  return common
+
+
+def table(runs: List[Tuple[str, Dict]]) -> str:
+  """Markdown table over the eps shared by every run."""
+  common = _common_eps(runs)
   head = ("| run | eps | clean | PGD | certified (local bound) | certified (global bound) "
           "| local / global (median) | evaluation wall time |")
   lines = [head, "|" + "---|" * 8]
@@ -119,7 +125,7 @@ def arms_table(runs: List[Tuple[str, Dict]]) -> str:
   Runs are grouped by the part of their label before ``/`` (``local/s1``,
   ``local/s2`` -> arm ``local``); every run of an arm counts.
   """
-  common = sorted(set.intersection(*(set(float(e) for e in r["eps"]) for _, r in runs)))
+  common = _common_eps(runs)
   arms: Dict[str, List[Dict]] = {}
   for label, r in runs:
     arms.setdefault(_arm(label), []).append(r)

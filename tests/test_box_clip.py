@@ -139,11 +139,15 @@ def test_rigorous_move_is_above_the_float64_optimum(m):
       np.float32)
   hi = (center + rng.random((b, m)) * rng.choice([0.0, 1e-3, 0.5], size=(b, m))).astype(
       np.float32)
+  # Faces at infinity (an overflowed box): the ball alone bounds those entries.
+  lo[0, 0], hi[1, m - 1] = -np.inf, np.inf
   e = (rng.random((b, m)) * 1e-6).astype(np.float32)
   scale = (rng.random(b) * 2).astype(np.float32)
-  move = np.asarray(certify_lib._box_clipped_move(jnp.asarray(a), jnp.asarray(lo),   # pylint: disable=protected-access
+  a_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(a)), axis=-1)) * rounding.upper_factor(m + 4)
+  move = np.asarray(certify_lib._box_clipped_move(jnp.asarray(a), a_norm, jnp.asarray(lo),   # pylint: disable=protected-access
                                                   jnp.asarray(hi), jnp.asarray(center),
                                                   jnp.asarray(e), jnp.asarray(scale), depth))
+  assert np.all(np.isfinite(move))
   r64 = scale.astype(np.float64) * (1 + norms.ROUNDING_SLACK) * rounding.upper_factor(depth + 8)
   for i in range(b):
     dlo = np.minimum(lo[i].astype(np.float64) - center[i] - e[i], 0.0)

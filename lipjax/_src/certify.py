@@ -202,7 +202,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
     ibp = ibp - 6 * u * (jnp.abs(db) + jnp.abs(amid) + prods[:, 1] + err_ibp)
     lower = jnp.maximum(lower, ibp)
     if center is not None:                                              # box-clipped
-      clipped = _box_clipped_move(a, lo, hi, center, e, scale, depth)
+      clipped = _box_clipped_move(a, an, lo, hi, center, e, scale, depth)
       bcp = gap - err - clipped - 6 * u * (jnp.abs(gap) + err + clipped)
       lower = jnp.maximum(lower, jnp.where(jnp.isnan(bcp), -jnp.inf, bcp))
   # The float32 gap at any point of the ball is within err of the exact one.
@@ -211,7 +211,7 @@ def _margins(logits, labels, mat, col, scale, fwd, *, box=None, bias=None,
   return num, den, margin, other
 
 
-def _box_clipped_move(a, lo, hi, center, e, scale, depth):
+def _box_clipped_move(a, a_norm, lo, hi, center, e, scale, depth):
   """``(B, C)`` rigorous upper bound on ``(w_i - w_y) . (h* (x') - h* (x))`` over the ball.
 
   ``h*`` is the exact penultimate activation. ``h*(x')`` lies in the box
@@ -224,6 +224,7 @@ def _box_clipped_move(a, lo, hi, center, e, scale, depth):
   float32 error bounded: the exact ``a`` differs from the computed one by at
   most ``u |a|`` per entry, norms and sums are inflated by their rounding
   factors, and ``R`` by the factor the Lipschitz path applies to it.
+  ``a_norm`` (``(B, C)``) is an upper bound on ``||a||_2`` of the computed ``a``.
   """
   u = rounding.U
   m = a.shape[-1]
@@ -233,9 +234,8 @@ def _box_clipped_move(a, lo, hi, center, e, scale, depth):
   _, nu = margins.box_ball_support(a, dlo, dhi, radius[:, None])
   nf = rounding.upper_factor(m + 4)
   rest = jnp.sqrt(jnp.sum(jnp.square(a - nu), axis=-1)) * nf            # ~ ||a - nu||
-  size = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * nf
-  rest = (rest * (1 + 2 * u) + 2 * u * size) * (1 + 4 * u)             # >= exact ||a - nu||
-  terms = jnp.where(nu != 0, jnp.maximum(nu * dlo, nu * dhi), 0.0)   # 0 * inf: no term
+  rest = (rest * (1 + 2 * u) + 2 * u * a_norm) * (1 + 4 * u)           # >= exact ||a - nu||
+  terms = margins.support_terms(nu, dlo, dhi)
   box = jnp.sum(terms, axis=-1)
   box = (box + rounding.dot_coefficient(m + 8, 0.0) * jnp.sum(jnp.abs(terms), axis=-1)
          + rounding.underflow_term(m, 0.0))
@@ -387,7 +387,7 @@ def _finish(stages, logits, y, eps, inner, col, box, lip, fail, last_norm, last_
     return _margins(logits, labels, mat, col, scale, fwd,
                     box=box if mat is not None else None, bias=bias, rows=rows,
                     last_norm=last_norm, depth=len(stages), inner=inner, eps=eps,
-                    pair=pair_bounds, center=center if mat is not None else None)
+                    pair=pair_bounds, center=center)
 
   # The pair bounds are those of the prediction: they serve the label where
   # it is the prediction (elsewhere the example is not certified anyway).

@@ -20,7 +20,7 @@ from lipjax._src import interpret, per_example
 Array = jax.Array
 
 __all__ = ["box_ball_support", "class_differences", "last_layer_columns", "logit_deltas",
-           "pair_differences", "pair_norms"]
+           "pair_differences", "pair_norms", "support_terms"]
 
 
 def class_differences(mat: Array, labels: Array) -> Array:
@@ -105,12 +105,15 @@ def box_ball_support(a: Array, lower: Array, upper: Array, radius: Array):
     box's own maximum ``sum_j max(a_j lower_j, a_j upper_j)``, up to rounding.
   """
   lower, upper = jnp.broadcast_to(lower, a.shape), jnp.broadcast_to(upper, a.shape)
-  nu = jax.lax.stop_gradient(_support_multiplier(
-      jax.lax.stop_gradient(a), jax.lax.stop_gradient(lower), jax.lax.stop_gradient(upper),
-      jax.lax.stop_gradient(radius)))
+  nu = jax.lax.stop_gradient(_support_multiplier(a, lower, upper, radius))
   rest = per_example.safe_sqrt(jnp.sum(jnp.square(a - nu), axis=-1))
-  box = jnp.sum(jnp.maximum(nu * lower, nu * upper), axis=-1)
-  return radius * rest + box, nu
+  return radius * rest + jnp.sum(support_terms(nu, lower, upper), axis=-1), nu
+
+
+def support_terms(nu: Array, lower: Array, upper: Array) -> Array:
+  """``max(nu_j lower_j, nu_j upper_j)``, 0 where ``nu_j = 0`` (also for an
+  infinite face, where the product would be NaN)."""
+  return jnp.where(nu != 0, jnp.maximum(nu * lower, nu * upper), 0.0)
 
 
 def _support_multiplier(a, lower, upper, radius):

@@ -223,7 +223,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
 
 
 def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
-           global_iterations, estimator, intermediate, pair, box_clip=False, batch_axis=None):
+           global_iterations, estimator, intermediate, pair, box_clip, batch_axis=None):
   """:func:`worst_case_deltas` for callers that checked and resolved its options
   (the training steps: :func:`check_bound_options`, :func:`resolve_iterations`)."""
   model, variables = frontends.resolve(model, variables)
