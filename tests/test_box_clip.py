@@ -185,17 +185,21 @@ def test_box_clipped_margins_are_never_lower_and_hold_against_pgd():
     np.testing.assert_array_equal(np.asarray(triaged.certified), np.asarray(clipped.certified))
     gained_total += int(np.sum(np.asarray(clipped.margin - plain.margin) > 0))
     # Every margin is below the smallest float32 gap an attack finds.
-    onehot = jax.nn.one_hot(y, 3)
+    # All six starts in one batch (one compiled attack).
+    b, starts_n = x.shape[0], 6
+    onehot = jnp.tile(jax.nn.one_hot(y, 3), (starts_n, 1))
 
     def neg_gap(xp):
       z = model.apply(v, xp)
-      return jnp.max(jnp.where(onehot > 0, -jnp.inf, z), -1) - jnp.sum(z * onehot, -1)
+      oh = onehot[:xp.shape[0]]
+      return jnp.max(jnp.where(oh > 0, -jnp.inf, z), -1) - jnp.sum(z * oh, -1)
 
-    eps_b = jnp.full((x.shape[0],), eps)
-    starts = jnp.concatenate([x[None], U.sample_ball(jax.random.PRNGKey(3), x, eps_b, 5,
-                                                     uniform_radius=True)])
-    worst = jnp.max(jnp.stack([neg_gap(U.pgd_maximise(neg_gap, x, eps_b, s, 80)[1])
-                               for s in starts]), 0)
+    eps_b = jnp.full((b,), eps)
+    starts = jnp.concatenate([x[None], U.sample_ball(jax.random.PRNGKey(3), x, eps_b,
+                                                     starts_n - 1, uniform_radius=True)])
+    tiled = lambda a: jnp.tile(a, (starts_n,) + (1,) * (a.ndim - 1))   # noqa: E731
+    best = U.pgd_maximise(neg_gap, tiled(x), tiled(eps_b), starts.reshape(tiled(x).shape), 80)[1]
+    worst = jnp.max(neg_gap(best).reshape(starts_n, b), 0)
     samples = U.sample_ball(jax.random.PRNGKey(4), x, eps_b, 64)
     worst = jnp.maximum(worst, jnp.max(jax.vmap(neg_gap)(samples), 0))
     assert bool(jnp.all(-worst >= clipped.margin)), np.asarray(-worst - clipped.margin).min()
@@ -220,8 +224,10 @@ def test_box_clipped_training_deltas_are_smaller_and_differentiable(bound):
   v = U.init_random(model, jax.random.PRNGKey(1))
   x = jax.random.uniform(jax.random.PRNGKey(2), (8, 5))
   y = jnp.arange(8) % 3
-  _, plain, _ = losses.worst_case_deltas(model, v, x, y, 0.8, bound=bound)
-  _, clipped, _ = losses.worst_case_deltas(model, v, x, y, 0.8, bound=bound, box_clip=True)
+  # Compiled: one program each costs less than running the bound op by op.
+  deltas = jax.jit(lambda v, box_clip: losses.worst_case_deltas(
+      model, v, x, y, 0.8, bound=bound, box_clip=box_clip)[1], static_argnums=1)
+  plain, clipped = deltas(v, False), deltas(v, True)
   assert bool(jnp.all(clipped <= plain * (1 + 1e-6) + 1e-7))
   assert bool(jnp.all(clipped[jnp.arange(8), y] == 0))
   assert float(jnp.sum(clipped)) < float(jnp.sum(plain))
@@ -231,7 +237,7 @@ def test_box_clipped_training_deltas_are_smaller_and_differentiable(bound):
                                             bound=bound, box_clip=True)
     return losses.gloro_loss(logits, d, y)
 
-  g = jax.grad(loss)(v["params"])
+  g = jax.jit(jax.grad(loss))(v["params"])
   assert all(bool(jnp.all(jnp.isfinite(t))) for t in jax.tree_util.tree_leaves(g))
   with pytest.raises(ValueError, match="box_clip must be True or False"):
     losses.worst_case_deltas(model, v, x, y, 0.8, bound=bound, box_clip=1)
