@@ -445,6 +445,75 @@ def test_tridiagonal_top_matches_eigvalsh():
     np.testing.assert_allclose(got[b], top, rtol=1e-5, atol=1e-6)
 
 
+def test_tridiagonal_top_vector_matches_eigh():
+  rng = np.random.default_rng(10)
+  diag = rng.normal(size=(5, 6)).astype(np.float32)
+  off = rng.normal(size=(5, 5)).astype(np.float32)
+  got = np.asarray(power.tridiagonal_top_vector(jnp.asarray(diag), jnp.asarray(off),
+                                                iterations=6))
+  for b in range(5):
+    t = np.diag(diag[b].astype(np.float64)) + np.diag(off[b], 1) + np.diag(off[b], -1)
+    _, vecs = np.linalg.eigh(t)
+    top = vecs[:, -1]
+    np.testing.assert_allclose(np.linalg.norm(got[b]), 1.0, rtol=1e-5)
+    assert abs(float(np.dot(got[b], top))) > 1 - 1e-4, b
+
+
+def _explicit_ops(mats, in_shape):
+  """Batched ``u -> M_b u`` on ``(B, *in_shape)`` and its exact transpose."""
+  m = jnp.asarray(mats, jnp.float32)
+  op = lambda u: jnp.einsum("bmn,bn->bm", m, u.reshape(u.shape[0], -1))   # noqa: E731
+  tr = lambda v: jnp.einsum("bmn,bm->bn", m, v).reshape((v.shape[0],) + in_shape)  # noqa: E731
+  return op, tr
+
+
+@pytest.mark.parametrize("in_shape", [(7,), (3, 2, 2)])
+def test_lanczos_ritz_vector_against_svd(in_shape):
+  rng = np.random.default_rng(12)
+  n = int(np.prod(in_shape))
+  mats = rng.normal(size=(4, 9, n))
+  mats[3] *= 1e-3                       # a small operator (relative test)
+  op, tr = _explicit_ops(mats, in_shape)
+  q0 = jnp.asarray(rng.normal(size=(4,) + in_shape), jnp.float32).at[2].set(0.0)
+  svals = np.linalg.svd(mats, compute_uv=False)
+  vt = np.linalg.svd(mats)[2]
+  ritz = jax.jit(power.lanczos_ritz_vector, static_argnums=(0, 1, 3))
+  for steps in (3, n + 5):
+    u = np.asarray(ritz(op, tr, q0, steps))
+    # A zero start gives zero; every other vector is a unit vector whose
+    # Rayleigh quotient never exceeds the top singular value.
+    assert np.all(u[2] == 0)
+    live = [0, 1, 3]
+    flat = u.reshape(4, -1)
+    np.testing.assert_allclose(np.linalg.norm(flat[live], axis=1), 1.0, rtol=1e-5)
+    est = np.linalg.norm(np.einsum("bmn,bn->bm", mats, flat), axis=1)
+    assert np.all(est[live] <= svals[live, 0] * (1 + 1e-5)), (steps, est, svals[:, 0])
+    if steps >= n:   # the Krylov space is the whole input: the top singular vector
+      np.testing.assert_allclose(est[live], svals[live, 0], rtol=1e-4)
+      for b in live:
+        assert abs(float(np.dot(flat[b], vt[b, 0]))) > 1 - 1e-3, (steps, b)
+  # One example alone (the loop form) gives the vector it gets in a batch
+  # (the unrolled form).
+  for steps in (3, n):
+    batch = np.asarray(ritz(op, tr, q0, steps))
+    for b in (0, 1):
+      op1, tr1 = _explicit_ops(mats[b:b + 1], in_shape)
+      alone = np.asarray(ritz(op1, tr1, q0[b:b + 1], steps))
+      np.testing.assert_allclose(alone[0], batch[b], rtol=1e-4, atol=1e-5)
+
+
+def test_lanczos_ritz_vector_carries_no_gradient():
+  rng = np.random.default_rng(13)
+  w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  q0 = jnp.asarray(rng.normal(size=(1, 5)), jnp.float32)
+
+  def f(w):
+    u = power.lanczos_ritz_vector(lambda u: u @ w.T, lambda v: v @ w, q0, 4)
+    return jnp.sum(u)
+
+  assert float(jnp.max(jnp.abs(jax.jit(jax.grad(f))(w)))) == 0.0
+
+
 def test_lanczos_stopping_early_is_judged_by_the_steps_it_completed():
   # op = 2 * (a 0/1 mask): op^T op has the eigenvalues 4 and 0 only, so the
   # Krylov space is invariant after 2 steps and the run stops there. The bound
