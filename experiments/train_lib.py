@@ -98,7 +98,8 @@ def bound_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   return {"estimator": cfg.get("estimator", "power"),
           "intermediate": None if inter == "auto" else inter,
           "pair": bool(cfg.get("pair_bounds", False)),
-          "box_clip": bool(cfg.get("box_clip", False))}
+          "box_clip": bool(cfg.get("box_clip", False)),
+          "radius_grad": bool(cfg.get("radius_grad", False))}
 
 
 def validation_bound(cfg: Mapping[str, Any]) -> str:
@@ -130,7 +131,7 @@ RESUMABLE_CHANGES = ("progress", "certify_batch_size", "data_dir", "max_steps", 
 # value, not to today's default (a run never resumes with another estimator).
 LEGACY_DEFAULTS = {"estimator": "power", "intermediate": "auto", "val_bound": "global",
                    "diag_examples": 0, "parallel": "pmap", "pair_bounds": False,
-                   "box_clip": False}
+                   "box_clip": False, "radius_grad": False}
 # Fields config.json holds besides the config, computed from the data.
 DERIVED_FIELDS = ("steps_per_epoch", "total_steps", "train_examples_used", "image_shape")
 

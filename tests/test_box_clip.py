@@ -257,3 +257,72 @@ def test_a_training_step_with_box_clip_lowers_the_loss():
     state, metrics = step(state, x, y)
     losses_seen.append(float(metrics["loss"]))
   assert losses_seen[-1] < losses_seen[0], losses_seen
+
+
+# ---------------------------------------------------------------------------
+# Gradients through the intermediate radii
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", ["local", "global"])
+def test_radius_grad_keeps_the_deltas_and_adds_the_path_through_the_boxes(bound):
+  # Wide enough that the ball, not interval arithmetic, sets part of the
+  # penultimate box (so the radii reach the box-clipped term).
+  model = U.mlp_model("clipped_relu", features=20, widths=(40, 40))
+  v = U.init_random(model, jax.random.PRNGKey(1))
+  x = jax.random.uniform(jax.random.PRNGKey(2), (8, 20))
+  y = jnp.arange(8) % 3
+  power = losses.init_power_state(model, v, (20,))
+
+  @jax.jit
+  def run(params):
+    out = {}
+    for box_clip in (False, True):
+      for radius_grad in (False, True):
+        def loss(p, box_clip=box_clip, radius_grad=radius_grad):
+          _, d, _ = losses.worst_case_deltas(model, {"params": p}, x, y, 0.8, bound=bound,
+                                             power=power, box_clip=box_clip,
+                                             radius_grad=radius_grad)
+          return jnp.sum(d), d
+        (_, d), g = jax.value_and_grad(loss, has_aux=True)(p)
+        out[box_clip, radius_grad] = d, g
+    return out
+
+  p = v["params"]
+  out = run(p)
+  flat = lambda g: np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(g)])  # noqa: E731
+  for box_clip in (False, True):
+    (d0, g0), (d1, g1) = out[box_clip, False], out[box_clip, True]
+    # The same numbers forward; finite gradients.
+    np.testing.assert_array_equal(np.asarray(d0), np.asarray(d1))
+    assert np.all(np.isfinite(flat(g1)))
+  # Without a term built on the boxes the radii reach the deltas only through
+  # the (discrete) masks: the same gradient. With the box-clipped term they
+  # add a path.
+  np.testing.assert_allclose(flat(out[False, True][1]), flat(out[False, False][1]),
+                             rtol=1e-6, atol=1e-7)
+  assert np.max(np.abs(flat(out[True, True][1]) - flat(out[True, False][1]))) > 1e-6
+
+
+def test_radius_grad_option_is_checked_and_trains():
+  model = U.mlp_model("clipped_relu", widths=(12, 10))
+  v = U.init_random(model, jax.random.PRNGKey(5))
+  x = jax.random.uniform(jax.random.PRNGKey(6), (64, 5))
+  y = (x[:, 0] > 0.5).astype(jnp.int32)
+  with pytest.raises(ValueError, match="radius_grad must be True or False"):
+    losses.worst_case_deltas(model, v, x, y, 0.1, radius_grad="yes")
+  with pytest.raises(ValueError, match="radius_grad is for mode='estimate'"):
+    lipjax.local_lipschitz_bound(model, v, x, 0.1, radius_grad=True)
+  with pytest.raises(ValueError, match="pass global_state"):
+    lipjax.local_lipschitz_bound(model, v, x, 0.1, mode="estimate", intermediate="global",
+                                 radius_grad=True)
+  opt = optax.adam(1e-2)
+  step = training.make_train_step(model, opt, loss="gloro", bound="local",
+                                  eps_schedule=0.1,
+                                  bound_options={"box_clip": True, "radius_grad": True})
+  state = training.create_train_state(v["params"], opt, rng=0)
+  losses_seen = []
+  for _ in range(10):
+    state, metrics = step(state, x, y)
+    losses_seen.append(float(metrics["loss"]))
+  assert losses_seen[-1] < losses_seen[0], losses_seen

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
                                     # radii (auto: global for power, local for lanczos)
   c.pair_bounds = False             # local bound: also the per-class-pair bound in the loss
   c.box_clip = False                # the last layer's box-clipped translation (BCP) in the loss
+  c.radius_grad = False             # gradients through the intermediate ball radii' norms
   c.sparsity_weight = 0.0
   c.eps_train = 1.75
   c.eps_test = 1.58

@@ -438,7 +438,7 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
 
 def _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                    intermediate, dense, global_state, global_iterations,
-                   rounding=True, estimator="power") -> str:
+                   rounding=True, estimator="power", radius_grad=False) -> str:
   """Raises (one line) for bad options; returns the resolved ``intermediate``."""
   check_choice("mode", mode, MODES)
   check_choice("grad", grad, ("constant", "through"))
@@ -463,6 +463,13 @@ def _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
   if global_state is not None and mode != "estimate":
     raise ValueError("global_state is for mode='estimate' (sound mode uses exact "
                      "global norms)")
+  if not isinstance(radius_grad, bool):
+    raise ValueError(f"radius_grad must be True or False, got {radius_grad!r}")
+  if radius_grad and mode != "estimate":
+    raise ValueError("radius_grad is for mode='estimate' (training estimates)")
+  if radius_grad and intermediate == "global" and global_state is None:
+    raise ValueError("radius_grad with intermediate='global' differentiates the running "
+                     "global norms: pass global_state")
   if not rounding and mode != "lower":
     raise ValueError("rounding=False is for mode='lower' (sound bounds always bound "
                      "the float32 rounding; estimates never do)")
@@ -500,7 +507,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
                           global_norms: Optional[Sequence[Array]] = None,
                           rounding: bool = True,
                           estimator: str = "power",
-                          batch_axis: Optional[str] = None) -> LocalBound:
+                          batch_axis: Optional[str] = None,
+                          radius_grad: bool = False) -> LocalBound:
   """Local Lipschitz bound of ``model``'s logits on ``B(x_b, eps_b)``.
 
   Args:
@@ -573,13 +581,19 @@ def local_lipschitz_bound(model, variables, x, eps, *,
       running vectors follow is taken over the whole batch (``lax.pmax`` over
       that axis), so the result is that of the unsplit batch. Not needed
       under ``jax.jit`` with a sharded batch.
+    radius_grad: estimate mode: gradients flow through the norms that set the
+      intermediate ball radii (the per-example estimates with
+      ``intermediate="local"``, the running global estimates, which then
+      need ``global_state``, with ``"global"``), so the boxes, and whatever
+      a loss computes from them, reward smaller radii. Default: those norms
+      are constants (the masks are discrete either way).
 
   Returns:
     A :class:`LocalBound`; ``.bound`` has shape ``(B,)``.
   """
   intermediate = _check_options(mode, iterations, lanczos_steps, failure_probability, grad,
                                 intermediate, dense, global_state, global_iterations, rounding,
-                                estimator)
+                                estimator, radius_grad)
   if batch_axis is not None and (not isinstance(batch_axis, str) or not batch_axis):
     raise ValueError(f"batch_axis must be None or a mapped axis' name, got {batch_axis!r}")
   model, variables = frontends.resolve(model, variables)
@@ -596,7 +610,8 @@ def local_lipschitz_bound(model, variables, x, eps, *,
           ("failure_probability", float(failure_probability)), ("grad", grad),
           ("intermediate", intermediate), ("dense", dense),
           ("global_iterations", int(global_iterations)), ("rounding", bool(rounding)),
-          ("estimator", estimator), ("batch_axis", batch_axis))
+          ("estimator", estimator), ("batch_axis", batch_axis),
+          ("radius_grad", radius_grad))
   return compiled_local(model, opts)(variables, x, eps, key, state, global_state,
                                       global_norms)
 
@@ -665,7 +680,7 @@ def _top_core(model, shape, iterations, variables, key):
 def _local_core(model, variables, x, eps, key, state, global_state=None, global_norms=None,
                 *, mode, iterations, lanczos_steps, failure_probability, grad, intermediate,
                 dense, global_iterations=2, rounding=True, estimator="power",
-                batch_axis=None) -> LocalBound:
+                batch_axis=None, radius_grad=False) -> LocalBound:
   stages = trace_lib.trace(model, variables, tuple(x.shape[1:]), x.dtype)
   b = x.shape[0]
   keys = jax.random.split(key, 2 * len(stages))
@@ -690,8 +705,9 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
     gnorms = [jax.lax.stop_gradient(power.norm_at(st.linear, u)[0])
               for st, u in zip(stages, global_state.vectors)]
   elif global_state is not None:
-    gnorms, new_global = running_global_norms(stages, global_state, global_iterations,
-                                              estimator=estimator)
+    gnorms, new_global = running_global_norms(
+        stages, global_state, global_iterations, estimator=estimator,
+        differentiable=radius_grad and intermediate == "global")
   else:
     gnorms = _global_norms(stages, keys[0::2], delta, differentiable=(mode != "estimate"),
                            lower=lower)
@@ -755,7 +771,7 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
         return jax.lax.stop_gradient(local[l][0])
     elif intermediate == "local":
       local[l] = estimate_norm(l, lb.row_mask, col_prev)
-      return jax.lax.stop_gradient(local[l][0])
+      return local[l][0] if radius_grad else jax.lax.stop_gradient(local[l][0])
     return gnorms[l]
 
   # Training estimates need no rounding bounds (they carry no guarantee).

@@ -63,7 +63,8 @@ def _init_power(model, variables, shape, key, iterations):
 
 
 #: The training-estimator options of :func:`worst_case_deltas` a training step accepts.
-BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations", "pair", "box_clip")
+BOUND_OPTIONS = ("estimator", "intermediate", "global_iterations", "pair", "box_clip",
+                 "radius_grad")
 
 #: The default training estimator (``"power"`` when gradients go through the iterations).
 DEFAULT_ESTIMATOR = "lanczos"
@@ -132,7 +133,7 @@ def check_bound_options(options, *, grad: str = "constant") -> Dict[str, Any]:
                                                  options.get("intermediate"))
   if options["estimator"] == "lanczos" and grad != "constant":
     raise ValueError("estimator='lanczos' needs grad='constant'")
-  for flag in ("pair", "box_clip"):
+  for flag in ("pair", "box_clip", "radius_grad"):
     options.setdefault(flag, False)
     if not isinstance(options[flag], bool):
       raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
@@ -147,6 +148,7 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
                       grad: str = "constant", global_iterations: Optional[int] = None,
                       estimator: Optional[str] = None, intermediate: Optional[str] = None,
                       pair: bool = False, box_clip: bool = False,
+                      radius_grad: bool = False,
                       batch_axis: Optional[str] = None) -> Tuple[Array, Array, Dict[str, Any]]:
   """Differentiable ``Delta_iy = eps * prod_{l<L} s_l * ||D (w_i - w_y)||``.
 
@@ -202,6 +204,11 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
       penultimate box (:func:`lipjax._src.margins.box_ball_support`; the
       estimate's boxes with the local bound, boxes from the running global
       norms with the global one). Gradients flow through the box.
+    radius_grad: gradients also flow through the norms that set the
+      intermediate ball radii (see :func:`lipjax.local_lipschitz_bound`;
+      with the global bound, the boxes of ``box_clip``), so the terms built
+      on the boxes (``box_clip``, ``pair``, the sparsity loss) reward
+      smaller radii. Default: those norms are constants.
     batch_axis: inside ``jax.pmap`` over a split batch, the mapped axis'
       name: the Lanczos running vectors then follow the union of masks of
       the whole batch (see :func:`lipjax.local_lipschitz_bound`).
@@ -216,14 +223,15 @@ def worst_case_deltas(model, variables, x, y, eps, *, bound: str = "local",
   check_choice("grad", grad, GRADS)
   options = check_bound_options({"estimator": estimator, "intermediate": intermediate,
                                  "global_iterations": global_iterations, "pair": pair,
-                                 "box_clip": box_clip}, grad=grad)
+                                 "box_clip": box_clip, "radius_grad": radius_grad}, grad=grad)
   return deltas(model, variables, x, y, eps, bound=bound,
                 iterations=resolve_iterations(iterations, options["estimator"]), power=power,
                 key=key, grad=grad, batch_axis=batch_axis, **options)
 
 
 def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
-           global_iterations, estimator, intermediate, pair, box_clip, batch_axis=None):
+           global_iterations, estimator, intermediate, pair, box_clip, radius_grad=False,
+           batch_axis=None):
   """:func:`worst_case_deltas` for callers that checked and resolved its options
   (the training steps: :func:`check_bound_options`, :func:`resolve_iterations`)."""
   model, variables = frontends.resolve(model, variables)
@@ -250,7 +258,7 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
                                          global_state=power,
                                          global_iterations=n_global,
                                          estimator=estimator, intermediate=intermediate,
-                                         batch_axis=batch_axis)
+                                         batch_axis=batch_axis, radius_grad=radius_grad)
     logits = lb.logits
     used = list(lb.layer_norms)
     inner = stages.product(used, logits=False)
@@ -274,7 +282,7 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
     out = jnp.minimum(out, eps[:, None] * pb)
   if box_clip:
     layers = (lb.layers if lb is not None else lipschitz.ball_bounds(
-        stages, x, eps, [jax.lax.stop_gradient(g) for g in used]))
+        stages, x, eps, used if radius_grad else [jax.lax.stop_gradient(g) for g in used]))
     out = jnp.minimum(out, _box_clipped_deltas(stages, layers, mat, y, eps * inner))
   return logits, out, {"power": new_power, "local_bound": lb, "layer_norms": used,
                        "col_masks": cols}
