@@ -243,17 +243,19 @@ def test_box_clipped_training_deltas_are_smaller_and_differentiable(bound):
     losses.worst_case_deltas(model, v, x, y, 0.8, bound=bound, box_clip=1)
 
 
-def test_a_training_step_with_box_clip_lowers_the_loss():
+@pytest.mark.parametrize("options", [{"box_clip": True},
+                                     {"box_clip": True, "radius_grad": True}])
+def test_a_training_step_with_box_clip_lowers_the_loss(options):
   model = U.mlp_model("clipped_relu", widths=(12, 10))
   v = U.init_random(model, jax.random.PRNGKey(5))
   x = jax.random.uniform(jax.random.PRNGKey(6), (64, 5))
   y = (x[:, 0] > 0.5).astype(jnp.int32)
   opt = optax.adam(1e-2)
   step = training.make_train_step(model, opt, loss="gloro", bound="local",
-                                  eps_schedule=0.1, bound_options={"box_clip": True})
+                                  eps_schedule=0.1, bound_options=options)
   state = training.create_train_state(v["params"], opt, rng=0)
   losses_seen = []
-  for _ in range(15):
+  for _ in range(12):
     state, metrics = step(state, x, y)
     losses_seen.append(float(metrics["loss"]))
   assert losses_seen[-1] < losses_seen[0], losses_seen
@@ -304,11 +306,11 @@ def test_radius_grad_keeps_the_deltas_and_adds_the_path_through_the_boxes(bound)
   assert np.max(np.abs(flat(out[True, True][1]) - flat(out[True, False][1]))) > 1e-6
 
 
-def test_radius_grad_option_is_checked_and_trains():
+def test_radius_grad_option_is_checked():
   model = U.mlp_model("clipped_relu", widths=(12, 10))
   v = U.init_random(model, jax.random.PRNGKey(5))
-  x = jax.random.uniform(jax.random.PRNGKey(6), (64, 5))
-  y = (x[:, 0] > 0.5).astype(jnp.int32)
+  x = jax.random.uniform(jax.random.PRNGKey(6), (4, 5))
+  y = jnp.arange(4) % 3
   with pytest.raises(ValueError, match="radius_grad must be True or False"):
     losses.worst_case_deltas(model, v, x, y, 0.1, radius_grad="yes")
   with pytest.raises(ValueError, match="radius_grad is for mode='estimate'"):
@@ -316,13 +318,3 @@ def test_radius_grad_option_is_checked_and_trains():
   with pytest.raises(ValueError, match="pass global_state"):
     lipjax.local_lipschitz_bound(model, v, x, 0.1, mode="estimate", intermediate="global",
                                  radius_grad=True)
-  opt = optax.adam(1e-2)
-  step = training.make_train_step(model, opt, loss="gloro", bound="local",
-                                  eps_schedule=0.1,
-                                  bound_options={"box_clip": True, "radius_grad": True})
-  state = training.create_train_state(v["params"], opt, rng=0)
-  losses_seen = []
-  for _ in range(10):
-    state, metrics = step(state, x, y)
-    losses_seen.append(float(metrics["loss"]))
-  assert losses_seen[-1] < losses_seen[0], losses_seen
