@@ -492,8 +492,7 @@ def test_lanczos_ritz_vector_against_svd(in_shape):
       np.testing.assert_allclose(est[live], svals[live, 0], rtol=1e-4)
       for b in live:
         assert abs(float(np.dot(flat[b], vt[b, 0]))) > 1 - 1e-3, (steps, b)
-  # One example alone (the loop form) gives the vector it gets in a batch
-  # (the unrolled form).
+  # One example alone gives the vector it gets in a batch.
   for steps in (3, n):
     batch = np.asarray(ritz(op, tr, q0, steps))
     for b in (0, 1):

@@ -324,9 +324,8 @@ def running_global_norms(stages, global_state: PowerState, iterations: int,
                          differentiable: bool = False, estimator: str = "power"):
   """Power-method estimates of every ``||W_l||`` from running global vectors.
 
-  :func:`global_power` from ``global_state`` (power iterations unrolled,
-  Lanczos steps in a loop): one single-example forward and transpose per
-  iteration and layer. Repeated calls with the
+  :func:`global_power` (unrolled) from ``global_state``: one single-example
+  forward and transpose per iteration and layer. Repeated calls with the
   returned state converge to the top singular values. ``estimator``:
   ``"power"`` or ``"lanczos"`` (see :func:`global_power`).
 

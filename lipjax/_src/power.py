@@ -253,47 +253,31 @@ def lanczos_ritz_vector(op: Operator, transpose: Operator, q0: Array,
     ``(B, *in)`` unit vectors (zero where ``q0`` is zero).
   """
   # The Krylov space has at most as many dimensions as the input: more steps
-  # add nothing.
+  # add nothing (and would only lengthen the unrolled program).
   steps = min(int(steps), max(int(np.prod(q0.shape[1:])), 1))
   q = jax.lax.stop_gradient(normalise(q0))
   if steps <= 1:
     return q
-  # The basis lives in a (steps, B, *in) buffer whose rows past the current
-  # one are still zero, so reorthogonalising against every row (modified
-  # Gram-Schmidt) subtracts exact zeros for those. A single vector (the
-  # running global vectors: many steps, one example) runs one traced step in
-  # a loop, so the program does not grow with ``steps``; a batch runs the
-  # steps unrolled (looped, the LiResNet training step ran 1.7x slower on a
-  # CPU).
-  unroll = q.shape[0] > 1
-  basis = jnp.zeros((steps,) + q.shape, q.dtype).at[0].set(q)
-
-  def reorthogonalise(w, row):
-    return w - per_example.expand(_batch_dot(row, w), w) * row, None
-
-  def step(carry, k):
-    basis, w_prev, beta = carry
-    cur = basis[k]
-    w = transpose(op(cur)) - per_example.expand(beta, q) * w_prev
-    alpha = _batch_dot(cur, w)
-    w = w - per_example.expand(alpha, q) * cur
-    w, _ = jax.lax.scan(reorthogonalise, w, basis, unroll=unroll)
+  basis, alphas, betas = [q], [], []
+  w_prev, beta = jnp.zeros_like(q), jnp.zeros(q.shape[:1], q.dtype)
+  for k in range(steps):
+    w = transpose(op(basis[-1])) - per_example.expand(beta, q) * w_prev
+    alpha = _batch_dot(basis[-1], w)
+    w = w - per_example.expand(alpha, q) * basis[-1]
+    for b in basis:   # full reorthogonalisation (a handful of vectors)
+      w = w - per_example.expand(_batch_dot(b, w), q) * b
+    alphas.append(alpha)
+    if k == steps - 1:
+      break
     beta = per_example.safe_norm(w)
+    betas.append(beta)
+    w_prev = basis[-1]
     ok = per_example.expand(beta > 1e-6 * jnp.maximum(jnp.abs(alpha), _TINY), q)
-    nxt = jnp.where(ok, w / per_example.expand(jnp.maximum(beta, _TINY), q), 0.0)
-    basis = jax.lax.dynamic_update_index_in_dim(basis, nxt, k + 1, 0)
-    return (basis, cur, beta), (alpha, beta)
-
-  (basis, w_prev, beta), (alphas, betas) = jax.lax.scan(
-      step, (basis, jnp.zeros_like(q), jnp.zeros(q.shape[:1], q.dtype)),
-      jnp.arange(steps - 1), unroll=unroll)
-  # The last step needs only its diagonal entry.
-  last = basis[steps - 1]
-  alpha_last = _batch_dot(last, transpose(op(last)) - per_example.expand(beta, q) * w_prev)
-  a = jnp.concatenate([alphas.T, alpha_last[:, None]], axis=1)   # (B, steps)
-  off = betas.T                                                   # (B, steps - 1)
+    basis.append(jnp.where(ok, w / per_example.expand(jnp.maximum(beta, _TINY), q), 0.0))
+  a = jnp.stack(alphas, axis=1)                          # (B, k)
+  off = jnp.stack(betas, axis=1)                         # (B, k - 1)
   s = tridiagonal_top_vector(a, off, iterations=ritz_iterations)
-  u = jnp.einsum("bk,kb...->b...", s, basis)
+  u = sum(per_example.expand(s[:, i], q) * v for i, v in enumerate(basis))
   return jax.lax.stop_gradient(normalise(u))
 
 
@@ -345,12 +329,11 @@ def tridiagonal_top_vector(diag: Array, off: Array, iterations: int = 3) -> Arra
     _, xs = jax.lax.scan(bwd, zeros, (cs, rs), reverse=True)
     return xs.T
 
-  def iterate(_, s):
-    s = solve(s)
-    return s / jnp.maximum(jnp.linalg.norm(s, axis=1, keepdims=True), _TINY)
-
   s = jnp.ones_like(diag) / jnp.sqrt(jnp.asarray(k, diag.dtype))
-  return jax.lax.fori_loop(0, int(iterations), iterate, s)
+  for _ in range(int(iterations)):
+    s = solve(s)
+    s = s / jnp.maximum(jnp.linalg.norm(s, axis=1, keepdims=True), _TINY)
+  return s
 
 
 def tridiagonal_top(diag: Array, off: Array, iterations: int = 60) -> Array:
