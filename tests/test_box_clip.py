@@ -266,8 +266,12 @@ def test_a_training_step_with_box_clip_lowers_the_loss(options):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bound", ["local", "global"])
-def test_radius_grad_keeps_the_deltas_and_adds_the_path_through_the_boxes(bound):
+@pytest.mark.parametrize("bound,estimator", [("local", "lanczos"), ("local", "power"),
+                                             ("global", "lanczos")])
+def test_radius_grad_keeps_the_deltas_and_adds_the_path_through_the_boxes(bound, estimator):
+  # Local bound: the per-example radius norms (Lanczos, intermediate "local")
+  # or the running global norms (power method, intermediate "global");
+  # global bound: the boxes of the box-clipped term.
   # Wide enough that the ball, not interval arithmetic, sets part of the
   # penultimate box (so the radii reach the box-clipped term).
   model = U.mlp_model("clipped_relu", features=20, widths=(40, 40))
@@ -284,7 +288,7 @@ def test_radius_grad_keeps_the_deltas_and_adds_the_path_through_the_boxes(bound)
         def loss(p, box_clip=box_clip, radius_grad=radius_grad):
           _, d, _ = losses.worst_case_deltas(model, {"params": p}, x, y, 0.8, bound=bound,
                                              power=power, box_clip=box_clip,
-                                             radius_grad=radius_grad)
+                                             radius_grad=radius_grad, estimator=estimator)
           return jnp.sum(d), d
         (_, d), g = jax.value_and_grad(loss, has_aux=True)(p)
         out[box_clip, radius_grad] = d, g
