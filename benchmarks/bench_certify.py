@@ -29,6 +29,10 @@ Baselines on the first ``--compare_n`` images: the global certificate
 without the screen (``screen=False``) and the sound local bound on every
 image (``triage=False``); the certified sets must be identical.
 
+``--no_box_clip`` certifies without the last layer's box-clipped translation
+(``box_clip=False``), the certificate of releases before it: that compares
+the bound code itself with such a release.
+
 ``--workdir`` certifies a trained run's checkpoint (read only; model, data
 set, split and image shape from its config.json). Without it ``--model`` is
 a randomly initialised zoo model on MNIST test images when its input is
@@ -151,11 +155,16 @@ def main():
   p.add_argument("--compare_n", type=int, default=512,
                  help="images of the in-process baselines (0: skip)")
   p.add_argument("--skip_local", action="store_true", help="time bound='global' only")
+  p.add_argument("--no_box_clip", action="store_true",
+                 help="certify without the last layer's box-clipped translation "
+                      "(box_clip=False), as releases before it did")
   a = p.parse_args()
 
   model, variables, x, y, what = _load(a)
   n = int(x.shape[0])
-  print(f"# bench_certify: {what}; eps {a.eps}; batch {a.batch}", flush=True)
+  opts = dict(box_clip=False) if a.no_box_clip else {}
+  print(f"# bench_certify: {what}; eps {a.eps}; batch {a.batch}"
+        f"{'; box_clip=False' if a.no_box_clip else ''}", flush=True)
   print(f"# machine: {_machine()}", flush=True)
 
   fwd = jax.jit(model.apply)
@@ -180,10 +189,10 @@ def main():
     ref_gb.append(_timed(bound)[1])
     log(f"run {i} forward, global bound", ref_fwd[-1] + ref_gb[-1])
     glob_runs.append(_certify(model, variables, x, y, a.eps, bound="global",
-                              batch_size=a.batch))
+                              batch_size=a.batch, **opts))
     log(f"run {i} global", *glob_runs[-1][1:])
     if not a.skip_local:
-      loc_runs.append(_certify(model, variables, x, y, a.eps, batch_size=a.batch))
+      loc_runs.append(_certify(model, variables, x, y, a.eps, batch_size=a.batch, **opts))
       log(f"run {i} local", *loc_runs[-1][1:])
   sec_fwd, sec_gb = statistics.median(ref_fwd), statistics.median(ref_gb)
 
@@ -221,6 +230,7 @@ def main():
                      ("local, triage", {})):
       if a.skip_local and "local" in name:
         continue
+      kw = dict(kw, **opts)
       _certify(model, variables, xs, ys, a.eps, batch_size=a.batch, **kw)   # compile
       runs[name] = _certify(model, variables, xs, ys, a.eps, batch_size=a.batch, **kw)
       log(name, *runs[name][1:])

@@ -10,6 +10,11 @@ compiled code) are skipped here and run in a subprocess at the default level
 by ``tests/test_default_xla.py``. Set
 ``LIPJAX_TEST_XLA_DEFAULT=1`` to run everything at the default level.
 
+That subprocess takes about five minutes, so a session whose selection
+includes ``tests/test_default_xla.py`` starts it at once, beside the other
+tests, and the test only collects its result (it sorts last, so it seldom
+waits); a session that would skip the test never starts it.
+
 The test process itself runs without JAX's persistent compilation cache
 (writing an executable to it crashed the process once in a full run), and
 the commands the tests launch too unless ``LIPJAX_COMPILATION_CACHE`` names
@@ -18,14 +23,22 @@ nothing is written to the user's cache folder.
 """
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 
 from experiments import cli
 
 OPT_FLAG = "--xla_backend_optimization_level"
-
-
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+#: Set by the session that started the default-level run early: the prefix of
+#: its ``.log`` (pytest's output) and ``.rc`` (exit status, written last).
+DEFAULT_XLA_RUN_ENV = "LIPJAX_TEST_DEFAULT_XLA_RUN"
 
 def xla_at_default_level() -> bool:
   """Whether this process compiles at XLA's default optimisation level."""
@@ -65,10 +78,84 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "default_xla: runs at XLA's default optimisation level")
 
 
+def default_xla_command() -> list:
+  """The pytest command that runs the ``default_xla`` tests."""
+  return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+          "-m", "default_xla", TESTS_DIR]
+
+
+def default_xla_env() -> dict:
+  """This process's environment at XLA's default optimisation level."""
+  env = dict(os.environ, LIPJAX_TEST_XLA_DEFAULT="1")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith(OPT_FLAG))
+  env.pop(DEFAULT_XLA_RUN_ENV, None)
+  return env
+
+
+def _selects_default_xla_test(config) -> bool:
+  """Whether this session's arguments, unfiltered, include that test."""
+  if config.option.keyword or config.option.markexpr or config.option.collectonly:
+    return False
+  target = os.path.join(TESTS_DIR, "test_default_xla.py")
+  for arg in config.args:
+    path = os.path.abspath(str(arg).split("::", 1)[0])
+    if path == target or (os.path.isdir(path) and target.startswith(path + os.sep)):
+      return True
+  return False
+
+
+_early_run = {}
+
+
+def pytest_sessionstart(session):
+  """Starts the default-level run beside the suite (controller process only)."""
+  config = session.config
+  if (hasattr(config, "workerinput") or xla_at_default_level()
+      or os.environ.get(DEFAULT_XLA_RUN_ENV) or not _selects_default_xla_test(config)):
+    return
+  prefix = tempfile.mkdtemp(prefix="lipjax-default-xla-") + os.sep + "run"
+  script = '"$0" "$@" > "$LIPJAX_RUN.log" 2>&1; echo $? > "$LIPJAX_RUN.rc.tmp"; ' \
+           'mv "$LIPJAX_RUN.rc.tmp" "$LIPJAX_RUN.rc"'
+  env = dict(default_xla_env(), LIPJAX_RUN=prefix)
+  _early_run["proc"] = subprocess.Popen(["sh", "-c", script, *default_xla_command()],
+                                        cwd=ROOT, env=env, start_new_session=True)
+  _early_run["prefix"] = prefix
+  os.environ[DEFAULT_XLA_RUN_ENV] = prefix   # the workers, started next, inherit it
+
+
+def pytest_sessionfinish(session):
+  proc = _early_run.pop("proc", None)
+  if proc is not None and proc.poll() is None:   # interrupted, or the test deselected
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait()
+  prefix = _early_run.pop("prefix", None)
+  if prefix is not None:
+    os.environ.pop(DEFAULT_XLA_RUN_ENV, None)
+    for suffix in (".log", ".rc", ".rc.tmp"):
+      if os.path.exists(prefix + suffix):
+        os.remove(prefix + suffix)
+    os.rmdir(os.path.dirname(prefix))
+
+
+def wait_for_default_xla_run(prefix: str, timeout: float) -> tuple:
+  """(exit status, output) of the run started by ``pytest_sessionstart``."""
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(prefix + ".rc"):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"the default-level run ({prefix}.log) took over {timeout:.0f} s")
+    time.sleep(2.0)
+  with open(prefix + ".rc", encoding="utf-8") as f:
+    rc = int(f.read().strip())
+  with open(prefix + ".log", encoding="utf-8") as f:
+    return rc, f.read()
+
+
 #: Test files, longest first (a full run's durations on a 2-core CPU). The
 #: parallel workers take whole files in collection order, so starting the
 #: long ones first keeps one long file from running alone at the end.
-LONGEST_FIRST = ("test_default_xla", "test_train_launcher", "test_nnx", "test_blocks",
+#: ``test_default_xla`` sorts last: its run started with the session.
+LONGEST_FIRST = ("test_train_launcher", "test_nnx", "test_blocks",
                  "test_residual", "test_docs", "test_certify", "test_evaluation",
                  "test_parallel", "test_pairwise", "test_notebook", "test_training")
 
@@ -76,6 +163,8 @@ LONGEST_FIRST = ("test_default_xla", "test_train_launcher", "test_nnx", "test_bl
 def _file_rank(item) -> int:
   module = getattr(item, "module", None)
   name = module.__name__.rpartition(".")[2] if module is not None else ""
+  if name == "test_default_xla":
+    return len(LONGEST_FIRST) + 1
   return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 

@@ -300,9 +300,11 @@ def global_power(stages, vectors, iterations: int, *, loop: bool = False,
                                     int(iterations))
       sigma = power.norm_at(frozen.linear, u)
     else:
+      # Many looped iterations (start vectors) take the rule's explicit
+      # adjoint; the few unrolled ones of training, the transposed map.
       sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
                                        int(iterations), adjoint_of=frozen.linear_for_adjoint,
-                                       loop=loop)
+                                       adjoint_op=frozen.adjoint if loop else None, loop=loop)
     if differentiable:
       sigma = power.norm_at(st.linear, u)
     out.append(sigma[0])

@@ -69,6 +69,7 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
                     grad_through: bool = False, tol: Optional[float] = None,
                     adjoint_of: Optional[Operator] = None,
                     final_op: Optional[Operator] = None,
+                    adjoint_op: Optional[Operator] = None,
                     loop: bool = False) -> Tuple[Array, Array]:
   """Estimates ``||op||_2`` per example with the power method.
 
@@ -97,7 +98,7 @@ def power_iteration(op: Operator, u0: Array, iterations: int, *,
     (up to rounding), and the ``(B, *in_shape)`` final unit vectors to
     warm-start the next call.
   """
-  opt = adjoint(adjoint_of or op, u0)
+  opt = adjoint_op or adjoint(adjoint_of or op, u0)
   u = normalise(u0)
   if not grad_through:
     u = jax.lax.stop_gradient(u)
