@@ -22,11 +22,11 @@ soundly at three radii::
   python -m experiments.compare --runs=local/s1=runs/m4s_local_s1,local/s2=runs/m4s_local_s2,global/s1=runs/m4s_global_s1,global/s2=runs/m4s_global_s2
 
 On a 2-core CPU a local-bound run trains in about an hour and a
-global-bound one in about 20 minutes (validation included). Expected (seed
-1, the 10,000 test images certified with the sound local bound at eps 0.5 /
-1.0 / 1.58): local-bound training 90.24% clean, 75.80 / 57.58 / 36.87%
-certified; global-bound training 90.22% clean, 75.99 / 57.94 / 37.39%
-(docs/guides/reproducing.md; seed 2 is reported there once measured).
+global-bound one in about 20 minutes (validation included). Expected (the
+10,000 test images certified with the sound local bound at eps 0.5 / 1.0 /
+1.58, mean over seeds 1 and 2): local-bound training 90.42% clean, 76.13 /
+57.69 / 36.75% certified; global-bound training 90.23% clean, 76.23 / 57.91 /
+37.11% (every run in docs/guides/reproducing.md).
 """
 
 from experiments.configs import mnist_4c3f_cpu
