@@ -23,6 +23,7 @@ nothing is written to the user's cache folder.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,10 +133,7 @@ def pytest_sessionfinish(session):
   prefix = _early_run.pop("prefix", None)
   if prefix is not None:
     os.environ.pop(DEFAULT_XLA_RUN_ENV, None)
-    for suffix in (".log", ".rc", ".rc.tmp"):
-      if os.path.exists(prefix + suffix):
-        os.remove(prefix + suffix)
-    os.rmdir(os.path.dirname(prefix))
+    shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
 
 
 def wait_for_default_xla_run(prefix: str, timeout: float) -> tuple:

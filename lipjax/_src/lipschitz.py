@@ -271,8 +271,8 @@ def global_power(stages, vectors, iterations: int, *, loop: bool = False,
   """Power iterations on every stage's global map ``W_l`` from ``vectors``.
 
   ``iterations`` iterations per stage with the parameters frozen (the
-  adjoint from ``jax.linear_transpose`` of the stage's transpose-friendly
-  form), then ``||W_l u_l||``: estimates from below, for training and for
+  adjoint ``Stage.adjoint``: the rule's explicit one where it has one),
+  then ``||W_l u_l||``: estimates from below, for training and for
   start vectors (never for a bound).
 
   Args:
@@ -300,11 +300,8 @@ def global_power(stages, vectors, iterations: int, *, loop: bool = False,
                                     int(iterations))
       sigma = power.norm_at(frozen.linear, u)
     else:
-      # Many looped iterations (start vectors) take the rule's explicit
-      # adjoint; the few unrolled ones of training, the transposed map.
       sigma, u = power.power_iteration(frozen.linear, jax.lax.stop_gradient(u),
-                                       int(iterations), adjoint_of=frozen.linear_for_adjoint,
-                                       adjoint_op=frozen.adjoint if loop else None, loop=loop)
+                                       int(iterations), adjoint_op=frozen.adjoint, loop=loop)
     if differentiable:
       sigma = power.norm_at(st.linear, u)
     out.append(sigma[0])
