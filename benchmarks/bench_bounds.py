@@ -156,9 +156,11 @@ def main():
       old = inner[:, None] * pn
       glob = stages.product(list(gn[:-1]), logits=False) * margins.pair_norms(
           mat, jnp.ones_like(col), yb)
-      boxes = lipschitz.ball_bounds(stages, xb, jnp.full((b,), eps), list(gn))
+      boxes, joins = lipschitz.ball_bounds(stages, xb, jnp.full((b,), eps), list(gn),
+                                           with_joins=True)
       pair = pairwise.pair_bounds(stages, boxes, lb.layer_norms, yb, abs_norms=absn,
-                                  norm_layers=lb.layers, global_norms=list(gn))
+                                  norm_layers=lb.layers, global_norms=list(gn),
+                                  joins=joins)
       new = old if pair is None else jnp.minimum(old, pair)
       pick = lambda t: np.asarray(jnp.take_along_axis(t, runner[:, None], 1)[:, 0])  # noqa: E731
       emp = np.asarray(_empirical_pair_lower(model, variables, xb, eps, runner, yb,

@@ -15,17 +15,21 @@ Truth for the margin ``g = z_i - z_y`` of every class pair:
   bound alone, and PGD never flips a certified point.
 """
 
+import dataclasses
 import functools
 import itertools
 
 import jax
+import flax.linen as fnn
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lipjax
 import lipjax.evaluation
+from lipjax import models
 from lipjax import nn as lnn
+from lipjax._src.graph import Block, Graph
 from lipjax._src import lipschitz, margins, pairwise
 from lipjax._src import trace as trace_lib
 from lipjax._src.certify import abs_norm_bounds
@@ -44,13 +48,19 @@ def _pair_bounds(model, variables, x, eps, labels):
   stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
   abs_norms = abs_norm_bounds(stages)
   own = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, labels, sound=True,
-                             abs_norms=abs_norms)
-  boxes = lipschitz.ball_bounds(stages, x, jnp.full((x.shape[0],), eps),
-                                list(lb.global_norms))
+                             abs_norms=abs_norms, global_norms=lb.global_norms)
+  boxes, joins = lipschitz.ball_bounds(stages, x, jnp.full((x.shape[0],), eps),
+                                       list(lb.global_norms), with_joins=True)
   mixed = pairwise.pair_bounds(stages, boxes, lb.layer_norms, labels, sound=True,
                                abs_norms=abs_norms, norm_layers=lb.layers,
-                               global_norms=lb.global_norms)
-  pair = np.minimum(np.asarray(own, np.float64), np.asarray(mixed, np.float64))
+                               global_norms=lb.global_norms, joins=joins)
+  assert mixed is not None
+  # The local bound carries no join boxes: a network with blocks has only the
+  # certificate's form.
+  assert (own is None) == bool(stages.blocks)
+  pair = np.asarray(mixed, np.float64)
+  if own is not None:
+    pair = np.minimum(np.asarray(own, np.float64), pair)
   return pair, lb, stages
 
 
@@ -110,11 +120,29 @@ def test_bound_covers_every_allowed_activation_pattern(kind, seed):
   assert checked == 6
 
 
+def _residual_conv(kind):
+  """conv -> act -> act(h + conv(act(conv(h)))) -> strided conv -> act -> fc."""
+  act = U.activation
+  return lnn.Sequential(
+      (lnn.Conv(4, kernel_size=3, stride=1, padding=1), act(kind),
+       lnn.Residual((lnn.Conv(4, kernel_size=3, stride=1, padding=1), act(kind),
+                     lnn.Conv(4, kernel_size=3, stride=1, padding=1)), activation=act(kind)),
+       lnn.Conv(4, kernel_size=4, stride=2, padding=1), act(kind),
+       lnn.Flatten(), lnn.Dense(8), act(kind), lnn.Dense(3)), input_shape=(6, 6, 2))
+
+
 def _models():
   out = {}
   for i, kind in enumerate(("relu", "clipped_relu", "clipped_maxmin")):
     m = U.conv_model(kind)
     out[f"conv-{kind}"] = (m, U.init_random(m, jax.random.PRNGKey(60 + i)))
+  for i, kind in enumerate(("relu", "clipped_relu")):
+    m = _residual_conv(kind)
+    out[f"res-{kind}"] = (m, U.init_random(m, jax.random.PRNGKey(65 + i)))
+  m = models.LiResNet(num_classes=3, width=4, blocks=2, neck=8, input_shape=(6, 6, 2),
+                      block_scale=0.5)
+  out["liresnet"] = (m, U.randomize(m.init(jax.random.PRNGKey(68), jnp.zeros((1, 6, 6, 2))),
+                                    jax.random.PRNGKey(69)))
   return out
 
 
@@ -159,7 +187,8 @@ def _margin_ascent(name, steps=50, restarts=6):
 
 
 @pytest.mark.parametrize("name,eps", [("conv-relu", 0.5), ("conv-clipped_relu", 0.1),
-                                      ("conv-clipped_maxmin", 0.5)])
+                                      ("conv-clipped_maxmin", 0.5), ("res-relu", 0.3),
+                                      ("liresnet", 0.1)])
 def test_bound_covers_gradients_and_difference_quotients(name, eps):
   model, variables = MODELS[name]
   x = jax.random.uniform(jax.random.PRNGKey(70), (3,) + model.input_shape)
@@ -187,7 +216,8 @@ def test_bound_covers_gradients_and_difference_quotients(name, eps):
   assert np.all(np.isfinite(pair)) and np.all(prod > 0)
 
 
-@pytest.mark.parametrize("name", ["conv-clipped_relu", "conv-clipped_maxmin"])
+@pytest.mark.parametrize("name", ["conv-clipped_relu", "conv-clipped_maxmin",
+                                  "res-clipped_relu", "liresnet"])
 def test_certify_never_certifies_less_and_pgd_breaks_nothing(name):
   model, variables = MODELS[name]
   x = jax.random.uniform(jax.random.PRNGKey(80), (16,) + model.input_shape)
@@ -233,11 +263,126 @@ def test_all_stable_network_gets_the_exact_gradient_norm():
   assert np.all(np.max(pair, axis=1) <= np.asarray(lb.bound) * 1.01)
 
 
-def test_residual_branches_are_not_supported():
+class _ProjectionNet(fnn.Module):
+  """A block with a post activation, then a projection shortcut
+  ``relu(P g + W relu(V g))`` (plain Flax, traced)."""
+
+  @fnn.compact
+  def __call__(self, x):
+    h = fnn.relu(fnn.Dense(4)(x))
+    g = fnn.relu(h + fnn.Dense(4)(fnn.relu(fnn.Dense(3)(h))))
+    z = fnn.Dense(3, use_bias=False)(g) + fnn.Dense(3)(fnn.relu(fnn.Dense(3)(g)))
+    return fnn.Dense(3)(fnn.relu(z))
+
+
+def _graph_jacobian(items, mats, slopes, j):
+  """float64 Jacobian of ``items`` from ``j`` (``(n, n_in)``) with fixed slopes."""
+  for item in items:
+    if isinstance(item, Block):
+      outs = [_graph_jacobian(path, mats, slopes, j) for path in item.paths]
+      j = sum(outs)
+      if item.activation is not None:
+        j = slopes[("join", id(item))][:, None] * j
+    else:
+      j = mats[item.index] @ j
+      if item.activation is not None and not item.activation.linear:
+        j = slopes[("stage", item.index)][:, None] * j
+  return j
+
+
+@pytest.mark.parametrize("name", ["residual", "projection"])
+def test_residual_bound_covers_every_allowed_activation_pattern(name):
+  # Blocks: every pattern of slopes the boxes allow (inner and post-join
+  # activations), the exact float64 Jacobian of the graph for each.
+  if name == "residual":
+    model = lnn.Sequential((lnn.Dense(4), lnn.ReLU(),
+                            lnn.Residual((lnn.Dense(3), lnn.ReLU(), lnn.Dense(4)),
+                                         activation=lnn.ReLU()), lnn.Dense(3)),
+                           input_shape=(4,))
+  else:
+    model = _ProjectionNet()
+  variables = U.randomize(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 4))),
+                          jax.random.PRNGKey(4))
+  x = jax.random.uniform(jax.random.PRNGKey(5), (6, 4))
+  y = jnp.asarray([0, 1, 2, 0, 1, 2])
+  stages = trace_lib.trace(model, variables, (4,))
+  assert stages.blocks and pairwise.supports(stages)
+  mats = [np.asarray(jax.vmap(lambda e, st=st: st.linear(e[None])[0])(
+      jnp.eye(int(np.prod(st.in_shape)))), np.float64).reshape(
+          int(np.prod(st.in_shape)), -1).T for st in stages]
+  checked = 0
+  for eps in (0.1, 0.3):
+    pair, lb, _ = _pair_bounds(model, variables, x, eps, y)
+    boxes, joins = lipschitz.ball_bounds(stages, x, jnp.full((6,), eps),
+                                         list(lb.global_norms), with_joins=True)
+    for b in range(6):
+      units = []   # (key, choices per unit)
+      for st in stages[:-1]:
+        if not st.activation.linear:
+          units.append((("stage", st.index), _slope_choices(
+              st.activation, st.act_params, boxes[st.index].lower[b],
+              boxes[st.index].upper[b])))
+      for block, jb in zip(stages.blocks, joins):
+        if block.activation is not None:
+          units.append((("join", id(block)), _slope_choices(
+              block.activation, block.act_params, jb.lower[b], jb.upper[b])))
+      flat = [c for _, ch in units for c in ch]
+      n_unstable = sum(len(c) > 1 for c in flat)
+      if not 2 <= n_unstable <= 12:
+        continue
+      best = np.zeros(3)
+      for pattern in itertools.product(*flat):
+        slopes, start = {}, 0
+        for key, ch in units:
+          slopes[key] = np.asarray(pattern[start:start + len(ch)])
+          start += len(ch)
+        j = _graph_jacobian(stages.items, mats, slopes, np.eye(4))
+        for i in range(3):
+          best[i] = max(best[i], np.linalg.norm(j[i] - j[int(y[b])]))
+      for i in range(3):
+        if i != int(y[b]):
+          assert pair[b, i] >= best[i] * (1 - RTOL), (eps, b, i, pair[b, i], best[i])
+          checked += 1
+  assert checked >= 6
+
+
+def test_residual_pair_bound_is_exact_when_every_unit_is_stable():
+  # A tiny ball: every unit stable, the bound is the margin gradient's norm
+  # through the blocks (up to rounding), where the product bound is larger.
+  model = _ProjectionNet()
+  variables = U.randomize(model.init(jax.random.PRNGKey(6), jnp.zeros((1, 4))),
+                          jax.random.PRNGKey(7))
+  x = jax.random.uniform(jax.random.PRNGKey(8), (3, 4))
+  y = jnp.asarray([2, 0, 1])
+  pair, lb, _ = _pair_bounds(model, variables, x, 1e-4, y)
+  f = lambda p: model.apply(variables, p[None])[0]
+  jac = np.asarray(jax.vmap(jax.jacfwd(f))(x), np.float64)
+  for b in range(3):
+    for i in range(3):
+      if i != int(y[b]):
+        truth = np.linalg.norm(jac[b, i] - jac[b, int(y[b])])
+        assert truth * (1 - RTOL) <= pair[b, i] <= truth * 1.01 + 1e-6, (b, i, pair[b, i], truth)
+  assert np.all(np.max(pair, axis=1) <= np.asarray(lb.bound) * 1.01)
+
+
+def test_joins_without_boxes_or_a_nonlinear_join_get_no_pair_bound():
   model = lnn.Sequential(
       (lnn.Dense(4), lnn.ReLU(), lnn.Residual((lnn.Dense(4), lnn.ReLU(), lnn.Dense(4))),
        lnn.Dense(3)), input_shape=(4,))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
   stages = trace_lib.trace(model, variables, (4,))
-  assert not pairwise.supports(stages)
-  assert pairwise.pair_bounds(stages, [], [], jnp.zeros((1,), jnp.int32)) is None
+  assert pairwise.supports(stages)
+  x = jnp.zeros((1, 4))
+  layers = lipschitz.ball_bounds(stages, x, jnp.full((1,), 0.1), [1.0] * len(stages))
+  assert pairwise.pair_bounds(stages, layers, [1.0] * len(stages), jnp.zeros((1,), jnp.int32),
+                              sound=False) is None
+
+  class Product(type(stages.blocks[0].combine)):
+    def transpose(self, cotangent, num_paths):
+      return None
+
+  block = stages.blocks[0]
+  other = Graph(tuple(
+      dataclasses.replace(it, combine=Product()) if it is block else it
+      for it in stages.items))
+  assert not pairwise.supports(other)

@@ -330,16 +330,17 @@ def _local_pair_bounds(stages, lb, abs_norms, mode, x, eps):
       return None
   predicted = jnp.argmax(lb.logits, axis=-1).astype(jnp.int32)
   gnorms = [jax.lax.stop_gradient(g) for g in lb.global_norms]
-  boxes = lipschitz.ball_bounds(stages, x, eps, gnorms)
+  boxes, joins = lipschitz.ball_bounds(stages, x, eps, gnorms, with_joins=True)
   if mode == "sound":
     # The local norms hold under the local bound's own masks (those of
     # ``lb.layers``): where the global boxes keep a unit those masks drop,
     # the layer's global norm stands in.
     return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=True,
                                 abs_norms=abs_norms, norm_layers=lb.layers,
-                                global_norms=gnorms)
+                                global_norms=gnorms, joins=joins)
   # The estimates from below are below whichever factor the sound bound uses.
-  return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=False)
+  return pairwise.pair_bounds(stages, boxes, lb.layer_norms, predicted, sound=False,
+                              joins=joins)
 
 
 def _tightest_rounding(stages, x, eps, gnorms, last_bounds, abs_norms=None):
@@ -436,7 +437,7 @@ def screenable(stages) -> bool:
     if st.activation is not None and not st.activation.exact:
       return False
     spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
-    if jax.eval_shape(st.abs_linear, spec) is None:
+    if jax.eval_shape(st.rounding_abs_linear, spec) is None:
       return False
   return True
 
@@ -463,12 +464,12 @@ def _abs_norm_bound(st, iterations: int = _ABS_NORM_ITERATIONS) -> Array:
   tiny = 2.0 ** -126
   v_op = rounding.operand_roundoff()
   n_in = int(np.prod(st.in_shape))
-  out_spec = jax.eval_shape(st.abs_linear, spec)
+  out_spec = jax.eval_shape(st.rounding_abs_linear, spec)
   n_out = int(np.prod(out_spec.shape[1:]))
   f_in, f_out = rounding.upper_factor(n_in, v_op), rounding.upper_factor(n_out, v_op)
-  transpose = jax.linear_transpose(st.abs_linear, spec)
+  transpose = jax.linear_transpose(st.rounding_abs_linear, spec)
   ones = jnp.ones(spec.shape, st.dtype)
-  rows = st.abs_linear(ones)
+  rows = st.rounding_abs_linear(ones)
   cols = transpose(jnp.ones(rows.shape, st.dtype))[0]
   r = (jnp.max(rows) + n_in * tiny) * f_in
   c = (jnp.max(cols) + n_out * tiny) * f_out
@@ -476,7 +477,7 @@ def _abs_norm_bound(st, iterations: int = _ABS_NORM_ITERATIONS) -> Array:
 
   def step(_, carry):
     v, best = carry
-    u = st.abs_linear(v)
+    u = st.rounding_abs_linear(v)
     w = transpose(u)[0]
     # Exact (A^T A v)_i <= f_in f_out (fl(w_i) + n_out 2^-126 (1 + max u))
     # + f_in n_in 2^-126 c: the rounding of both sums of nonnegative terms
@@ -496,14 +497,30 @@ def _abs_norm_bound(st, iterations: int = _ABS_NORM_ITERATIONS) -> Array:
   return jnp.minimum(crude, cw) * (1.0 + 1e-3)
 
 
+def has_abs_norms(stages) -> bool:
+  """Whether :func:`abs_norm_bounds` applies: every stage's map has ``|W|``
+  (:meth:`~lipjax._src.graph.Stage.rounding_abs_linear`), and a map that
+  replays traced primitives also bounds the operations of its adjoint
+  (``LinearRule.adjoint_terms``, for :mod:`lipjax._src.pairwise`)."""
+  for st in stages:
+    spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
+    if jax.eval_shape(st.rounding_abs_linear, spec) is None:
+      return False
+    if st.layer.replays and st.layer.adjoint_terms(st.params, st.out_shape) is None:
+      return False
+  return True
+
+
 def abs_norm_bounds(stages) -> Optional[tuple]:
   """Per stage, :func:`_abs_norm_bound` of its layer (the last stage: 0, unused).
 
-  ``None`` when the network is not :func:`screenable` (the norm-based
-  rounding bound does not apply). Depends only on the parameters: computed
-  once per :func:`certify` call and shared by every chunk and pass.
+  ``None`` when the network is neither :func:`screenable` nor
+  :func:`has_abs_norms`. Used by the norm-based rounding bound (screenable
+  networks) and by the rounding of the per-class-pair bound. Depends only
+  on the parameters: computed once per :func:`certify` call and shared by
+  every chunk and pass.
   """
-  if not screenable(stages):
+  if not (screenable(stages) or has_abs_norms(stages)):
     return None
   return tuple(_abs_norm_bound(st) if st.activation is not None else jnp.zeros((), st.dtype)
                for st in stages)
@@ -562,7 +579,7 @@ class _NormRounding(Pass):
       rows = lipschitz.row_norm_bounds(st, g).reshape(-1)
       babs = jnp.zeros_like(rows) if bias is None else jnp.abs(bias).reshape(-1)
       # Per logit, |w_i| . |h~(x')| <= |w_i| . |h~(x)| + ||w_i|| (r + 2 d).
-      near = st.abs_linear(jnp.abs(c) + rounding.FLOOR).reshape(c.shape[0], -1)
+      near = st.rounding_abs_linear(jnp.abs(c) + rounding.FLOOR).reshape(c.shape[0], -1)
       pt = near + rows[None, :] * ((r + 2.0 * d) * safe)[:, None]
       mags = jnp.minimum(rows[None, :] * m[:, None], pt * safe)
       rho = (coef * (mags + babs[None, :]) + under[:, None]) * safe
@@ -764,9 +781,9 @@ class _ParameterNorms:
         key=jax.random.fold_in(self.key, 7)))
 
   def abs_norms(self, dtype):
-    """:func:`abs_norm_bounds` of these parameters in ``dtype`` (None when the
-    network is not screenable), computed at most once."""
-    if not screenable(self.stages):
+    """:func:`abs_norm_bounds` of these parameters in ``dtype`` (None where
+    it does not apply), computed at most once."""
+    if not (screenable(self.stages) or has_abs_norms(self.stages)):
       return None
     name = jnp.dtype(dtype).name
     fn = _compiled_abs_norms(self.model, self.shape, name)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Block", "Graph", "Pass", "Stage", "stages_of", "walk"]
+__all__ = ["Block", "Graph", "Pass", "Stage", "blocks_of", "stages_of", "walk"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -101,6 +101,11 @@ class Stage:
     """``|W| h`` (or an elementwise upper bound for ``h >= 0``), or None."""
     return self.layer.abs_forward(self.params, self.layer_input(h))
 
+  def rounding_abs_linear(self, h: Array) -> Optional[Array]:
+    """:meth:`abs_linear` for the rounding model (the terms the float32
+    evaluation sums; see ``LinearRule.rounding_abs_forward``)."""
+    return self.layer.rounding_abs_forward(self.params, self.layer_input(h))
+
   def bias(self) -> Optional[Array]:
     return self.layer.bias(self.params)
 
@@ -144,6 +149,18 @@ def stages_of(items) -> list:
       for path in item.paths:
         out.extend(stages_of(path))
     else:
+      out.append(item)
+  return out
+
+
+def blocks_of(items) -> list:
+  """The blocks of ``items`` (nested ones included) in the order the walker
+  joins them: a block after every block inside its paths."""
+  out = []
+  for item in items:
+    if isinstance(item, Block):
+      for path in item.paths:
+        out.extend(blocks_of(path))
       out.append(item)
   return out
 
@@ -200,6 +217,7 @@ class Graph:
   def __init__(self, items: Sequence[Item]):
     self.items = tuple(items)
     self.stages = tuple(stages_of(self.items))
+    self.blocks = tuple(blocks_of(self.items))
     if not self.items or not isinstance(self.items[-1], Stage) \
         or self.items[-1].activation is not None:
       raise ValueError("a graph ends with its logits stage")

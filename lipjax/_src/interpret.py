@@ -54,7 +54,7 @@ from lipjax._src.graph import Block, Graph, Pass, Stage
 
 Array = jax.Array
 
-__all__ = ["LayerBounds", "fan_in", "forward", "propagate", "smoothed_forward"]
+__all__ = ["JoinBounds", "LayerBounds", "fan_in", "forward", "propagate", "smoothed_forward"]
 
 
 @jax.tree_util.register_dataclass
@@ -98,6 +98,21 @@ class LayerBounds:
   input_error_l2: Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class JoinBounds:
+  """Bounds of one block's joined value (before the block's activation).
+
+  Attributes:
+    lower, upper: ``(B, *shape)`` box of the exact joined values over the ball.
+    col_mask: 0/1 of the block's outputs that vary (after its activation).
+  """
+
+  lower: Array
+  upper: Array
+  col_mask: Array
+
+
 RadiusNorm = Callable[[int, "LayerBounds", Array], Array]
 
 
@@ -107,10 +122,12 @@ def fan_in(st: Stage) -> int:
   return int(np.prod(st.in_shape)) if n is None else int(n)
 
 
-def _abs_apply(st: Stage, v: Array, rnorm: Array, like: Array) -> Array:
+def _abs_apply(st: Stage, v: Array, rnorm: Array, like: Array,
+               for_rounding: bool = False) -> Array:
   """An upper bound on ``|W| v`` for ``v >= 0`` (exact map up to rounding, or
-  the generic ``||w_k|| ||v||_2``)."""
-  a = st.abs_linear(v)
+  the generic ``||w_k|| ||v||_2``); with ``for_rounding``, on the terms the
+  float32 evaluation sums (:meth:`~lipjax._src.graph.Stage.rounding_abs_linear`)."""
+  a = st.rounding_abs_linear(v) if for_rounding else st.abs_linear(v)
   if a is None:
     n = int(np.prod(v.shape[1:]))
     return rnorm[None] * per_example.expand(per_example.l2_norm(v) * rounding.upper_factor(n),
@@ -142,6 +159,7 @@ class _Boxes(Pass):
     self.widen = widen
     self.out: List[Optional[LayerBounds]] = []
     self.in_cols: List[Optional[Array]] = []
+    self.joins: List[JoinBounds] = []
 
   def stage(self, st: Stage, carry: Carry) -> Carry:
     c, lo, hi, r, e, d, col_prev = dataclasses.astuple(carry)
@@ -169,7 +187,7 @@ class _Boxes(Pass):
       # whose own rounding n + 4 covers), M = max(|lb|, |ub|).
       bias = st.bias()
       mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) + e + rounding.FLOOR
-      s = _abs_apply(st, mag, rnorm, zc)
+      s = _abs_apply(st, mag, rnorm, zc, for_rounding=True)
       if bias is not None:
         s = s + jnp.abs(bias)
       mag_max = jnp.max(mag.reshape(mag.shape[0], -1), axis=1)
@@ -183,7 +201,7 @@ class _Boxes(Pass):
       # than the box's on wide balls (the box is wide in every coordinate).
       # It bounds the forward pass's own rounding (not the box midpoint's).
       dev = per_example.expand((r + 2.0 * d) * (1.0 + 8 * u), zc)
-      s_pt = (_abs_apply(st, jnp.abs(c) + rounding.FLOOR, rnorm, zc)
+      s_pt = (_abs_apply(st, jnp.abs(c) + rounding.FLOOR, rnorm, zc, for_rounding=True)
               + rnorm[None] * dev * (1.0 + 4 * u))
       if bias is not None:
         s_pt = s_pt + jnp.abs(bias)
@@ -233,6 +251,8 @@ class _Boxes(Pass):
     act, ap = block.activation, block.act_params
     if act is not None:
       _, col = act.mask(ap, lo, hi)
+    self.joins.append(JoinBounds(lo, hi, col))
+    if act is not None:
       c_out = act.forward(ap, c)
       lo_out, hi_out = act.interval(ap, lo, hi)
       if self.rounding_bounds:
@@ -266,7 +286,8 @@ def _last_stage(items) -> Optional[Stage]:
 def propagate(graph: Graph, x: Array, eps: Array, row_norms: Sequence[Array],
               radius_norm: RadiusNorm, error_norms: Optional[Sequence[Array]] = None,
               rounding_bounds: bool = True,
-              widen: bool = True) -> Tuple[List[LayerBounds], List[Array]]:
+              widen: bool = True
+              ) -> Tuple[List[LayerBounds], List[Array], List[JoinBounds]]:
   """Propagates the ball ``B(x_b, eps_b)`` through every stage.
 
   Args:
@@ -292,8 +313,9 @@ def propagate(graph: Graph, x: Array, eps: Array, row_norms: Sequence[Array],
       sound ones).
 
   Returns:
-    ``(layers, in_cols)``: one :class:`LayerBounds` per stage, and per stage
-    the column mask of its input (ones for the network input). Every box
+    ``(layers, in_cols, joins)``: one :class:`LayerBounds` per stage, per
+    stage the column mask of its input (ones for the network input), and one
+    :class:`JoinBounds` per block (in the order of ``graph.blocks``). Every box
     contains the exact set of reachable pre-activations, and every error
     field bounds the float32 forward pass's deviation from the exact one,
     provided ``radius_norm``, ``row_norms`` and ``error_norms`` return upper
@@ -309,7 +331,7 @@ def propagate(graph: Graph, x: Array, eps: Array, row_norms: Sequence[Array],
   norms_ = list(error_norms) if error_norms is not None else [None] * len(graph)
   p = _Boxes(list(row_norms), radius_norm, norms_, rounding_bounds, widen)
   graph.walk(p, Carry(x, lo, hi, eps, e, d, jnp.ones_like(x)))
-  return p.out, p.in_cols
+  return p.out, p.in_cols, p.joins
 
 
 class _Forward(Pass):

@@ -346,16 +346,20 @@ def row_norm_bounds(stage: Stage, gnorm: Array) -> Array:
   return jnp.reshape(rn, stage.out_shape)
 
 
-def ball_bounds(stages, x: Array, eps: Array, gnorms) -> list:
+def ball_bounds(stages, x: Array, eps: Array, gnorms, with_joins: bool = False):
   """Boxes and forward-pass rounding bounds over ``B(x, eps)`` with global norms.
 
   :func:`lipjax._src.interpret.propagate` with ``r <- r ||W_l||`` (no local
   norms): what the global certificate needs to bound the float32 rounding of
   the forward pass over the ball. ``gnorms`` are upper bounds on ``||W_l||``.
+  Returns the list of per-stage :class:`~lipjax._src.interpret.LayerBounds`,
+  and with ``with_joins`` also the blocks' :class:`~lipjax._src.interpret.JoinBounds`.
   """
   rnorms = [row_norm_bounds(st, g) for st, g in zip(stages, gnorms)]
-  return interpret.propagate(stages, x, eps, rnorms, lambda l, lb, col: gnorms[l],
-                             error_norms=list(gnorms))[0]
+  layers, _, joins = interpret.propagate(stages, x, eps, rnorms,
+                                         lambda l, lb, col: gnorms[l],
+                                         error_norms=list(gnorms))
+  return (layers, joins) if with_joins else layers
 
 
 def _nonzero_start(q0: Array, col: Array) -> Array:
@@ -773,7 +777,7 @@ def _local_core(model, variables, x, eps, key, state, global_state=None, global_
     return gnorms[l]
 
   # Training estimates need no rounding bounds (they carry no guarantee).
-  layers, in_cols = interpret.propagate(
+  layers, in_cols, _ = interpret.propagate(
       stages, x, eps, rnorms, radius_norm,
       error_norms=[jax.lax.stop_gradient(g) for g in gnorms],
       rounding_bounds=mode == "sound" or (lower and rounding), widen=not lower)

@@ -54,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax._src import per_example, rounding
-from lipjax._src.graph import Stage
-from lipjax._src.interpret import LayerBounds
+from lipjax._src.graph import Block, Graph, Pass, Stage
+from lipjax._src.interpret import JoinBounds, LayerBounds
 
 Array = jax.Array
 
@@ -63,10 +63,12 @@ __all__ = ["midpoint_slopes", "pair_bounds", "supports"]
 
 
 def supports(stages) -> bool:
-  """Whether :func:`pair_bounds` applies: a chain of stages (a graph without
-  blocks) whose last layer has an explicit matrix."""
-  if getattr(stages, "has_blocks", False):
-    return False
+  """Whether :func:`pair_bounds` applies: the last layer has an explicit
+  matrix, and every block joins its paths with a rule that has a transpose
+  (a residual sum: each path receives the join's cotangent)."""
+  for block in getattr(stages, "blocks", ()):
+    if block.combine.transpose(jnp.zeros((1,)), len(block.paths)) is None:
+      return False
   return stages[-1].layer.explicit_matrix(stages[-1].params) is not None
 
 
@@ -87,8 +89,15 @@ def midpoint_slopes(stage: Stage, bounds: LayerBounds) -> Tuple[Array, Array, bo
     ``mid = 0`` and ``rad`` is the column mask (a remainder of norm <= 1 on
     the varying outputs). NaN bounds make a unit unstable.
   """
-  col = bounds.col_mask
-  active = stage.activation.active(stage.act_params, bounds.lower, bounds.upper)
+  return _slopes(stage.activation, stage.act_params, bounds.lower, bounds.upper,
+                 bounds.col_mask)
+
+
+def _slopes(rule, params, lower, upper, col):
+  """:func:`midpoint_slopes` of one activation rule on the box ``[lower, upper]``."""
+  if getattr(rule, "linear", False):   # the identity: slope 1 everywhere
+    return jnp.ones_like(col), jnp.zeros_like(col), True
+  active = rule.active(params, lower, upper)
   if active is None:
     return jnp.zeros_like(col), col, False
   varying = col > 0
@@ -104,16 +113,58 @@ def _flat_norm(v: Array) -> Array:
   return per_example.l2_norm(v)
 
 
+class _Prefix(Pass):
+  """Per activation, a bound on the norm of the Jacobian from the input to
+  its pre-activation over the ball (the product bound's prefix)."""
+
+  def __init__(self, factors):
+    self.factors = factors
+    self.stage_prefix = {}
+    self.join_prefix = {}
+
+  def stage(self, st, carry):
+    p = self.factors[st.index] if carry is None else carry * self.factors[st.index]
+    self.stage_prefix[st.index] = p
+    return p
+
+  def join(self, block, carry, outs):
+    one = 1.0 if carry is None else carry
+    p = block.combine.lipschitz([one if o is None else o for o in outs])
+    self.join_prefix[id(block)] = p
+    return p
+
+
+class _Sources(Pass):
+  """Per stage, the stage whose ``col_mask`` is its input's column mask
+  (None for the network input)."""
+
+  def __init__(self):
+    self.source = {}
+
+  def stage(self, st, carry):
+    self.source[st.index] = carry
+    return st.index
+
+  def join(self, block, carry, outs):
+    # interpret writes the block's column mask into each path's last stage.
+    for o in outs:
+      if o is not None and o != carry:
+        return o
+    return carry
+
+
 def pair_bounds(stages, layers: Sequence[LayerBounds],
                 layer_norms: Sequence[Array], labels: Array, *, sound: bool = True,
                 abs_norms: Optional[Sequence[Array]] = None,
                 norm_layers: Optional[Sequence[LayerBounds]] = None,
-                global_norms: Optional[Sequence[Array]] = None) -> Optional[Array]:
+                global_norms: Optional[Sequence[Array]] = None,
+                joins: Optional[Sequence[JoinBounds]] = None) -> Optional[Array]:
   """``(B, C)`` bounds on the local Lipschitz constant of ``z_i - z_{labels}``.
 
   Args:
-    stages: from :func:`lipjax._src.trace.trace` (a chain, see
-      :func:`supports`; otherwise None is returned).
+    stages: the :class:`~lipjax._src.graph.Graph` from
+      :func:`lipjax._src.trace.trace` (see :func:`supports`; otherwise None
+      is returned).
     layers: per stage, the :class:`~lipjax._src.interpret.LayerBounds` of
       the ball (sound boxes in sound mode).
     layer_norms: per stage, ``(B,)`` or scalar bounds ``s_l`` on
@@ -122,9 +173,10 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
       of ``norm_layers``.
     labels: ``(B,)`` integer classes ``y``.
     sound: True: every float32 rounding of the computation is bounded and
-      the result rounded up (needs ``abs_norms``). False (estimates for
-      training and triage): the plain float computation, differentiable
-      with respect to the parameters (the slopes are constants).
+      the result rounded up (needs ``abs_norms``, and ``global_norms`` for a
+      network with blocks). False (estimates for training and triage): the
+      plain float computation, differentiable with respect to the parameters
+      (the slopes are constants).
     abs_norms: sound mode, per hidden stage, a rigorous bound on
       ``|| |A_l| ||_2`` (e.g. :func:`lipjax._src.certify.abs_norm_bounds`;
       the last stage's entry is not used).
@@ -136,6 +188,10 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
       keeps; elsewhere ``global_norms`` (required with ``norm_layers``)
       stand in, valid for any rows and columns.
     global_norms: per stage, scalar bounds on ``||A_l||``.
+    joins: for a network with blocks, the blocks'
+      :class:`~lipjax._src.interpret.JoinBounds` from the same propagation
+      as ``layers`` (in the order of ``stages.blocks``); without them such
+      a network gets None.
 
   Returns:
     ``(B, C)`` with 0 at ``labels``; in sound mode an upper bound on the
@@ -144,10 +200,17 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
     upper bounds. NaN where anything is not finite. None for networks
     :func:`supports` rejects.
   """
+  if not isinstance(stages, Graph):
+    stages = Graph(stages)
   if not supports(stages):
+    return None
+  blocks = stages.blocks
+  if blocks and (joins is None or len(joins) != len(blocks)):
     return None
   if sound and abs_norms is None:
     raise ValueError("sound pair bounds need abs_norms (bounds on || |A| ||)")
+  if sound and blocks and global_norms is None:
+    raise ValueError("sound pair bounds of a network with blocks need global_norms")
   last = stages[-1]
   b = labels.shape[0]
   c = int(last.out_shape[0])
@@ -164,7 +227,6 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
       return a
     return jnp.repeat(a, c, axis=0)
 
-  slopes = [midpoint_slopes(st, lb) for st, lb in zip(stages[:-1], layers[:-1])]
   v = last.adjoint(cot)                                  # cotangent at the last input
   err = jnp.zeros((b * c,), dtype)
   if sound:
@@ -175,52 +237,110 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
     pair_rows = rows[None, :] + rows[labels][:, None]                   # (B, C)
     err = (rounding.dot_coefficient(c, v_op) * pair_rows.reshape(b * c)
            + rounding.underflow_term(c, 1.0) * np.sqrt(mat.shape[1]))
-  factors = [jnp.asarray(n, dtype) for n in layer_norms[:-1]]
+  hidden = len(stages) - 1
+  factors = [jnp.asarray(n, dtype) for n in layer_norms[:hidden]]
   if norm_layers is not None:
     if global_norms is None:
       raise ValueError("norm_layers needs global_norms")
     # A norm under masks M' bounds the map under masks M only where M <= M'.
     def within(a, bnd):
       return jnp.all((a.reshape(b, -1) <= bnd.reshape(b, -1)), axis=1)
-    cols_in = [jnp.ones((b,), bool)]
-    for lb, nl in zip(layers[:-1], norm_layers[:-1]):
-      cols_in.append(within(lb.col_mask, nl.col_mask))
-    factors = [jnp.where(within(lb.row_mask, nl.row_mask) & cols_in[k], f,
+    sources = _Sources()
+    stages.walk(sources, None, upto_logits=False)
+    def cols_in(k):
+      j = sources.source[k]
+      if j is None:
+        return jnp.ones((b,), bool)
+      return within(layers[j].col_mask, norm_layers[j].col_mask)
+    factors = [jnp.where(within(lb.row_mask, nl.row_mask) & cols_in(k), f,
                          jnp.asarray(global_norms[k], dtype))
-               for k, (f, lb, nl) in enumerate(zip(factors, layers[:-1], norm_layers[:-1]))]
-  prefix = []
-  p = jnp.ones((b,), dtype)
-  for f in factors:
-    p = p * f
-    prefix.append(p)
-  total = jnp.zeros((b * c,), dtype)
-  for k in range(len(stages) - 2, -1, -1):
-    st = stages[k]
-    mid, rad, _ = slopes[k]
-    mid_k, rad_k = per_pair(mid), per_pair(rad)
+               for k, (f, lb, nl) in enumerate(zip(factors, layers[:hidden],
+                                                   norm_layers[:hidden]))]
+  prefix = _Prefix(factors)
+  stages.walk(prefix, None, upto_logits=False)
+  join_of = {id(bl): jb for bl, jb in zip(blocks, joins or ())}
+  terms = []
+
+  def term(v, rad, err, pre):
+    """The remainder's term of one activation: ``||v * r|| U`` (rounded)."""
     size = int(np.prod(v.shape[1:]))
-    term = _flat_norm(v * rad_k)
+    t = _flat_norm(v * rad)
     if sound:
       # ||v * r|| <= ||v~ * r|| + max(r) ||v~ - v||, r <= 1.
-      term = term * rounding.upper_factor(size) + err
-    total = total + term * per_pair(prefix[k])
-    w = v * mid_k
+      t = t * rounding.upper_factor(size) + err
+    terms.append(t * per_pair(pre))
+
+  def back_stage(st, v, err):
+    """From the cotangent at ``st``'s activation output to its input's."""
+    k = st.index
+    mid, rad, _ = midpoint_slopes(st, layers[k])
+    if not getattr(st.activation, "linear", False):
+      term(v, per_pair(rad), err, prefix.stage_prefix[k])
+    size = int(np.prod(v.shape[1:]))
+    w = v * per_pair(mid)
     v = st.adjoint(w)
     if sound:
       n_out = int(np.prod(st.out_shape))
+      if st.layer.replays:   # the transpose of a replayed program
+        n_out = int(st.layer.adjoint_terms(st.params, st.out_shape))
       w_norm = _flat_norm(w) * rounding.upper_factor(size)
-      # The error carried (on the units the next slopes keep, which the
-      # local norm's column mask covers) and this layer's rounding.
-      err = (per_pair(factors[k]) * err
+      # The error carried on the units the next slopes keep: the local norm
+      # covers it where ``w`` lives on this layer's varying rows (the slopes
+      # of a nonlinear activation); the identity's may reach any row.
+      carry = (jnp.asarray(global_norms[k], dtype) if getattr(st.activation, "linear", False)
+               else per_pair(factors[k]))
+      err = (carry * err
              + rounding.dot_coefficient(n_out, v_op) * jnp.asarray(abs_norms[k], dtype)
              * w_norm + rounding.underflow_term(n_out, w_norm) + size * 2.0 ** -149)
       err = err * (1.0 + 8 * u)   # the products and sums just computed
+    return v, err
+
+  def back_block(block, v, err):
+    """From the cotangent at the block's output to its input's."""
+    if block.activation is not None:
+      jb = join_of[id(block)]
+      mid, rad, _ = _slopes(block.activation, block.act_params, jb.lower, jb.upper,
+                            jb.col_mask)
+      if not getattr(block.activation, "linear", False):
+        term(v, per_pair(rad), err, prefix.join_prefix[id(block)])
+      v = v * per_pair(mid)
+      if sound:
+        err = err + int(np.prod(v.shape[1:])) * 2.0 ** -149
+    outs = [back_items(path, w, err)
+            for path, w in zip(block.paths, block.combine.transpose(v, len(block.paths)))]
+    v_in = outs[0][0]
+    for o, _ in outs[1:]:
+      v_in = v_in + o
+    e_in = outs[0][1]
+    for _, e in outs[1:]:
+      e_in = e_in + e
+    if sound:
+      # The float32 sum of the paths' cotangents: at most gamma_m sum |v_p|.
+      size = int(np.prod(v_in.shape[1:]))
+      mags = sum(_flat_norm(o) for o, _ in outs) * rounding.upper_factor(size)
+      e_in = (e_in + rounding.dot_coefficient(len(outs), 0.0) * mags) * (1.0 + 8 * u)
+    return v_in, e_in
+
+  def back_items(items, v, err):
+    for item in reversed(items):
+      if isinstance(item, Block):
+        v, err = back_block(item, v, err)
+      else:
+        v, err = back_stage(item, v, err)
+    return v, err
+
+  v, err = back_items(stages.items[:-1], v, err)
   size = int(np.prod(v.shape[1:]))
   head = _flat_norm(v)
   if sound:
     head = head * rounding.upper_factor(size) + err
+  total = jnp.zeros((b * c,), dtype)
+  for t in terms:
+    total = total + t
   out = head + total
   if sound:
-    out = out * rounding.upper_factor(2 * len(stages) + 8)
+    # Sums and products of nonnegative terms: the prefixes (a product per
+    # stage, a sum and a product per block), the terms and their sum.
+    out = out * rounding.upper_factor(2 * len(stages) + 4 * len(blocks) + 8)
   out = out.reshape(b, c)
   return jnp.where(onehot > 0, 0.0, out)

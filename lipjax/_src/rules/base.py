@@ -84,11 +84,27 @@ class LinearRule:
     del params, z, in_shape
     return None
 
+  def adjoint_terms(self, params: Params, out_shape: Tuple[int, ...]) -> Optional[int]:
+    """For a map that :attr:`replays` traced primitives: a bound on the number
+    of float32 operations behind each entry of its computed adjoint
+    ``W^T z`` (``jax.linear_transpose`` of the replay), so that the rounding
+    model ``c_n |W|^T |z|`` (with :meth:`abs_forward`'s ``|W|``) covers it;
+    ``None`` when unknown (the per-class-pair bound then does not apply).
+    Other maps: unused (the output size bounds it)."""
+    del params, out_shape
+    return None
+
   def abs_forward(self, params: Params, h: Array) -> Optional[Array]:
     """``|W| h`` (elementwise absolute value of ``W``), or an elementwise upper
     bound of it for ``h >= 0``, or ``None``."""
     del params, h
     return None
+
+  def rounding_abs_forward(self, params: Params, h: Array) -> Optional[Array]:
+    """Like :meth:`abs_forward`, for the rounding model of the float32
+    evaluation (the terms the computation actually sums, which for a replayed
+    program may exceed ``|W|``); defaults to :meth:`abs_forward`."""
+    return self.abs_forward(params, h)
 
   def row_norms(self, params: Params, in_shape: Tuple[int, ...]) -> Optional[Array]:
     """Upper bounds on the l2 norm of every row of ``W`` (shape ``out_shape``), or ``None``."""
@@ -141,9 +157,11 @@ class ActivationRule:
   Attributes:
     exact: whether the activation's float32 evaluation is exact (``max``,
       ``min``, comparisons): the norm-based rounding screen then applies.
+    linear: whether it is the identity (slope 1 everywhere, whatever the box).
   """
 
   exact = False
+  linear = False
 
   def forward(self, params: Params, z: Array) -> Array:
     """The activation of a batch ``z``."""
@@ -247,3 +265,10 @@ class CombineRule:
   def boxes(self, carries: Sequence[Any], rounding_bounds: bool) -> Any:
     """The interpreter's carry of the joined value from each path's carry."""
     raise NotImplementedError
+
+  def transpose(self, cotangent: Array, num_paths: int) -> Optional[Sequence[Array]]:
+    """The cotangent of each path from the joined value's (the transpose of
+    the join, a linear map), or ``None`` when the join is not linear (the
+    per-class-pair bound of :mod:`lipjax._src.pairwise` then does not apply)."""
+    del cotangent, num_paths
+    return None

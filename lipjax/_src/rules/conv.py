@@ -190,6 +190,12 @@ class TracedConv(TracedLinear):
     return norms.conv_global_norm(self._hwio(params), self.padded, stride=self.stride,
                                   padding=0)
 
+  def adjoint_terms(self, params, out_shape):
+    # The transposed convolution sums at most one term per output entry,
+    # after one multiplication per static scaling.
+    del params
+    return int(np.prod(out_shape)) + 2 * len(self.scales) + 2
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TracedResidualConv(TracedConv):
@@ -213,6 +219,20 @@ class TracedResidualConv(TracedConv):
     k = jnp.transpose(jnp.abs(self._hwio(params)), tuple(np.argsort((hh, ww, i, o))))
     conv = self.program.nodes[0]
     return jax.vmap(lambda e: program.bind(conv.prim, [e[None], k], conv.params)[0][0])(h)
+
+  def rounding_abs_forward(self, params, h):
+    # The replay adds h to conv(h): its rounding follows |W| + I, entrywise
+    # above |I + W| (which a negative centre tap makes smaller).
+    k = jnp.abs(super()._hwio(params))
+    kh, kw, c, _ = k.shape
+    k = k.at[kh // 2, kw // 2].add(jnp.eye(c, dtype=k.dtype))
+    o, i, hh, ww = self.rhs_spec
+    k = jnp.transpose(k, tuple(np.argsort((hh, ww, i, o))))
+    conv = self.program.nodes[0]
+    return jax.vmap(lambda e: program.bind(conv.prim, [e[None], k], conv.params)[0][0])(h)
+
+  def adjoint_terms(self, params, out_shape):
+    return super().adjoint_terms(params, out_shape) + 1   # the identity's addition
 
 
 def conv_info(node, prog, statics) -> Optional[Tuple[str, dict]]:

@@ -101,6 +101,7 @@ class Identity(ElementwiseActivation):
   """No activation (between two linear maps, before a block's join): every unit varies."""
 
   exact = True
+  linear = True
 
   def forward(self, params, z):
     return z

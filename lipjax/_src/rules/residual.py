@@ -46,6 +46,9 @@ class ResidualSum(CombineRule):
     # The factor is computed in float32: (1 + 2u) covers its rounding.
     return total * (1.0 + 2.0 ** -23)
 
+  def transpose(self, cotangent, num_paths):
+    return [cotangent] * num_paths
+
   def boxes(self, carries, rounding_bounds):
     """``(center, lower, upper, radius, error, error_l2, col)`` of the sum
     (see the module docstring) from each path's (same fields)."""
