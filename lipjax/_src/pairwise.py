@@ -41,8 +41,20 @@ up to the alignment it gains.
 Sound mode bounds the float32 rounding of that backward pass (each
 transposed layer: ``gamma_n || |A| || ||w||`` per application, carried
 through the layers by the local norms) and rounds every sum and product up.
-Networks with residual blocks (nonlinear branches) are not chains: the
-functions here return None for them and the product bound stands alone.
+Blocks. The Jacobian of a network with residual blocks is a sum over the
+graph's paths, still affine in each activation's slopes, so the same
+telescoping holds with the activations in walk order: ``v_k`` is the
+midpoint network's cotangent at activation ``k``'s output (one backward
+walk of the graph: a block's join hands its cotangent to every path, an
+identity path included, and the block's input sums them), and ``U_k``
+bounds the Jacobian from the input to ``k``'s pre-activation, the product
+bound along the graph (a block's join: the sum of its paths' prefixes). A
+post-join activation takes its slopes from the join's box
+(:class:`~lipjax._src.interpret.JoinBounds`, recorded by the same
+propagation as the stages' boxes). The identity before a join has slope 1
+everywhere. In sound mode the rounding of the paths' sum is bounded too,
+and a replayed traced map (a LiResNet block ``h + conv(h)``) bounds the
+operations of its transpose (``LinearRule.adjoint_terms``).
 """
 
 from __future__ import annotations
