@@ -275,6 +275,17 @@ class _ProjectionNet(fnn.Module):
     return fnn.Dense(3)(fnn.relu(z))
 
 
+class _NestedNet(fnn.Module):
+  """A block nested in another block's path (plain Flax, traced)."""
+
+  @fnn.compact
+  def __call__(self, x):
+    h = fnn.relu(fnn.Dense(3)(x))
+    g = fnn.relu(fnn.Dense(3)(h))
+    g = g + fnn.Dense(3)(fnn.relu(fnn.Dense(3)(g)))
+    return fnn.Dense(3)(fnn.relu(h + fnn.Dense(3)(g)))
+
+
 def _graph_jacobian(items, mats, slopes, j):
   """float64 Jacobian of ``items`` from ``j`` (``(n, n_in)``) with fixed slopes."""
   for item in items:
@@ -290,7 +301,7 @@ def _graph_jacobian(items, mats, slopes, j):
   return j
 
 
-@pytest.mark.parametrize("name", ["residual", "projection"])
+@pytest.mark.parametrize("name", ["residual", "projection", "nested"])
 def test_residual_bound_covers_every_allowed_activation_pattern(name):
   # Blocks: every pattern of slopes the boxes allow (inner and post-join
   # activations), the exact float64 Jacobian of the graph for each.
@@ -300,13 +311,15 @@ def test_residual_bound_covers_every_allowed_activation_pattern(name):
                                          activation=lnn.ReLU()), lnn.Dense(3)),
                            input_shape=(4,))
   else:
-    model = _ProjectionNet()
+    model = _ProjectionNet() if name == "projection" else _NestedNet()
   variables = U.randomize(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 4))),
                           jax.random.PRNGKey(4))
   x = jax.random.uniform(jax.random.PRNGKey(5), (6, 4))
   y = jnp.asarray([0, 1, 2, 0, 1, 2])
   stages = trace_lib.trace(model, variables, (4,))
   assert stages.blocks and pairwise.supports(stages)
+  if name == "nested":
+    assert any(isinstance(it, Block) for bl in stages.blocks for p in bl.paths for it in p)
   mats = [np.asarray(jax.vmap(lambda e, st=st: st.linear(e[None])[0])(
       jnp.eye(int(np.prod(st.in_shape)))), np.float64).reshape(
           int(np.prod(st.in_shape)), -1).T for st in stages]

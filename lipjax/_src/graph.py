@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Block", "Graph", "Pass", "Stage", "blocks_of", "stages_of", "walk"]
+__all__ = ["Block", "Graph", "Pass", "Stage", "blocks_of", "last_stage", "stages_of", "walk"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,6 +151,19 @@ def stages_of(items) -> list:
     else:
       out.append(item)
   return out
+
+
+def last_stage(items) -> Optional[Stage]:
+  """The stage that produces the output of ``items`` (through nested blocks:
+  the last stage of the last path that has one), or None."""
+  for item in reversed(items):
+    if isinstance(item, Stage):
+      return item
+    for path in reversed(item.paths):
+      last = last_stage(path)
+      if last is not None:
+        return last
+  return None
 
 
 def blocks_of(items) -> list:

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax._src import per_example, rounding
-from lipjax._src.graph import Block, Graph, Pass, Stage
+from lipjax._src.graph import Block, Graph, Pass, Stage, last_stage
 
 Array = jax.Array
 
@@ -266,21 +266,10 @@ class _Boxes(Pass):
       c, lo, hi = c_out, lo_out, hi_out
     # The last stage of every path hands the block's output to the next stage.
     for path in block.paths:
-      last = _last_stage(path)
+      last = last_stage(path)
       if last is not None:
         self.out[last.index] = dataclasses.replace(self.out[last.index], col_mask=col)
     return Carry(c, lo, hi, r, e, d, col)
-
-
-def _last_stage(items) -> Optional[Stage]:
-  for item in reversed(items):
-    if isinstance(item, Stage):
-      return item
-    for path in reversed(item.paths):
-      last = _last_stage(path)
-      if last is not None:
-        return last
-  return None
 
 
 def propagate(graph: Graph, x: Array, eps: Array, row_norms: Sequence[Array],

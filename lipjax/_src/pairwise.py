@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipjax._src import per_example, rounding
-from lipjax._src.graph import Block, Graph, Pass, Stage
+from lipjax._src.graph import Block, Graph, Pass, Stage, last_stage
 from lipjax._src.interpret import JoinBounds, LayerBounds
 
 Array = jax.Array
@@ -159,9 +159,11 @@ class _Sources(Pass):
 
   def join(self, block, carry, outs):
     # interpret writes the block's column mask into each path's last stage.
-    for o in outs:
-      if o is not None and o != carry:
-        return o
+    del outs
+    for path in block.paths:
+      last = last_stage(path)
+      if last is not None:
+        return last.index
     return carry
 
 
