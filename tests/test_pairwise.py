@@ -27,6 +27,7 @@ import pytest
 
 import lipjax
 import lipjax.evaluation
+import lipjax.training
 from lipjax import models
 from lipjax import nn as lnn
 from lipjax._src.graph import Block, Graph
@@ -385,3 +386,21 @@ def test_joins_without_boxes_or_a_nonlinear_join_get_no_pair_bound():
       dataclasses.replace(it, combine=Product()) if it is block else it
       for it in stages.items))
   assert not pairwise.supports(other)
+
+
+def test_training_loss_with_pairs_keeps_the_product_bound_on_residual_networks():
+  # The training estimate records no join boxes: a network with blocks gets
+  # the product bound's deltas with or without pair=True.
+  model = lnn.Sequential(
+      (lnn.Dense(4), lnn.ReLU(), lnn.Residual((lnn.Dense(4), lnn.ReLU(), lnn.Dense(4)),
+                                              activation=lnn.ReLU()), lnn.Dense(3)),
+      input_shape=(4,))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 4))
+  y = jnp.asarray([0, 1, 2, 0])
+  _, with_pairs, _ = lipjax.training.worst_case_deltas(model, variables, x, y, 0.2,
+                                                       pair=True, key=jax.random.PRNGKey(2))
+  _, without, _ = lipjax.training.worst_case_deltas(model, variables, x, y, 0.2,
+                                                    key=jax.random.PRNGKey(2))
+  assert np.all(np.isfinite(np.asarray(with_pairs)))
+  np.testing.assert_array_equal(np.asarray(with_pairs), np.asarray(without))

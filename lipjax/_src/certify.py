@@ -436,10 +436,7 @@ def screenable(stages) -> bool:
       return False
     if st.activation is not None and not st.activation.exact:
       return False
-    spec = jax.ShapeDtypeStruct((1,) + tuple(st.in_shape), st.dtype)
-    if jax.eval_shape(st.rounding_abs_linear, spec) is None:
-      return False
-  return True
+  return has_abs_norms(stages)
 
 
 _ABS_NORM_ITERATIONS = 20
@@ -514,13 +511,13 @@ def has_abs_norms(stages) -> bool:
 def abs_norm_bounds(stages) -> Optional[tuple]:
   """Per stage, :func:`_abs_norm_bound` of its layer (the last stage: 0, unused).
 
-  ``None`` when the network is neither :func:`screenable` nor
-  :func:`has_abs_norms`. Used by the norm-based rounding bound (screenable
+  ``None`` unless :func:`has_abs_norms` (which every :func:`screenable`
+  network is). Used by the norm-based rounding bound (screenable
   networks) and by the rounding of the per-class-pair bound. Depends only
   on the parameters: computed once per :func:`certify` call and shared by
   every chunk and pass.
   """
-  if not (screenable(stages) or has_abs_norms(stages)):
+  if not has_abs_norms(stages):
     return None
   return tuple(_abs_norm_bound(st) if st.activation is not None else jnp.zeros((), st.dtype)
                for st in stages)
@@ -783,7 +780,7 @@ class _ParameterNorms:
   def abs_norms(self, dtype):
     """:func:`abs_norm_bounds` of these parameters in ``dtype`` (None where
     it does not apply), computed at most once."""
-    if not (screenable(self.stages) or has_abs_norms(self.stages)):
+    if not has_abs_norms(self.stages):
       return None
     name = jnp.dtype(dtype).name
     fn = _compiled_abs_norms(self.model, self.shape, name)

@@ -251,8 +251,7 @@ class _Boxes(Pass):
     act, ap = block.activation, block.act_params
     if act is not None:
       _, col = act.mask(ap, lo, hi)
-    self.joins.append(JoinBounds(lo, hi, col))
-    if act is not None:
+      self.joins.append(JoinBounds(lo, hi, col))
       c_out = act.forward(ap, c)
       lo_out, hi_out = act.interval(ap, lo, hi)
       if self.rounding_bounds:
@@ -264,6 +263,8 @@ class _Boxes(Pass):
       else:
         e = jnp.full_like(c_out, jnp.nan)
       c, lo, hi = c_out, lo_out, hi_out
+    else:
+      self.joins.append(JoinBounds(lo, hi, col))
     # The last stage of every path hands the block's output to the next stage.
     for path in block.paths:
       last = last_stage(path)

@@ -275,11 +275,14 @@ def deltas(model, variables, x, y, eps, *, bound, iterations, power, key, grad,
     col = jnp.ones((b, mat.shape[1]))
     cols = [None] * (len(stages) - 1)
   out = margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, y))
-  if pair and lb is not None and pairwise.supports(stages):
+  if pair and lb is not None:
     # The per-class-pair bound of the sound certificate, as an estimate: the
     # estimate's boxes give the slopes, its per-layer norms the prefixes.
+    # None where it does not apply (the estimate records no join boxes, so
+    # networks with blocks keep the product bound).
     pb = pairwise.pair_bounds(stages, lb.layers, lb.layer_norms, y, sound=False)
-    out = jnp.minimum(out, eps[:, None] * pb)
+    if pb is not None:
+      out = jnp.minimum(out, eps[:, None] * pb)
   if box_clip:
     layers = (lb.layers if lb is not None else lipschitz.ball_bounds(
         stages, x, eps, used if radius_grad else [jax.lax.stop_gradient(g) for g in used]))
