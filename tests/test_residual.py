@@ -451,6 +451,35 @@ def test_liresnet_blocks_are_joint_operators_and_bound_is_sound(activation):
   assert np.all(worst <= bound * (1 + 1e-5)), (worst, bound)
 
 
+def test_rounding_model_of_a_residual_convolution_sums_w_and_the_identity():
+  # A centre tap of -I cancels the identity in I + W, so |I + W| drops the
+  # centre; the replayed h + conv(h) still sums |W| h and h in float32, so
+  # the rounding model must see |W| + I (hand-set: explicit matrices).
+  model = _tiny_liresnet("clipped_relu")
+  v = _random_variables(model, 5)
+  k = np.array(v["params"]["block_0"]["kernel"])
+  kh, kw, c, _ = k.shape
+  k[kh // 2, kw // 2] = -np.eye(c)
+  v["params"]["block_0"]["kernel"] = jnp.asarray(k)
+  st = trace_lib.trace(model, v, SHAPE)[1]
+  assert type(st.layer).__name__ == "TracedResidualConv"
+  in_shape = SHAPE[:2] + (c,)
+  n = int(np.prod(in_shape))
+  lin = np.asarray(jax.jacfwd(lambda e: st.linear(e.reshape((1,) + in_shape)).reshape(-1))(
+      jnp.zeros((n,))), np.float64)                  # I + W, explicit
+  w = lin - np.eye(n)
+  h = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (n,)), np.float64)
+  want_round = np.abs(w) @ h + h
+  want_abs = np.abs(lin) @ h
+  assert np.all(np.diag(lin) == 0) and np.all(want_abs < want_round - 1e-3)
+  got_round = np.asarray(st.rounding_abs_linear(jnp.asarray(h, jnp.float32).reshape(
+      (1,) + in_shape)), np.float64).reshape(-1)
+  got_abs = np.asarray(st.abs_linear(jnp.asarray(h, jnp.float32).reshape(
+      (1,) + in_shape)), np.float64).reshape(-1)
+  np.testing.assert_allclose(got_round, want_round, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_abs, want_abs, rtol=1e-5, atol=1e-6)
+
+
 def test_liresnet_trains_with_the_local_bound():
   model = _tiny_liresnet("clipped_relu")
   x, y = _clusters(jax.random.PRNGKey(16), 16)

@@ -103,6 +103,25 @@ def test_train_step_lowers_the_loss_and_keeps_theta_nonnegative():
   assert float(jnp.min(state.params["layers_1"]["theta"])) >= 0.0
 
 
+def test_weakly_typed_parameters_do_not_make_the_step_compile_twice():
+  # Thresholds set with jnp.full are weakly typed; the step's outputs are
+  # not. The state must hold strong copies, or the second step recompiles.
+  m = _model()
+  v = m.init(jax.random.PRNGKey(5), jnp.zeros((1, 4)))
+  params = dict(v["params"], layers_1={"theta": jnp.full((6,), 0.3)})
+  assert params["layers_1"]["theta"].weak_type
+  opt = optax.adam(1e-2)
+  power = training.init_power_state(m, {"params": params}, (4,), jax.random.PRNGKey(4))
+  state = training.create_train_state(params, opt, rng=0, power=power)
+  assert not any(a.weak_type for a in jax.tree_util.tree_leaves(state))
+  step = training.make_train_step(m, opt, loss="gloro", bound="local", iterations=1,
+                                  eps_schedule=0.05)
+  x, y = _data()
+  for _ in range(3):
+    state, _ = step(state, x, y)
+  assert step._cache_size() == 1   # pylint: disable=protected-access
+
+
 def test_step_follows_schedules_and_resumes_exactly():
   m = _model()
   v = m.init(jax.random.PRNGKey(7), jnp.zeros((1, 4)))

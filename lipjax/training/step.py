@@ -82,19 +82,28 @@ def _key_data(rng) -> jax.Array:
   return jnp.array(rng)
 
 
+def _strong_copy(a) -> jax.Array:
+  """A copy of ``a`` without JAX's weak type (``jnp.full(shape, 0.7)`` is weakly
+  typed; the step's outputs are not, so a weak leaf would make the second
+  step compile the whole update again)."""
+  a = jnp.asarray(a)
+  return jnp.array(a, dtype=a.dtype)
+
+
 def create_train_state(params, optimizer: optax.GradientTransformation, *, rng,
                        power=None) -> TrainState:
   """Fresh :class:`TrainState` at step 0.
 
   Args:
-    params: model parameters (copied: the training steps donate the state).
+    params: model parameters (copied, without weak types: the training steps
+      donate the state, and their outputs are strongly typed).
     optimizer: the Optax transformation the step will use.
     rng: int seed or PRNG key (raw uint32 key data or a typed key).
     power: initial running power vectors, ``losses.init_power_state(model,
       variables, input_shape, key)``; None: the first certified step makes them.
   """
-  params = jax.tree_util.tree_map(jnp.array, params)
-  power = None if power is None else jax.tree_util.tree_map(jnp.array, power)
+  params = jax.tree_util.tree_map(_strong_copy, params)
+  power = None if power is None else jax.tree_util.tree_map(_strong_copy, power)
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                     _key_data(rng), power)
 
