@@ -238,8 +238,8 @@ def test_lipjax_residual_blocks_and_the_flax_residual_network_agree():
                              float(lipjax.global_lipschitz_bound(model, v, input_shape=SHAPE)),
                              rtol=1e-6)
   y = jnp.argmax(model.apply(v, x), -1)
-  ca = lipjax.certify(model, v, x, y, 0.01)
-  cb = lipjax.certify(other, w, x, y, 0.01)
+  ca = lipjax.certify(model, v, x, y, 0.01, triage=False)   # every margin the sound one
+  cb = lipjax.certify(other, w, x, y, 0.01, triage=False)
   np.testing.assert_array_equal(np.asarray(cb.certified), np.asarray(ca.certified))
   np.testing.assert_allclose(np.asarray(cb.margin), np.asarray(ca.margin), rtol=1e-4, atol=1e-6)
   # The training step runs on it and keeps the block's threshold feasible.

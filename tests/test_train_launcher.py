@@ -325,11 +325,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_mnist
 @needs_mnist
 def test_a_run_switches_between_jit_and_pmap_and_matches_the_uninterrupted_run(
     uninterrupted, tiny_mnist, launch_env, tmp_path):
-  # Steps 1-3 with the sharded jit step, 4-6 with pmap, 7-12 with jit again:
-  # each launch resumes the checkpoint the other path wrote.
+  # Steps 1-6 with pmap, 7-12 with the sharded jit step, which resumes the
+  # checkpoint pmap wrote (the other direction, in process: test_parallel).
   reference, _ = uninterrupted
   workdir = str(tmp_path / "switched")
-  for parallel, stop, start in (("jit", 3, None), ("pmap", 6, 3), ("jit", 0, 6)):
+  for parallel, stop, start in (("pmap", 6, None), ("jit", 0, 6)):
     proc = _launch(workdir, tiny_mnist, launch_env,
                    [f"--config.parallel={parallel}", f"--config.max_steps={stop}"])
     out, _ = proc.communicate(timeout=600)
@@ -346,12 +346,12 @@ def test_a_run_switches_between_jit_and_pmap_and_matches_the_uninterrupted_run(
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert int(got["step"]) == TOTAL_STEPS
-  # The uninterrupted run's losses (the first launch also logged its last step, 3).
+  # The uninterrupted run's losses, each step logged once.
   def losses(run):
     return {r["step"]: r["loss"] for r in checkpoints.read_metrics(run)
             if r["split"] == "train"}
   got_loss, want_loss = losses(workdir), losses(reference)
-  assert sorted(got_loss) == sorted(list(range(2, TOTAL_STEPS + 1, 2)) + [3])
+  assert sorted(got_loss) == list(range(2, TOTAL_STEPS + 1, 2))
   np.testing.assert_allclose([got_loss[k] for k in sorted(want_loss)],
                              [want_loss[k] for k in sorted(want_loss)], rtol=1e-4)
 
