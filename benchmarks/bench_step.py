@@ -7,6 +7,8 @@ Run::
   python benchmarks/bench_step.py --models=liresnet     # LiResNet-style zoo model (defaults)
   python benchmarks/bench_step.py --models=4c3f --iterations=3,5 --grads=constant \
       --estimators=power,lanczos --no_tightness        # the training estimators
+  python benchmarks/bench_step.py --models=4c3f --iterations=3 --grads=constant \
+      --estimators=lanczos --variants=sparsity,box_clip,radius_grad --no_tightness
 
 A ``flax-`` prefix times the same architecture written in plain Flax
 (``flax.linen.Conv`` / ``Dense`` and ``jnp.clip`` with a learnable threshold),
@@ -128,8 +130,17 @@ def _time(fn, repeats):
   return statistics.median(out)
 
 
+#: Training options of the local Lanczos step that ``--variants`` times:
+#: label -> (step keyword arguments, extra estimator options).
+VARIANTS = {
+    "sparsity": ({"sparsity_weight": 0.01}, {}),
+    "box_clip": ({}, {"box_clip": True}),
+    "radius_grad": ({}, {"radius_grad": True}),
+}
+
+
 def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant", "through"),
-                tightness=True, estimators=("power",), pairs=False):
+                tightness=True, estimators=("power",), pairs=False, variants=()):
   model, shape = _model(name)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape)
@@ -170,6 +181,10 @@ def bench_model(name, batch, repeats, iterations, timing=True, grads=("constant"
           if pairs and est == "lanczos":
             run(label + ", pair bounds", loss="gloro", bound="local", iterations=k,
                 grad=grad, bound_options={"estimator": est, "pair": True})
+          for variant in variants if est == "lanczos" else ():
+            step_kw, options = VARIANTS[variant]
+            run(f"{label}, {variant}", loss="gloro", bound="local", iterations=k, grad=grad,
+                bound_options={"estimator": est, **options}, **step_kw)
     base = rows[0][1]
     print(f"\n### {name}, batch {batch}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), "
@@ -213,12 +228,19 @@ def main():
                  help="also time the local step with the per-class-pair bound in the loss")
   p.add_argument("--estimators", default="power",
                  help="training estimators to time: power, lanczos (comma-separated)")
+  p.add_argument("--variants", default="",
+                 help="also time the local Lanczos step with these training options: "
+                      + ", ".join(VARIANTS) + " (comma-separated; sparsity at weight 0.01)")
   a = p.parse_args()
+  variants = [v for v in a.variants.split(",") if v]
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    p.error(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
   for name in a.models.split(","):
     bench_model(name, a.batch, a.repeats, [int(k) for k in a.iterations.split(",")],
                 timing=not a.no_timing, grads=a.grads.split(","),
                 tightness=not a.no_tightness, estimators=a.estimators.split(","),
-                pairs=a.pair_bounds)
+                pairs=a.pair_bounds, variants=variants)
 
 
 if __name__ == "__main__":
