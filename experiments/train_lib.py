@@ -663,6 +663,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   ckpt_every = int(cfg["checkpoint_every_steps"])
   t_train = time.time()
   train_time_steps = 0
+  last_line = [time.time(), 0]   # time and step count of the last progress line
 
   board = _TensorBoard(workdir) if process_index == 0 else None
 
@@ -732,12 +733,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             bar.set_postfix(loss=f"{m['loss']:.3f}", eps=f"{m.get('eps', 0.0):.3f}",
                             acc=f"{m['accuracy']:.3f}", cert_est=f"{m['vra_estimate']:.3f}",
                             refresh=False)
-          else:   # no bar: one line per log_every_steps steps
-            elapsed = time.time() - t_train
+          else:   # no bar: one line per log_every_steps steps, with the rate since the last
+            now = time.time()
+            rate = (now - last_line[0]) / max(train_time_steps - last_line[1], 1)
+            last_line[:] = [now, train_time_steps]
             say(f"step {host_step}/{total_steps} epoch {epoch}: loss {m['loss']:.4f}, "
                 f"accuracy {m['accuracy']:.4f}, eps {m.get('eps', 0.0):.4g}, certified "
                 f"(estimate) {m.get('vra_estimate', float('nan')):.4f}, lr {m['lr']:.3g}, "
-                f"{elapsed / max(train_time_steps, 1):.3g} s/step")
+                f"{rate:.3g} s/step")
         if bar is not None:
           bar.update(1)
         end_of_epoch = batch_index == steps_per_epoch
@@ -751,6 +754,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       val = None
       if val_ds is not None and (epoch % int(cfg["val_every_epochs"]) == 0 or finished):
         val = validate(epoch)
+        last_line[:] = [time.time(), train_time_steps]   # the rate leaves validation out
         other = "global" if validation_bound(cfg) == "local" else "local"
         diag = ""
         if "diag_network_ratio_median" in val:
