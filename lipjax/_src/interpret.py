@@ -249,9 +249,10 @@ class _Boxes(Pass):
   def join(self, block: Block, carry: Carry, outs: Sequence[Carry]) -> Carry:
     c, lo, hi, r, e, d, col = block.combine.boxes(outs, self.rounding_bounds)
     act, ap = block.activation, block.act_params
+    if act is not None:   # the post-join activation's column mask
+      col = act.mask(ap, lo, hi)[1]
+    self.joins.append(JoinBounds(lo, hi, col))
     if act is not None:
-      _, col = act.mask(ap, lo, hi)
-      self.joins.append(JoinBounds(lo, hi, col))
       c_out = act.forward(ap, c)
       lo_out, hi_out = act.interval(ap, lo, hi)
       if self.rounding_bounds:
@@ -263,8 +264,6 @@ class _Boxes(Pass):
       else:
         e = jnp.full_like(c_out, jnp.nan)
       c, lo, hi = c_out, lo_out, hi_out
-    else:
-      self.joins.append(JoinBounds(lo, hi, col))
     # The last stage of every path hands the block's output to the next stage.
     for path in block.paths:
       last = last_stage(path)
