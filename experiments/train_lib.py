@@ -663,7 +663,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   ckpt_every = int(cfg["checkpoint_every_steps"])
   t_train = time.time()
   train_time_steps = 0
-  last_line = [time.time(), 0]   # time and step count of the last progress line
+  line_time, line_steps = time.time(), 0   # time and step count of the last progress line
 
   board = _TensorBoard(workdir) if process_index == 0 else None
 
@@ -735,8 +735,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                             refresh=False)
           else:   # no bar: one line per log_every_steps steps, with the rate since the last
             now = time.time()
-            rate = (now - last_line[0]) / max(train_time_steps - last_line[1], 1)
-            last_line[:] = [now, train_time_steps]
+            rate = (now - line_time) / max(train_time_steps - line_steps, 1)
+            line_time, line_steps = now, train_time_steps
             say(f"step {host_step}/{total_steps} epoch {epoch}: loss {m['loss']:.4f}, "
                 f"accuracy {m['accuracy']:.4f}, eps {m.get('eps', 0.0):.4g}, certified "
                 f"(estimate) {m.get('vra_estimate', float('nan')):.4f}, lr {m['lr']:.3g}, "
@@ -754,7 +754,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       val = None
       if val_ds is not None and (epoch % int(cfg["val_every_epochs"]) == 0 or finished):
         val = validate(epoch)
-        last_line[:] = [time.time(), train_time_steps]   # the rate leaves validation out
+        line_time, line_steps = time.time(), train_time_steps   # the rate leaves validation out
         other = "global" if validation_bound(cfg) == "local" else "local"
         diag = ""
         if "diag_network_ratio_median" in val:
