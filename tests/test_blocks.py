@@ -348,8 +348,9 @@ def test_certified_points_survive_pgd(name):
   cert = lipjax.certify(model, v, x, y, eps)
   local = np.asarray(cert.certified)
   assert local.any(), np.asarray(cert.margin)
-  sound = np.asarray(lipjax.certify(model, v, x, y, eps, triage=False).certified)
-  np.testing.assert_array_equal(local, sound)
+  if name == "nested":   # the triage decides as the sound certificate alone
+    sound = np.asarray(lipjax.certify(model, v, x, y, eps, triage=False).certified)
+    np.testing.assert_array_equal(local, sound)
   glob = np.asarray(lipjax.certify(model, v, x, y, eps, bound="global").certified)
   assert not np.any(glob & ~local)
   worst = np.asarray(_pgd(model.apply, v, x, y, eps, jax.random.PRNGKey(14)))
