@@ -324,7 +324,8 @@ def test_nnx_training_steps_match_the_linen_form_and_keep_thresholds_feasible():
   st_sh, l_sh = run(model, params, None, lambda m, o, **k: sharded.make_sharded_train_step(
       m, o, mesh=mesh, **k), put=lambda s: sharded.replicate_on_mesh(s, mesh))
   np.testing.assert_allclose(l_sh, l_nnx, rtol=1e-5)
-  # (The pmap step wraps the same update as these: tests/test_parallel.py.)
+  # (make_parallel_train_step wraps the same make_update in pmap; it is not run
+  # on an NNX module here, only on linen ones in tests/test_parallel.py.)
   # The trained parameters bound and certify the module as it is used.
   res = lipjax.local_lipschitz_bound(model, st_nnx.params, x[:4], 0.2)
   assert np.all(np.isfinite(np.asarray(res.bound)))
