@@ -23,6 +23,7 @@ from lipjax._src import trace as trace_lib
 from lipjax import nn as lnn
 
 import _bounds_util as U
+import conftest
 
 B = 3
 RTOL = 1e-5
@@ -455,7 +456,8 @@ def test_concurrent_dispatches_do_not_deadlock():
   # Several bound computations dispatched asynchronously at once: batched
   # LAPACK kernels inside XLA computations deadlocked here (two SVDs waiting
   # on one CPU thread pool), so global norms are computed on the host. Run in
-  # a subprocess so that a hang fails the test instead of stalling the suite.
+  # a subprocess so that a hang fails the test instead of stalling the suite,
+  # with the XLA settings users run (multi-threaded, not the tests' own).
   code = (
       "import jax, jax.numpy as jnp, lipjax\n"
       "model = lipjax.models.get('4c3f', input_shape=(28, 28, 1))\n"
@@ -468,5 +470,5 @@ def test_concurrent_dispatches_do_not_deadlock():
       "assert all(float(g) == float(gs[0]) for g in gs)\n"
       "print('done')\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=240)
+                       timeout=240, env=conftest.default_xla_env())
   assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
