@@ -2,8 +2,9 @@
 
 Most of the suite's time is XLA compiling many small programs, not running
 them, so the tests run with XLA's CPU backend optimisation level 0 (about
-half the compile time) and the other settings of ``FAST_COMPILE_FLAGS``. Code generated at level 0 rounds differently from the
-default (no fused multiply-adds), so tests marked ``default_xla`` (the
+half the compile time) and the other settings of ``FAST_COMPILE_FLAGS``.
+Code generated at level 0 rounds differently from the default (no fused
+multiply-adds), so tests marked ``default_xla`` (the
 float32-edge regressions of ``tests/test_rounding.py``, about the float32
 forward pass users run, and ``tests/test_evaluation.py``, which mostly runs
 compiled code) are skipped here and run in a subprocess at the default level
@@ -42,6 +43,7 @@ OPT_FLAG = "--xla_backend_optimization_level"
 #: thread per process, since the parallel workers already fill the cores.
 FAST_COMPILE_FLAGS = (f"{OPT_FLAG}=0", "--xla_cpu_use_fusion_emitters=false",
                       "--xla_cpu_multi_thread_eigen=false")
+_FAST_FLAG_NAMES = {f.split("=", 1)[0] for f in FAST_COMPILE_FLAGS}
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 #: Set by the session that started the default-level run early: the prefix of
@@ -54,7 +56,8 @@ def xla_at_default_level() -> bool:
 
 
 if os.environ.get("LIPJAX_TEST_XLA_DEFAULT") != "1" and xla_at_default_level():
-  os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""),) + FAST_COMPILE_FLAGS).strip()
+  os.environ["XLA_FLAGS"] = " ".join(
+      (os.environ.get("XLA_FLAGS", ""),) + FAST_COMPILE_FLAGS).strip()
 
 
 os.environ.setdefault(cli.COMPILATION_CACHE_ENV, "")   # "": the commands' cache off
@@ -92,11 +95,9 @@ def default_xla_command() -> list:
           "-m", "default_xla", TESTS_DIR]
 
 
-_FAST_FLAG_NAMES = {f.split("=", 1)[0] for f in FAST_COMPILE_FLAGS}
-
-
 def default_xla_env() -> dict:
-  """This process's environment at XLA's default optimisation level."""
+  """This process's environment without ``FAST_COMPILE_FLAGS``: XLA compiles
+  as it does for users (default optimisation level, fusion emitters, threads)."""
   env = dict(os.environ, LIPJAX_TEST_XLA_DEFAULT="1")
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if f.split("=", 1)[0] not in _FAST_FLAG_NAMES)

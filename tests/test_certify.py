@@ -125,13 +125,6 @@ def trained(request):
 
 
 @pytest.fixture(scope="module")
-def trained_conv():
-  """The trained conv model alone, for the checks whose logic does not depend
-  on the layer kinds (the screen, the lower mode): the MLP would repeat them."""
-  return _trained("conv")
-
-
-@pytest.fixture(scope="module")
 def random_conv():
   model = U.conv_model("clipped_maxmin")
   v = U.init_random(model, jax.random.PRNGKey(9))
@@ -241,11 +234,14 @@ def test_triage_decides_exactly_as_the_full_local_certificate(trained):
     np.testing.assert_array_equal(np.asarray(tri.failure_probability)[~used], 0.0)
 
 
-def test_global_screen_certifies_exactly_the_exact_global_set(trained_conv):
+# The conv model alone: the check's logic does not depend on the layer kinds,
+# so the MLP would repeat it.
+@pytest.mark.parametrize("trained", ["conv"], indirect=True)
+def test_global_screen_certifies_exactly_the_exact_global_set(trained):
   # The screen (forward pass, norm-based rounding bound) may only rule out
   # examples the exact global certificate does not certify. Radii right at
   # each example's exact robust radius (1e-6 either side) put margins at 0.
-  t = trained_conv
+  t = trained
   model, v, x, y = t.model, t.variables, t.x, t.y
   ref = lipjax.certify(model, v, x, y, t.eps, bound="global", screen=False)
   rr = np.asarray(ref.robust_radius)
@@ -269,14 +265,17 @@ def test_global_screen_certifies_exactly_the_exact_global_set(trained_conv):
                                 np.asarray(tri.certified))
 
 
-def test_screen_rules_out_only_what_no_evaluation_of_the_exact_certificate_certifies(trained_conv):
+# The conv model alone: the check's logic does not depend on the layer kinds,
+# so the MLP would repeat it.
+@pytest.mark.parametrize("trained", ["conv"], indirect=True)
+def test_screen_rules_out_only_what_no_evaluation_of_the_exact_certificate_certifies(trained):
   # The screen's "hopeless" test bounds the margin of the exact global
   # certificate computed in any other float32 evaluation (another chunk
   # size rounds the logits differently): at radii within 1e-6 of each
   # example's robust radius no evaluation, batch of one included, may
   # certify an example the screen ruled out.
   certify_lib = importlib.import_module("lipjax._src.certify")
-  t = trained_conv
+  t = trained
   model, v, x, y = t.model, t.variables, t.x, t.y
   gn = lipjax.global_lipschitz_bound(model, v, input_shape=x.shape[1:], per_layer=True)[1]
   ref = lipjax.certify(model, v, x, y, t.eps, bound="global", screen=False)
@@ -391,8 +390,11 @@ def test_abs_norm_bound_at_the_edges_of_float32():
   assert np.isnan(bound_with(np.where(np.eye(5, 6) > 0, np.nan, k)))
 
 
-def test_lower_mode_is_below_the_sound_bound(trained_conv):
-  t = trained_conv
+# The conv model alone: the check's logic does not depend on the layer kinds,
+# so the MLP would repeat it.
+@pytest.mark.parametrize("trained", ["conv"], indirect=True)
+def test_lower_mode_is_below_the_sound_bound(trained):
+  t = trained
   model, v, x = t.model, t.variables, t.x
   for eps in (0.5 * t.eps, t.eps):
     sound = lipjax.local_lipschitz_bound(model, v, x, eps)
@@ -404,11 +406,14 @@ def test_lower_mode_is_below_the_sound_bound(trained_conv):
     np.testing.assert_array_equal(np.asarray(low.failure_probability), 1.0)
 
 
-def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained_conv):
+# The conv model alone: the check's logic does not depend on the layer kinds,
+# so the MLP would repeat it.
+@pytest.mark.parametrize("trained", ["conv"], indirect=True)
+def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained):
   # The triage's first round: one-step estimates, no rounding bounds. Its
   # boxes lie inside the sound boxes and its margins above the sound ones,
   # so "not positive" there proves "not certified" by the sound bound.
-  t = trained_conv
+  t = trained
   model, v, x, y = t.model, t.variables, t.x, t.y
   starts = lipjax.bounds.global_top_vectors(model, v, input_shape=tuple(x.shape[1:]))
   for eps in (0.5 * t.eps, t.eps, 2 * t.eps):
@@ -430,8 +435,11 @@ def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained_con
     lipjax.certify(model, v, x, y, t.eps, rounding=False)
 
 
-def test_global_top_vectors_and_lower_mode_started_from_them(trained_conv):
-  t = trained_conv
+# The conv model alone: the check's logic does not depend on the layer kinds,
+# so the MLP would repeat it.
+@pytest.mark.parametrize("trained", ["conv"], indirect=True)
+def test_global_top_vectors_and_lower_mode_started_from_them(trained):
+  t = trained
   model, v, x = t.model, t.variables, t.x
   shape = tuple(x.shape[1:])
   starts = lipjax.bounds.global_top_vectors(model, v, input_shape=shape, iterations=200)
