@@ -211,6 +211,9 @@ def test_box_clip_option_is_checked():
   t = _trained_mlp()
   with pytest.raises(ValueError, match="box_clip must be True or False"):
     lipjax.certify(t.model, t.variables, t.x, t.y, 0.1, box_clip="yes")
+  for bad in (0, -1, 1.5, True, "2"):
+    with pytest.raises(ValueError, match="pair_classes must be None or an integer >= 1"):
+      lipjax.certify(t.model, t.variables, t.x, t.y, 0.1, pair_classes=bad)
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +301,7 @@ def test_radius_grad_keeps_the_deltas_and_adds_the_path_through_the_boxes(bound,
   out = run(p)
   flat = lambda g: np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(g)])  # noqa: E731
   for box_clip in (False, True):
-    (d0, g0), (d1, g1) = out[box_clip, False], out[box_clip, True]
+    (d0, _), (d1, g1) = out[box_clip, False], out[box_clip, True]
     # The same numbers forward; finite gradients.
     np.testing.assert_array_equal(np.asarray(d0), np.asarray(d1))
     assert np.all(np.isfinite(flat(g1)))

@@ -422,6 +422,21 @@ def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained):
                          rounding=False, state=starts)
     assert np.all(np.asarray(low.margin) >= np.asarray(sound.margin))
     assert np.all(np.asarray(low.lipschitz) <= np.asarray(sound.lipschitz) * (1 + 1e-5))
+    # The triage's form: one pair bound per example, that pair's margin
+    # alone; a minimum over fewer classes, still above the sound margin.
+    one = certify_lib.certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1,
+                                     rounding=False, state=starts, pair_classes=1)
+    right = np.asarray(low.predicted) == np.asarray(y)
+    # (The pair bounds' sums run in another batch shape: ulps apart.)
+    tol = 1e-5 * np.abs(np.asarray(sound.margin)) + 1e-6
+    assert np.all(np.asarray(one.margin) >= np.asarray(sound.margin))
+    assert np.all(np.asarray(one.margin)[right] >= np.asarray(low.margin)[right] - tol[right])
+    # Sound mode with fewer pair bounds: between the product bound alone
+    # and the full pair bounds.
+    part = certify_lib.certify_arrays(model, v, x, y, eps, pair_classes=1)
+    bare = certify_lib.certify_arrays(model, v, x, y, eps, pairwise=False)
+    assert np.all(np.asarray(part.margin) <= np.asarray(sound.margin) + tol)
+    assert np.all(np.asarray(part.margin) >= np.asarray(bare.margin) - tol)
     lb_s = lipjax.local_lipschitz_bound(model, v, x, eps)
     lb_l = lipjax.local_lipschitz_bound(model, v, x, eps, mode="lower", lanczos_steps=1,
                                         rounding=False, state=starts)

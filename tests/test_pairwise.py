@@ -404,3 +404,36 @@ def test_training_loss_with_pairs_keeps_the_product_bound_on_residual_networks()
                                                     key=jax.random.PRNGKey(2))
   assert np.all(np.isfinite(np.asarray(with_pairs)))
   np.testing.assert_array_equal(np.asarray(with_pairs), np.asarray(without))
+
+
+@pytest.mark.parametrize("name", ["conv-clipped_relu", "res-clipped_relu"])
+def test_bounds_of_chosen_classes_equal_the_full_bounds_there(name):
+  # ``classes`` only selects which pairs are computed: each chosen pair's
+  # bound is the one the full computation gives, the others are inf (no
+  # bound) and the label's entry is 0.
+  model, variables = MODELS[name]
+  x = jax.random.uniform(jax.random.PRNGKey(82), (6,) + model.input_shape)
+  eps = jnp.full((6,), 0.1)
+  labels = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
+  chosen = jnp.asarray([[1, 2], [0, 0], [1, 0], [2, 1], [2, 0], [0, 1]], jnp.int32)
+  lb = lipjax.local_lipschitz_bound(model, variables, x, eps)
+  stages = trace_lib.trace(model, variables, tuple(x.shape[1:]))
+  boxes, joins = lipschitz.ball_bounds(stages, x, eps, list(lb.global_norms),
+                                       with_joins=True)
+  for sound in (True, False):
+    kw = dict(abs_norms=abs_norm_bounds(stages), norm_layers=lb.layers,
+              global_norms=lb.global_norms) if sound else {}
+    full = np.asarray(pairwise.pair_bounds(stages, boxes, lb.layer_norms, labels,
+                                           sound=sound, joins=joins, **kw))
+    part = np.asarray(pairwise.pair_bounds(stages, boxes, lb.layer_norms, labels,
+                                           sound=sound, joins=joins, classes=chosen, **kw))
+    assert part.shape == full.shape == (6, 3)
+    for b in range(6):
+      for i in range(3):
+        if i == int(labels[b]):
+          assert part[b, i] == 0.0
+        elif i in np.asarray(chosen[b]):
+          np.testing.assert_allclose(part[b, i], full[b, i], rtol=RTOL)
+          assert np.isfinite(part[b, i]) and part[b, i] > 0
+        else:
+          assert part[b, i] == np.inf, (sound, b, i)

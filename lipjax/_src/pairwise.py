@@ -172,7 +172,8 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
                 abs_norms: Optional[Sequence[Array]] = None,
                 norm_layers: Optional[Sequence[LayerBounds]] = None,
                 global_norms: Optional[Sequence[Array]] = None,
-                joins: Optional[Sequence[JoinBounds]] = None) -> Optional[Array]:
+                joins: Optional[Sequence[JoinBounds]] = None,
+                classes: Optional[Array] = None) -> Optional[Array]:
   """``(B, C)`` bounds on the local Lipschitz constant of ``z_i - z_{labels}``.
 
   Args:
@@ -231,25 +232,29 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
   dtype = last.dtype
   u = rounding.U
   v_op = rounding.operand_roundoff() if sound else 0.0
-  # Cotangents e_i - e_y for every class i, as B * C examples.
   onehot = jax.nn.one_hot(labels, c, dtype=dtype)
-  cot = (jnp.eye(c, dtype=dtype)[None, :, :] - onehot[:, None, :]).reshape(b * c, c)
+  if classes is None:
+    classes = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+  classes = jnp.asarray(classes, jnp.int32)
+  k_pairs = int(classes.shape[1])
+  # Cotangents e_i - e_y for each class i of ``classes``, as B * k examples.
+  cot = (jax.nn.one_hot(classes, c, dtype=dtype) - onehot[:, None, :]).reshape(b * k_pairs, c)
 
-  def per_pair(a):   # (B,) or (B, *shape) -> (B * C, *shape)
+  def per_pair(a):   # (B,) or (B, *shape) -> (B * k, *shape)
     a = jnp.asarray(a)
     if a.ndim == 0:
       return a
-    return jnp.repeat(a, c, axis=0)
+    return jnp.repeat(a, k_pairs, axis=0)
 
   v = last.adjoint(cot)                                  # cotangent at the last input
-  err = jnp.zeros((b * c,), dtype)
+  err = jnp.zeros((b * k_pairs,), dtype)
   if sound:
     # fl(W^T (e_i - e_y)): entry j sums two nonzero products, w_ij - w_yj, so
     # it errs by at most coef (|w_ij| + |w_yj|): in l2, coef (||w_i|| + ||w_y||).
     mat = last.layer.explicit_matrix(last.params)
     rows = jnp.sqrt(jnp.sum(jnp.square(mat), axis=1)) * rounding.upper_factor(mat.shape[1])
-    pair_rows = rows[None, :] + rows[labels][:, None]                   # (B, C)
-    err = (rounding.dot_coefficient(c, v_op) * pair_rows.reshape(b * c)
+    pair_rows = rows[classes] + rows[labels][:, None]                   # (B, k)
+    err = (rounding.dot_coefficient(c, v_op) * pair_rows.reshape(b * k_pairs)
            + rounding.underflow_term(c, 1.0) * np.sqrt(mat.shape[1]))
   hidden = len(stages) - 1
   factors = [jnp.asarray(n, dtype) for n in layer_norms[:hidden]]
@@ -348,7 +353,7 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
   head = _flat_norm(v)
   if sound:
     head = head * rounding.upper_factor(size) + err
-  total = jnp.zeros((b * c,), dtype)
+  total = jnp.zeros((b * k_pairs,), dtype)
   for t in terms:
     total = total + t
   out = head + total
@@ -356,5 +361,7 @@ def pair_bounds(stages, layers: Sequence[LayerBounds],
     # Sums and products of nonnegative terms: the prefixes (a product per
     # stage, a sum and a product per block), the terms and their sum.
     out = out * rounding.upper_factor(2 * len(stages) + 4 * len(blocks) + 8)
-  out = out.reshape(b, c)
-  return jnp.where(onehot > 0, 0.0, out)
+  out = out.reshape(b, k_pairs)
+  full = jnp.full((b, c), jnp.inf, dtype)
+  full = full.at[jnp.arange(b)[:, None], classes].set(out)
+  return jnp.where(onehot > 0, 0.0, full)
