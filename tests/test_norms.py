@@ -575,6 +575,40 @@ def test_lanczos_capped_by_a_known_bound_gives_the_same_minimum(masked_conv):
   np.testing.assert_array_equal(np.asarray(upper), full)
 
 
+def test_lanczos_shared_reference_bounds_its_members_in_the_same_run():
+  # The last example is the reference: the members (examples whose operator
+  # equals it) get its bound, the others their own run's, as without sharing;
+  # with no member the reference counts as settled (it never holds the
+  # others' steps up) and the others' bounds are unchanged.
+  n, b = 40, 4
+  rng = np.random.default_rng(5)
+  mats = rng.normal(size=(b + 1, n, n)).astype(np.float32)
+  mats[1] = mats[-1]
+  mats[3] = mats[-1]
+  mats = jnp.asarray(mats)
+  op = lambda u: jnp.einsum("bij,bj->bi", mats, u)   # noqa: E731
+  ones = jnp.ones((b + 1, n))
+  exact = np.linalg.svd(np.asarray(mats, np.float64), compute_uv=False)[:, 0]
+  key = jax.random.PRNGKey(6)
+  cap = jnp.float32(1e30)
+  alone, est_alone = power.lanczos_norm_bound(op, key, (b + 1, n), ones, 30, 1e-9, cap=cap)
+  members = jnp.asarray([False, True, False, True])
+  upper, est = power.lanczos_norm_bound(op, key, (b + 1, n), ones, 30, 1e-9, cap=cap,
+                                        shared=members)
+  upper, alone = np.asarray(upper), np.asarray(alone)
+  np.testing.assert_array_equal(upper[[1, 3]], upper[-1])
+  np.testing.assert_allclose(upper[[0, 2, 4]], alone[[0, 2, 4]], rtol=1e-6)
+  assert np.all(upper >= exact), (upper, exact)
+  assert np.all(np.asarray(est) <= exact * (1 + 1e-5))
+  none, _ = power.lanczos_norm_bound(op, key, (b + 1, n), ones, 30, 1e-9, cap=cap,
+                                     shared=jnp.zeros((b,), bool))
+  none = np.asarray(none)
+  assert none[-1] >= exact[-1]
+  np.testing.assert_allclose(none[:b], alone[:b], rtol=1e-6)
+  with pytest.raises(ValueError, match="shared needs a scalar cap"):
+    power.lanczos_norm_bound(op, key, (b + 1, n), ones, 30, 1e-9, shared=members)
+
+
 def test_lanczos_blocks_stop_once_every_example_is_settled():
   # A settled test that is true from the start skips every block (no step
   # is counted); one that never holds runs every step, as without it.

@@ -413,24 +413,24 @@ def _sound_local_norm(stage, row, col, gnorm, key, delta, steps, dense, lower=Fa
     c = stage.layer_input(col).reshape(b, -1)
     s = norms.masked_dense_norm(mat, r, c)
     return jnp.minimum(s, gnorm), s / (1.0 + norms.ROUNDING_SLACK)
-  cap = jax.lax.stop_gradient(gnorm)
+  # (A cap above some examples' own only delays their stop: still sound.)
+  cap = jnp.max(jax.lax.stop_gradient(gnorm))
   # Examples whose masks equal the batch's elementwise maximum (e.g. masks
   # that keep every row and column) all have that one operator: a single
-  # Lanczos run on it (batch of one, its own start) bounds each of them,
-  # and their own runs are skipped. Steps stop once no example's bound can
-  # come below the global norm.
+  # Lanczos run on it (an extra example, with its own start) bounds each of
+  # them, and their own runs are skipped. Steps stop once no example's bound
+  # can come below the global norm.
   ref_row = jnp.max(row, axis=0, keepdims=True)
   ref_col = jnp.max(col, axis=0, keepdims=True)
   shared_masks = (jnp.all((row == ref_row).reshape(b, -1), axis=1)
                   & jnp.all((col == ref_col).reshape(b, -1), axis=1))
+  row_x = jnp.concatenate([row, ref_row])
+  col_x = jnp.concatenate([col, ref_col])
   upper, est = _lanczos(
-      _masked_op(stage, row, col), key, col.shape, col, steps, delta,
-      rank_bound=jnp.sum(row.reshape(b, -1), axis=1),
-      transpose=_masked_adjoint(stage, row, col), cap=cap,
-      shared=(shared_masks, _masked_op(stage, ref_row, ref_col),
-              _masked_adjoint(stage, ref_row, ref_col), ref_col,
-              jnp.sum(ref_row.reshape(1, -1), axis=1)))
-  return jnp.minimum(upper, gnorm), jnp.minimum(est, gnorm)
+      _masked_op(stage, row_x, col_x), key, col_x.shape, col_x, steps, delta,
+      rank_bound=jnp.sum(row_x.reshape(b + 1, -1), axis=1),
+      transpose=_masked_adjoint(stage, row_x, col_x), cap=cap, shared=shared_masks)
+  return jnp.minimum(upper[:b], gnorm), jnp.minimum(est[:b], gnorm)
 
 
 # ---------------------------------------------------------------------------

@@ -405,7 +405,7 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
                        rank_bound: Optional[Array] = None,
                        transpose: Optional[Operator] = None,
                        cap: Optional[Array] = None,
-                       shared: Optional[Tuple] = None) -> Tuple[Array, Array]:
+                       shared: Optional[Array] = None) -> Tuple[Array, Array]:
   """Probabilistic upper bound on ``||op||_2`` per example.
 
   Runs Lanczos on ``op^T op`` from ``col_mask * g`` with ``g`` standard
@@ -441,13 +441,14 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
       Ritz value only grows with more steps, and a run judged by fewer steps
       gets a larger relative error ``e``). The estimate is then the Ritz
       value reached so far.
-    shared: optional ``(members, op_1, transpose_1, col_mask_1, rank_bound_1)``
-      (with ``cap``): ``members`` ``(B,)`` bools marks the examples whose
-      operator is the batch-of-one operator ``op_1`` (e.g. examples whose
-      masks equal the batch's elementwise maximum). One run on ``op_1``, from
-      its own Gaussian start (``key`` folded with 1), bounds all of them, and
-      runs only when there is a member; their own runs count as settled from
-      the first step.
+    shared: optional ``(B - 1,)`` bools (with a scalar ``cap``): the last
+      example is a reference operator, and these examples' operators equal
+      it (e.g. examples whose masks equal the batch's elementwise maximum,
+      the reference's masks). The reference's run, from its own row of the
+      Gaussian start, bounds all of them; their own runs count as settled
+      from the first step, and the reference's too when no example shares
+      it. One loop runs every example and the reference (one compiled loop
+      nest, not two).
 
   Returns:
     ``(upper, estimate)``, both ``(B,)``: the probabilistic upper bound and
@@ -459,11 +460,12 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   n = jnp.sum(col_mask.reshape(col_mask.shape[0], -1), axis=1)
   settled = None if cap is None else _settled_at(cap, n, steps, delta, dtype)
   if shared is not None:
-    if cap is None:
-      raise ValueError("shared needs cap")
-    members = shared[0]
+    if cap is None or jnp.ndim(cap) != 0:
+      raise ValueError("shared needs a scalar cap")
+    members = jnp.concatenate([shared, jnp.zeros((1,), bool)])
+    unused = jnp.concatenate([jnp.zeros_like(shared), ~jnp.any(shared, keepdims=True)])
     base = settled
-    settled = lambda top, done: base(top, done) | members   # noqa: E731
+    settled = lambda top, done: base(top, done) | members | unused   # noqa: E731
   theta, done = _lanczos(lambda q: opt(op(q)), g, steps, settled)
   # The number of steps an example completes depends on its start vector, so
   # the failure budget is split over the possible stopping points: half for a
@@ -480,17 +482,6 @@ def lanczos_norm_bound(op: Operator, key: Array, in_shape_batch: Tuple[int, ...]
   upper = upper * (1.0 + ROUNDING_SLACK)
   est = jnp.sqrt(theta)
   if shared is not None:
-    members, op_1, transpose_1, col_1, rank_1 = shared
-
-    def run_shared():
-      u, e1 = lanczos_norm_bound(op_1, jax.random.fold_in(key, 1), col_1.shape, col_1,
-                                 steps, delta, rank_bound=rank_1, transpose=transpose_1,
-                                 cap=cap)
-      return u[0], e1[0]
-
-    inf = jnp.asarray(jnp.inf, upper.dtype)
-    u_1, e_1 = jax.lax.cond(jnp.any(members), run_shared,
-                            lambda: (inf, jnp.zeros_like(inf)))
-    upper = jnp.where(members, u_1, upper)
-    est = jnp.where(members, jnp.maximum(est, e_1), est)
+    upper = jnp.where(members, upper[-1], upper)
+    est = jnp.where(members, jnp.maximum(est, est[-1]), est)
   return upper, est
