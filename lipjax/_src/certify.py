@@ -288,7 +288,7 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
     mode = options.get("mode", "sound")
     classes = None
     if use_pairs and pair_classes is not None and pair_classes < logits.shape[-1] - 1:
-      classes = _threatening_classes(stages, logits, col, eps * inner, pair_classes)
+      classes = _threatening_classes(stages, logits, col, eps, inner, pair_classes)
     pair = (_local_pair_bounds(stages, lb, abs_norms, mode, x, eps, classes)
             if use_pairs else None)
     if mode == "lower" and pair is not None and classes is not None:
@@ -324,16 +324,16 @@ def certify_arrays(model, variables, x, y, eps, *, bound: str = "local",
                  consider=consider)
 
 
-def _threatening_classes(stages, logits, col, scale, k):
+def _threatening_classes(stages, logits, col, eps, inner, k):
   """``(B, k)`` the classes ``i != p`` (``p`` the prediction) whose product
-  bound ``z_p - z_i - scale ||D (w_i - w_p)||`` is smallest: those the per-pair
-  bound can help most. Any choice is sound; this one decides which pairs get
-  the (costly) pair bound."""
+  bound ``z_p - z_i - eps inner ||D (w_i - w_p)||`` is smallest: those the
+  per-pair bound can help most. Any choice is sound; this one decides which
+  pairs get the (costly) pair bound."""
   predicted = jnp.argmax(logits, axis=-1)
   gap = jnp.take_along_axis(logits, predicted[:, None], axis=1) - logits
   mat = stages[-1].layer.explicit_matrix(stages[-1].params)
   if mat is not None:
-    gap = gap - scale[:, None] * margins.pair_norms(mat, col, predicted)
+    gap = gap - margins.logit_deltas(eps, inner, margins.pair_norms(mat, col, predicted))
   gap = jnp.where(jnp.arange(logits.shape[1])[None, :] == predicted[:, None], jnp.inf,
                   jnp.nan_to_num(gap, nan=-jnp.inf))
   _, classes = jax.lax.top_k(-jax.lax.stop_gradient(gap), int(k))
