@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lipjax  # noqa: E402  pylint: disable=wrong-import-position
 from lipjax import data  # noqa: E402  pylint: disable=wrong-import-position
 
-_STAGES = ("norms", "global", "global_exact", "triage", "triage_lanczos", "sound")
+_STAGES = ("norms", "global", "global_exact", "attack", "triage", "triage_lanczos", "sound")
 
 
 def _machine() -> str:

@@ -232,6 +232,14 @@ def test_triage_decides_exactly_as_the_full_local_certificate(trained):
       np.testing.assert_array_equal(np.asarray(getattr(tri, f))[~used],
                                     np.asarray(getattr(glo, f))[~used])
     np.testing.assert_array_equal(np.asarray(tri.failure_probability)[~used], 0.0)
+    # The one-step attack first (attack=0: whatever the count) decides the same.
+    stats = {}
+    att = lipjax.certify(model, v, x, y, eps, attack=0, stats=stats)
+    np.testing.assert_array_equal(np.asarray(att.certified), np.asarray(full.certified))
+    assert stats.get("attack", {"examples": 0})["examples"] == int(undecided.sum())
+    broken = np.asarray(certify_lib.falsify_arrays(model, v, x, y, eps))
+    assert not np.any(broken & np.asarray(full.certified))
+    assert not np.any(broken & np.asarray(att.local))   # settled before the bounds
 
 
 # The conv model alone: the check's logic does not depend on the layer kinds,
@@ -416,16 +424,21 @@ def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained):
   t = trained
   model, v, x, y = t.model, t.variables, t.x, t.y
   starts = lipjax.bounds.global_top_vectors(model, v, input_shape=tuple(x.shape[1:]))
+  # Compiled once per option set, reused across the three radii (the
+  # un-jitted path: test_batching_and_jit_do_not_change_results).
+  certify_arrays = jax.jit(certify_lib.certify_arrays, static_argnums=0,
+                           static_argnames=("mode", "lanczos_steps", "rounding",
+                                            "pair_classes", "pairwise"))
   for eps in (0.5 * t.eps, t.eps, 2 * t.eps):
-    sound = certify_lib.certify_arrays(model, v, x, y, eps)
-    low = certify_lib.certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1,
-                         rounding=False, state=starts)
+    sound = certify_arrays(model, v, x, y, eps)
+    low = certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1, rounding=False,
+                         state=starts)
     assert np.all(np.asarray(low.margin) >= np.asarray(sound.margin))
     assert np.all(np.asarray(low.lipschitz) <= np.asarray(sound.lipschitz) * (1 + 1e-5))
     # The triage's form: one pair bound per example, that pair's margin
     # alone; a minimum over fewer classes, still above the sound margin.
-    one = certify_lib.certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1,
-                                     rounding=False, state=starts, pair_classes=1)
+    one = certify_arrays(model, v, x, y, eps, mode="lower", lanczos_steps=1, rounding=False,
+                         state=starts, pair_classes=1)
     right = np.asarray(low.predicted) == np.asarray(y)
     # (The pair bounds' sums run in another batch shape: ulps apart.)
     tol = 1e-5 * np.abs(np.asarray(sound.margin)) + 1e-6
@@ -433,8 +446,8 @@ def test_lower_margins_without_rounding_stay_above_the_sound_margins(trained):
     assert np.all(np.asarray(one.margin)[right] >= np.asarray(low.margin)[right] - tol[right])
     # Sound mode with fewer pair bounds: between the product bound alone
     # and the full pair bounds.
-    part = certify_lib.certify_arrays(model, v, x, y, eps, pair_classes=1)
-    bare = certify_lib.certify_arrays(model, v, x, y, eps, pairwise=False)
+    part = certify_arrays(model, v, x, y, eps, pair_classes=1)
+    bare = certify_arrays(model, v, x, y, eps, pairwise=False)
     assert np.all(np.asarray(part.margin) <= np.asarray(sound.margin) + tol)
     assert np.all(np.asarray(part.margin) >= np.asarray(bare.margin) - tol)
     lb_s = lipjax.local_lipschitz_bound(model, v, x, eps)
@@ -542,6 +555,38 @@ def test_linear_model_certificate_is_exact(bound):
   flipped = _flipped(model, v, adv, p)
   assert not np.any(flipped & certified)
   np.testing.assert_array_equal(flipped[clear], (exact < eps)[clear])
+
+
+def test_one_step_attack_on_a_two_class_linear_model_is_exact():
+  # For z = W x + b with two classes, the step against the margin's gradient
+  # is the shortest way to the boundary: an example is broken exactly when
+  # its distance to the boundary is below the step, eps (1 - 1e-3).
+  model = lnn.Sequential((lnn.Dense(2),), input_shape=(6,))
+  v = U.init_random(model, jax.random.PRNGKey(21))
+  x = jax.random.uniform(jax.random.PRNGKey(22), (64, 6))
+  z = np.asarray(model.apply(v, x), np.float64)
+  w = np.asarray(v["params"]["layers_0"]["kernel"], np.float64).T   # (2, in)
+  y = z.argmax(1)
+  dist = (z.max(1) - z.min(1)) / np.linalg.norm(w[0] - w[1])
+  eps = float(np.median(dist))
+  broken = np.asarray(certify_lib.falsify_arrays(model, v, x, jnp.asarray(y), eps))
+  step = eps * (1 - 1e-3)
+  clear = np.abs(dist - step) > 1e-3 * eps
+  assert clear.sum() >= 48
+  np.testing.assert_array_equal(broken[clear], (dist < step)[clear])
+  # A zero radius or a flat margin breaks nothing; a NaN input is refused.
+  assert not np.any(np.asarray(certify_lib.falsify_arrays(model, v, x, jnp.asarray(y), 0.0)))
+  flat = jax.tree_util.tree_map(jnp.zeros_like, v)
+  assert not np.any(np.asarray(certify_lib.falsify_arrays(model, flat, x, jnp.asarray(y),
+                                                          eps)))
+  xn = x.at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="NaN"):
+    certify_lib.falsify_arrays(model, v, xn, jnp.asarray(y), eps)
+  # Under jit the same examples are broken, and a NaN row (not checked
+  # there) is not.
+  jitted = jax.jit(certify_lib.falsify_arrays, static_argnums=0)
+  np.testing.assert_array_equal(np.asarray(jitted(model, v, x, jnp.asarray(y), eps)), broken)
+  assert not np.asarray(jitted(model, v, xn, jnp.asarray(y), eps))[0]
 
 
 def test_random_model_certificates_survive_pgd(random_conv):
@@ -934,6 +979,9 @@ def test_bad_options_raise(small):
     lipjax.certify(model, v, x, y, 0.1, mode="estimate")
   with pytest.raises(ValueError, match="mode"):
     lipjax.local_lipschitz_bound(model, v, x, 0.1, mode="upper")
+  for bad in (-1, 1.5, True, "2"):
+    with pytest.raises(ValueError, match="attack must be None or an integer >= 0"):
+      lipjax.certify(model, v, x, y, 0.1, attack=bad)
 
 
 def test_unsupported_flax_layer_is_named():

@@ -455,16 +455,21 @@ def test_nan_parameters_never_give_a_finite_bound():
 def test_concurrent_dispatches_do_not_deadlock():
   # Several bound computations dispatched asynchronously at once: batched
   # LAPACK kernels inside XLA computations deadlocked here (two SVDs waiting
-  # on one CPU thread pool), so global norms are computed on the host. Run in
+  # on one CPU thread pool), so global norms are computed on the host. A
+  # small conv model (one compiled estimate, dispatched four times: the
+  # default level's compile is most of the test's time). Run in
   # a subprocess so that a hang fails the test instead of stalling the suite,
   # with the XLA settings users run (multi-threaded, not the tests' own).
   code = (
       "import jax, jax.numpy as jnp, lipjax\n"
-      "model = lipjax.models.get('4c3f', input_shape=(28, 28, 1))\n"
-      "v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))\n"
-      "x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))\n"
-      "rs = [lipjax.local_lipschitz_bound(model, v, x, 1.58, mode='estimate', iterations=k)\n"
-      "      for k in (1, 2, 1, 2)]\n"
+      "from lipjax import nn\n"
+      "model = nn.Sequential((nn.Conv(8, 3, 1, 1), nn.ClippedReLU(1.0), nn.Conv(8, 4, 2, 1),\n"
+      "                       nn.ClippedReLU(1.0), nn.Flatten(), nn.Dense(10)),\n"
+      "                      input_shape=(12, 12, 1))\n"
+      "v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)))\n"
+      "x = jax.random.uniform(jax.random.PRNGKey(1), (8, 12, 12, 1))\n"
+      "rs = [lipjax.local_lipschitz_bound(model, v, x, 1.58, mode='estimate')\n"
+      "      for _ in range(4)]\n"
       "gs = [lipjax.global_lipschitz_bound(model, v) for _ in range(4)]\n"
       "jax.block_until_ready((rs, gs))\n"
       "assert all(float(g) == float(gs[0]) for g in gs)\n"

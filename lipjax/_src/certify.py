@@ -692,6 +692,40 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
 
 
 
+def falsify_arrays(model, variables, x, y, eps) -> Array:
+  """``(B,)`` bools: examples a one-step l2 gradient attack proves not robust.
+
+  From each ``x`` one step of length ``eps (1 - 1e-3)`` against the
+  gradient of the margin ``z_y - max_{i != y} z_i`` gives ``x'``; an example
+  is marked where the float32 logits at ``x'`` put another class strictly
+  above ``y`` and the float32 distance ``||x' - x||``, rounding bounded,
+  is at most ``eps``. Such an ``x'`` is a counterexample: no sound
+  certificate (the float32 forward pass over the ball included) certifies
+  the example, so marking it only saves the bounds' work. NaN or inf
+  anywhere leaves an example unmarked.
+  """
+  model, variables = frontends.resolve(model, variables)
+  x, eps = lipschitz.check_inputs(model, x, eps, variables)
+  y = jnp.asarray(y, jnp.int32)
+  axes = tuple(range(1, x.ndim))
+
+  def margin(z):
+    own = jnp.take_along_axis(z, y[:, None], axis=1)[:, 0]
+    other = jnp.where(jax.nn.one_hot(y, z.shape[1], dtype=bool), -jnp.inf, z)
+    return own - jnp.max(other, axis=1)
+
+  grad = jax.grad(lambda q: jnp.sum(margin(model.apply(variables, q))))(x)
+  gnorm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=axes))
+  scale = eps * (1.0 - 1e-3) / jnp.where(gnorm > 0, gnorm, 1.0)
+  x_adv = x - grad * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+  n = int(np.prod(x.shape[1:]))
+  dist = jnp.sqrt(jnp.sum(jnp.square(x_adv - x), axis=axes) * rounding.upper_factor(n + 2))
+  inside = dist * (1.0 + 4 * rounding.U) <= eps
+  m = margin(model.apply(variables, x_adv))
+  return inside & (gnorm > 0) & (m < 0) & jnp.isfinite(m)
+
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted(model, bound, options_items):
   options = dict(options_items)
@@ -703,6 +737,8 @@ def _call_plain(model, bound, options, variables, norms_, x, y, eps, key):
   """One chunk; ``norms_ = (global norms, abs_norm_bounds)`` (for ``"lower"``
   the first is ``(norms, Lanczos starts)``), computed once per call."""
   gnorms, absn = norms_
+  if bound == "attack":
+    return falsify_arrays(model, variables, x, y, eps)
   if bound == "screen":
     return screen_arrays(model, variables, x, y, eps, gnorms, abs_norms=absn, **options)
   if bound == "lower":   # the triage's estimates from below
@@ -834,7 +870,7 @@ class _ParameterNorms:
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
             jit: bool = True, triage: bool = True, triage_steps: int = 4,
-            cache: bool = False, screen: bool = True, stats: Optional[dict] = None,
+            attack: Optional[int] = 256, cache: bool = False, screen: bool = True, stats: Optional[dict] = None,
             **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
 
@@ -858,6 +894,9 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
      bound one class pair per example with the per-pair bound (the class
      whose product-bound margin is smallest) and test that pair's margin
      alone: it is at least the sound margin, the minimum over all classes.
+     Before both rounds, when at least ``attack`` examples are undecided, a
+     one-step l2 gradient attack (:func:`falsify_arrays`) settles those
+     with a counterexample in the ball: no sound bound certifies them.
 
   The triage never certifies anything the global certificate does not; it
   only saves the Lanczos runs whose outcome is known.
@@ -885,6 +924,11 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       the sound local bound on every example.
     triage_steps: Lanczos steps of the second round of lower estimates in
       test 3 (more steps rule out more examples and cost more each; >= 1).
+    attack: the one-step attack runs before test 3 when at least this many
+      examples are undecided (default 256; 0: always, None: never). It costs
+      about one forward and one backward pass per example and on trained
+      models settles most of the examples test 3 would rule out; for a few
+      examples its compilation costs more than it saves.
     cache: keep the per-layer global norms for later calls with the same
       parameters (e.g. a sweep over ``eps``). The cache is keyed by a hash of
       the parameters' bytes (and the model, input shape and, for generic
@@ -906,7 +950,8 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"`` (all examples, screen included),
-      ``"global_exact"`` (the examples the screen left), ``"triage"`` (the
+      ``"global_exact"`` (the examples the screen left), ``"attack"``,
+      ``"triage"`` (the
       first round of test 3), ``"triage_lanczos"`` (its second round),
       ``"sound"``; timing waits for each stage's results).
     **options: passed to :func:`lipjax.local_lipschitz_bound` (sound mode
@@ -930,6 +975,9 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   model, variables = frontends.resolve(model, variables)
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
+  if attack is not None and (isinstance(attack, bool) or
+                             not isinstance(attack, (int, np.integer)) or attack < 0):
+    raise ValueError(f"attack must be None or an integer >= 0, got {attack!r}")
   check_choice("bound", bound, lipschitz.BOUNDS)
   for flag in ("pairwise", "box_clip"):
     if not isinstance(options.get(flag, True), bool):
@@ -954,7 +1002,7 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
                            timer, cache=bool(cache))
   if bound == "local" and triage:
     return _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit,
-                            int(triage_steps), options, timer, bool(screen))
+                            int(triage_steps), options, timer, bool(screen), attack)
   if bound == "global":
     options = {k: v for k, v in options.items() if k == "failure_probability"}
     return _global_pass(model, variables, pnorms, x, y, eps, batch_size, key, jit, options,
@@ -1091,12 +1139,18 @@ def _triage_rounds(steps: int):
 
 
 def _certify_triaged(model, variables, pnorms, x, y, eps, batch_size, key, jit, steps,
-                     options, timer, screen):
+                     options, timer, screen, attack=None):
   glob_opts = {k: v for k, v in options.items() if k == "failure_probability"}
   glob = _global_pass(model, variables, pnorms, x, y, eps, batch_size,
                       jax.random.fold_in(key, 1), jit, glob_opts, timer, screen)
   undecided = np.asarray((glob.predicted == y) & ~glob.certified)
   idx = np.nonzero(undecided)[0]
+  if attack is not None and idx.size and idx.size >= attack:
+    # A counterexample in the ball settles an example for every sound bound.
+    with timer.stage("attack", idx.size):
+      broken = _certify_chunks(model, variables, (None, None), x[idx], y[idx], eps[idx],
+                               "attack", batch_size, key, jit, {}, bucket=True)
+      idx = idx[~np.asarray(broken)]
   if idx.size:
     gn_lower = pnorms.get("lower", failure_probability=options.get("failure_probability",
                                                                    1e-9))
