@@ -691,18 +691,28 @@ def screen_arrays(model, variables, x, y, eps, global_norms, failure_probability
   return cert, hopeless
 
 
-
 def falsify_arrays(model, variables, x, y, eps) -> Array:
   """``(B,)`` bools: examples a one-step l2 gradient attack proves not robust.
 
   From each ``x`` one step of length ``eps (1 - 1e-3)`` against the
   gradient of the margin ``z_y - max_{i != y} z_i`` gives ``x'``; an example
-  is marked where the float32 logits at ``x'`` put another class strictly
-  above ``y`` and the float32 distance ``||x' - x||``, rounding bounded,
-  is at most ``eps``. Such an ``x'`` is a counterexample: no sound
-  certificate (the float32 forward pass over the ball included) certifies
-  the example, so marking it only saves the bounds' work. NaN or inf
-  anywhere leaves an example unmarked.
+  is marked where the logits at ``x'``, computed in the working precision
+  as users run the model, put another class strictly above ``y`` and the
+  computed distance ``||x' - x||``, its float32 rounding bounded, is at
+  most ``eps``. Such an ``x'`` is a counterexample: no sound certificate
+  (the forward pass's rounding over the ball included) certifies the
+  example, so marking it only saves the bounds' work. A NaN or inf margin
+  or a zero gradient leaves an example unmarked; NaN inputs are refused
+  outside ``jit``, as everywhere in the library.
+
+  Args:
+    model, variables: as in :func:`certify_arrays`.
+    x: ``(B, *input_shape)`` inputs.
+    y: ``(B,)`` labels.
+    eps: scalar or ``(B,)`` radii.
+
+  Returns:
+    ``(B,)`` bools, True where a counterexample was found.
   """
   model, variables = frontends.resolve(model, variables)
   x, eps = lipschitz.check_inputs(model, x, eps, variables)
@@ -723,7 +733,6 @@ def falsify_arrays(model, variables, x, y, eps) -> Array:
   inside = dist * (1.0 + 4 * rounding.U) <= eps
   m = margin(model.apply(variables, x_adv))
   return inside & (gnorm > 0) & (m < 0) & jnp.isfinite(m)
-
 
 
 @functools.lru_cache(maxsize=32)
@@ -870,8 +879,8 @@ class _ParameterNorms:
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
             jit: bool = True, triage: bool = True, triage_steps: int = 4,
-            attack: Optional[int] = 256, cache: bool = False, screen: bool = True, stats: Optional[dict] = None,
-            **options) -> Certificate:
+            attack: Optional[int] = 256, cache: bool = False, screen: bool = True,
+            stats: Optional[dict] = None, **options) -> Certificate:
   """Certifies ``B`` examples against l2 perturbations of size ``eps``.
 
   With ``bound="local"`` and ``triage`` (the default) three cheap tests run
@@ -950,10 +959,10 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
       networks of built-in layers and activations.
     stats: optional dict, filled with the seconds and number of examples of
       each stage (``"norms"``, ``"global"`` (all examples, screen included),
-      ``"global_exact"`` (the examples the screen left), ``"attack"``,
-      ``"triage"`` (the
-      first round of test 3), ``"triage_lanczos"`` (its second round),
-      ``"sound"``; timing waits for each stage's results).
+      ``"global_exact"`` (the examples the screen left), ``"attack"`` (the
+      one-step attack), ``"triage"`` (the first round of test 3),
+      ``"triage_lanczos"`` (its second round), ``"sound"``; timing waits
+      for each stage's results).
     **options: passed to :func:`lipjax.local_lipschitz_bound` (sound mode
       only: ``lanczos_steps``, ``failure_probability``, ``dense``, ...),
       except the certificate's own: ``pairwise`` (default True: the
