@@ -589,6 +589,23 @@ def test_one_step_attack_on_a_two_class_linear_model_is_exact():
   assert not np.asarray(jitted(model, v, xn, jnp.asarray(y), eps))[0]
 
 
+def test_one_step_attack_refuses_a_step_that_rounding_takes_out_of_the_ball():
+  # One input coordinate near 1e4, where float32 spacing is u = 2^-10: the
+  # step of 1.6 u from c + u to c - 0.6 u rounds to c - u, 2 u away, outside
+  # the ball of radius 1.6 u, and there the other class wins. That point is
+  # no counterexample, so the example is not marked; with a radius of
+  # 2.5 u (the same rounded point, now inside) it is.
+  model = lnn.Sequential((lnn.Dense(2),), input_shape=(1,))
+  c, u = 10000.0, 2.0 ** -10
+  v = {"params": {"layers_0": {"kernel": jnp.array([[1.0, -1.0]], jnp.float32),
+                               "bias": jnp.array([-c, c], jnp.float32)}}}
+  x = jnp.array([[c + u]], jnp.float32)
+  y = jnp.array([0])
+  out = certify_lib.falsify_arrays(model, v, x, y, 1.6 * u / (1 - 1e-3))
+  assert not np.asarray(out)[0]
+  assert np.asarray(certify_lib.falsify_arrays(model, v, x, y, 2.5 * u))[0]
+
+
 def test_random_model_certificates_survive_pgd(random_conv):
   model, v, x, y, attack = random_conv
   for eps in (0.02, 0.1):
