@@ -876,6 +876,13 @@ class _ParameterNorms:
                       lambda: fn(self.variables, self.key))
 
 
+def _check_optional_count(name: str, value, low: int) -> None:
+  """Raises one line unless ``value`` is None or an integer (not a bool) ``>= low``."""
+  if value is not None and (isinstance(value, bool) or
+                            not isinstance(value, (int, np.integer)) or value < low):
+    raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
+
+
 def certify(model, variables, x, y, eps, *, bound: str = "local",
             batch_size: Optional[int] = 256, key: Optional[Array] = None,
             jit: bool = True, triage: bool = True, triage_steps: int = 4,
@@ -984,18 +991,12 @@ def certify(model, variables, x, y, eps, *, bound: str = "local",
   model, variables = frontends.resolve(model, variables)
   if triage_steps < 1:
     raise ValueError(f"triage_steps must be >= 1, got {triage_steps}")
-  if attack is not None and (isinstance(attack, bool) or
-                             not isinstance(attack, (int, np.integer)) or attack < 0):
-    raise ValueError(f"attack must be None or an integer >= 0, got {attack!r}")
+  _check_optional_count("attack", attack, 0)
   check_choice("bound", bound, lipschitz.BOUNDS)
   for flag in ("pairwise", "box_clip"):
     if not isinstance(options.get(flag, True), bool):
       raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
-  pair_classes = options.get("pair_classes")
-  if pair_classes is not None and (isinstance(pair_classes, bool) or
-                                   not isinstance(pair_classes, (int, np.integer)) or
-                                   pair_classes < 1):
-    raise ValueError(f"pair_classes must be None or an integer >= 1, got {pair_classes!r}")
+  _check_optional_count("pair_classes", options.get("pair_classes"), 1)
   if bound == "local":
     lipschitz.check_local_options(**{k: v for k, v in options.items()
                                      if k not in ("pairwise", "box_clip", "pair_classes")})
