@@ -95,7 +95,11 @@ eps_sched = training.eps_schedule(CFG["eps_train"], steps_per_epoch=1,
                                   rampup_epochs=CFG["steps"] // 2)   # "epoch" = step here
 p_step = training.make_parallel_train_step(model, optimizer, loss="gloro", bound="local",
                                            iterations=2, eps_schedule=eps_sched)
-state = training.replicate(training.create_train_state(variables["params"], optimizer, rng=0))
+# The running power vectors start in the state: the step then keeps one program
+# (a state without them gains them at the first step and compiles twice).
+state = training.replicate(training.create_train_state(
+    variables["params"], optimizer, rng=0,
+    power=training.init_power_state(model, variables)))
 
 t0, step, epoch = time.time(), 0, 0
 while step < CFG["steps"]:

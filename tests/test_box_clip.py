@@ -256,7 +256,8 @@ def test_a_training_step_with_box_clip_lowers_the_loss(options):
   opt = optax.adam(1e-2)
   step = training.make_train_step(model, opt, loss="gloro", bound="local",
                                   eps_schedule=0.1, bound_options=options)
-  state = training.create_train_state(v["params"], opt, rng=0)
+  state = training.create_train_state(v["params"], opt, rng=0,
+                                      power=training.init_power_state(model, v))
   losses_seen = []
   for _ in range(12):
     state, metrics = step(state, x, y)

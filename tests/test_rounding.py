@@ -269,12 +269,18 @@ def _scaled(v, layers, factor):
   return {"params": p}
 
 
+def _mlp():
+  """The MLP of this section's tests: one model and input shape (16, 8), so
+  they share its compiled certificates (XLA's default level compiles slowly)."""
+  return lnn.Sequential((lnn.Dense(16), lnn.ReLU(), lnn.Dense(16), lnn.ClippedReLU(1.0),
+                         lnn.Dense(3)), input_shape=(8,))
+
+
 def test_infinite_product_of_norms_certifies_nothing():
   # Finite logits (the clipped ReLU bounds the activations) and finite
   # per-layer norms, but their product overflows to inf.
   layers = ("layers_2", "layers_4")
-  model = lnn.Sequential((lnn.Dense(16), lnn.ReLU(), lnn.Dense(16), lnn.ClippedReLU(1.0),
-                          lnn.Dense(3)), input_shape=(8,))
+  model = _mlp()
   v = _scaled(U.init_random(model, jax.random.PRNGKey(12)), layers, 1e20)
   x = jax.random.uniform(jax.random.PRNGKey(1), (16, 8))
   y = jnp.argmax(model.apply(v, x), -1)
@@ -288,8 +294,7 @@ def test_infinite_product_of_norms_certifies_nothing():
 
 
 def test_certified_points_have_finite_fields():
-  model = lnn.Sequential((lnn.Dense(16), lnn.ReLU(), lnn.Dense(16), lnn.ClippedReLU(1.0),
-                          lnn.Dense(3)), input_shape=(8,))
+  model = _mlp()
   base = U.init_random(model, jax.random.PRNGKey(12))
   x = jax.random.uniform(jax.random.PRNGKey(1), (16, 8))
   for layers in (("layers_0",), ("layers_4",)):
@@ -304,9 +309,9 @@ def test_certified_points_have_finite_fields():
 
 @pytest.mark.parametrize("bound", ["local", "global"])
 def test_nan_hidden_bias_certifies_nothing(bound):
-  model = U.mlp_model("relu")
+  model = _mlp()
   v = U.init_random(model, jax.random.PRNGKey(2))
-  x = jax.random.uniform(jax.random.PRNGKey(3), (8, 5))
+  x = jax.random.uniform(jax.random.PRNGKey(3), (16, 8))
   y = jnp.argmax(model.apply(v, x), -1)
   assert np.any(np.asarray(lipjax.certify(model, v, x, y, 1e-3, bound=bound).certified))
   bad = U.set_param(v, "layers_2", "bias", (1,), jnp.nan)
