@@ -42,7 +42,7 @@ TOTAL_STEPS = 12
 # The runs compared with the uninterrupted one validate only when they stop,
 # without the bound diagnostics (together half of a tiny run's time):
 # validation changes nothing the comparisons read.
-NO_DIAGNOSTICS = ["--config.diag_examples=0", "--config.val_every_epochs=3"]
+LIGHT_VALIDATION = ["--config.diag_examples=0", "--config.val_every_epochs=3"]
 
 
 def _parse(args):
@@ -299,7 +299,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_mnist
                                                        tmp_path):
   reference, _ = uninterrupted
   workdir = str(tmp_path / "killed")
-  proc = _launch(workdir, tiny_mnist, launch_env, NO_DIAGNOSTICS)
+  proc = _launch(workdir, tiny_mnist, launch_env, LIGHT_VALIDATION)
   deadline = time.time() + 300
   while not _steps(workdir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
@@ -309,7 +309,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_mnist
   assert killed_at, f"no checkpoint was written before the kill:\n{out[-2000:]}"
   assert killed_at[-1] < TOTAL_STEPS, "the run finished before it could be killed"
 
-  proc = _launch(workdir, tiny_mnist, launch_env, NO_DIAGNOSTICS)
+  proc = _launch(workdir, tiny_mnist, launch_env, LIGHT_VALIDATION)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   assert f"resuming {workdir} from step {killed_at[-1]}" in out
@@ -334,7 +334,7 @@ def test_a_run_switches_between_jit_and_pmap_and_matches_the_uninterrupted_run(
   reference, _ = uninterrupted
   workdir = str(tmp_path / "switched")
   for parallel, stop, start in (("pmap", 6, None), ("jit", 0, 6)):
-    proc = _launch(workdir, tiny_mnist, launch_env, NO_DIAGNOSTICS +
+    proc = _launch(workdir, tiny_mnist, launch_env, LIGHT_VALIDATION +
                    [f"--config.parallel={parallel}", f"--config.max_steps={stop}"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
